@@ -1,0 +1,1 @@
+"""Training engine: options, checkpoints, samplers, logging and the training loop."""

@@ -1,0 +1,214 @@
+import os
+
+import pytest
+
+from segmentation import tasks
+from segmentation.engine import options
+from segmentation.engine.options import build_parser, parse_options
+
+
+def _error(argv, capsys) -> str:
+    """Parse ``argv``, expect a usage error, and return its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_options(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_reference_defaults():
+    opts = parse_options([])
+    assert opts.dataset == "synthetic"
+    assert opts.task == "19-1" and opts.steps == [0] and not opts.overlap
+    assert opts.method is None
+    assert (opts.lr, opts.epochs, opts.batch_size, opts.crop_size) == (0.007, 30, 4, 512)
+    assert (opts.backbone, opts.output_stride, opts.norm_act) == ("resnet101", 16, "iabn_sync")
+    assert (opts.random_seed, opts.val_interval, opts.pooling) == (42, 1, 32)
+    assert (opts.weight_decay, opts.momentum, opts.lr_policy, opts.lr_power) == (1e-4, 0.9, "poly", 0.9)
+    assert (opts.lr_decay_step, opts.lr_decay_factor) == (5000, 0.1)
+    assert (opts.loss_kd, opts.loss_de, opts.alpha, opts.icarl_importance) == (0.0, 0.0, 1.0, 1.0)
+    assert not (opts.unce or opts.unkd or opts.init_balanced or opts.icarl or opts.freeze)
+    assert opts.amp == "off" and not opts.channels_last and opts.device == "auto"
+    assert opts.checkpoint_dir == "checkpoints" and opts.ckpt_interval == 500 and opts.resume
+    assert not opts.test and not opts.eval_full_image and opts.visualize
+    assert opts.pretrained is None  # synthetic data trains from scratch by default
+    assert opts.name == "Experiment" and opts.logdir == "logs" and opts.split_dir is None
+
+
+@pytest.mark.parametrize("spelling", ["MiB", "MIB", "mib"])
+def test_method_is_case_insensitive(spelling):
+    opts = parse_options(["--method", spelling, "--task", "15-5", "--step", "1"])
+    assert opts.method == "MiB"
+    assert (opts.loss_kd, opts.unce, opts.unkd, opts.init_balanced) == (10.0, True, True, True)
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("FT", {"loss_kd": 0.0, "loss_de": 0.0, "icarl": False, "unce": False}),
+        ("LWF", {"loss_kd": 100.0, "loss_de": 0.0, "unkd": False}),
+        ("lwf-mc", {"icarl": True, "icarl_importance": 10.0, "loss_kd": 0.0}),
+        ("ILT", {"loss_kd": 100.0, "loss_de": 100.0}),
+    ],
+)
+def test_presets(method, expected):
+    opts = parse_options(["--method", method])
+    for name, value in expected.items():
+        assert getattr(opts, name) == value, name
+
+
+@pytest.mark.parametrize("task, kd", [("15-5s", 100.0), ("15-1", 100.0), ("15-5", 10.0), ("19-1", 10.0)])
+def test_mib_kd_weight_depends_on_task(task, kd):
+    assert parse_options(["--method", "MiB", "--task", task]).loss_kd == kd
+
+
+def test_explicit_options_override_the_preset():
+    opts = parse_options(["--method", "MiB", "--loss_kd", "100", "--alpha", "0.5"])
+    assert opts.loss_kd == 100.0 and opts.alpha == 0.5
+    assert opts.unce and opts.unkd and opts.init_balanced
+    # An explicit value equal to the argparse default still wins over the preset.
+    assert parse_options(["--method", "LWF", "--loss_kd", "0"]).loss_kd == 0.0
+    assert parse_options(["--method", "LWF-MC", "--icarl_importance", "1"]).icarl_importance == 1.0
+
+
+@pytest.mark.parametrize("method", ["EWC", "pi", "Rw"])
+def test_regularizer_methods_are_rejected(method, capsys):
+    assert "not implemented yet" in _error(["--method", method], capsys)
+
+
+def test_unknown_method(capsys):
+    message = _error(["--method", "SDR"], capsys)
+    assert "SDR" in message and "MiB" in message
+
+
+def test_aliases():
+    assert parse_options(["--overlapped"]).overlap
+    assert parse_options(["--overlap"]).overlap
+    assert parse_options(["--no-pretrained"]).no_pretrained
+    assert parse_options(["--crop_val"]).eval_full_image
+    assert parse_options(["--eval_full_image"]).eval_full_image
+    assert not parse_options(["--no-visualize"]).visualize
+    assert not parse_options(["--no_visualize"]).visualize
+    assert parse_options(["--visualize"]).visualize
+    assert not parse_options(["--no_resume"]).resume
+    assert parse_options(["--local_rank", "3"]).steps == [0]
+    assert parse_options(["--local-rank=1"]).steps == [0]
+
+
+def test_no_visualize_disables_image_samples():
+    assert parse_options(["--sample_num", "3"]).sample_num == 3
+    assert parse_options(["--sample_num", "3", "--no-visualize"]).sample_num == 0
+
+
+def test_steps():
+    assert parse_options(["--task", "15-5s", "--step", "2"]).steps == [2]
+    assert parse_options(["--task", "15-5s", "--step", "0,1,3"]).steps == [0, 1, 3]
+    assert parse_options(["--task", "15-5s", "--step", "all"]).steps == list(
+        range(tasks.num_steps("voc", "15-5s")))
+    assert parse_options(["--task", "15-5", "--step", "ALL"]).steps == [0, 1]
+
+
+@pytest.mark.parametrize("step", ["2", "0,5", "x", "1,0", "-1"])
+def test_invalid_steps(step, capsys):
+    message = _error(["--task", "15-5", "--step", step], capsys)
+    assert f"--step {step}" in message
+
+
+def test_step_out_of_range_lists_valid_steps(capsys):
+    assert "0..1" in _error(["--task", "15-5", "--step", "2"], capsys)
+
+
+def test_unknown_task(capsys):
+    message = _error(["--task", "16-4"], capsys)
+    assert "16-4" in message and "15-5" in message
+
+
+@pytest.mark.parametrize(
+    "argv, amp",
+    [([], "off"), (["--amp", "bf16"], "bf16"), (["--opt_level", "O0"], "off"),
+     (["--opt_level", "O1"], "fp16"), (["--opt_level", "O3"], "fp16"),
+     (["--opt_level", "O2", "--amp", "fp16"], "fp16")],
+)
+def test_amp(argv, amp):
+    opts = parse_options(argv)
+    assert opts.amp == amp
+    assert not hasattr(opts, "opt_level")
+
+
+def test_amp_conflicting_with_opt_level(capsys):
+    message = _error(["--opt_level", "O1", "--amp", "bf16"], capsys)
+    assert "--amp bf16" in message and "--opt_level O1" in message
+
+
+def test_pretrained_default_on_real_datasets(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    message = _error(["--dataset", "voc", "--backbone", "resnet50"], capsys)
+    assert "pretrained/resnet50_iabn_sync.pth.tar" in message.replace(os.sep, "/")
+    assert "--pretrained torchvision" in message and "--no_pretrained" in message
+
+    # Later steps and --test start from checkpoints, so they do not need the ImageNet file.
+    assert parse_options(["--dataset", "voc", "--task", "15-5", "--step", "1"]).pretrained is None
+    assert parse_options(["--dataset", "ade", "--task", "100-50", "--test"]).pretrained is None
+    assert parse_options(["--dataset", "voc", "--no_pretrained"]).pretrained is None
+    assert parse_options(["--dataset", "voc", "--pretrained", "torchvision"]).pretrained == "torchvision"
+
+    default = tmp_path / "pretrained" / "resnet50_iabn_sync.pth.tar"
+    default.parent.mkdir()
+    default.write_bytes(b"weights")
+    opts = parse_options(["--dataset", "voc", "--backbone", "resnet50"])
+    assert opts.pretrained == os.path.join("pretrained", "resnet50_iabn_sync.pth.tar")
+
+
+def test_pretrained_path(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    assert parse_options(["--pretrained", str(weights)]).pretrained == str(weights)
+    assert "w2.pth" in _error(["--pretrained", str(tmp_path / "w2.pth")], capsys)
+    message = _error(["--pretrained", str(weights), "--no_pretrained"], capsys)
+    assert "--pretrained" in message and "--no_pretrained" in message
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [(["--lr", "0"], "--lr"), (["--epochs", "0"], "--epochs"), (["--ckpt_interval", "-1"], "--ckpt_interval"),
+     (["--batch_size", "0"], "--batch_size"), (["--val_interval", "0"], "--val_interval"),
+     (["--task", "15-5", "--step", "all", "--ckpt", "x.pth"], "--ckpt"),
+     (["--task", "15-5", "--step", "0,1", "--step_ckpt", "x.pth"], "--step_ckpt"),
+     (["--step_ckpt", "x.pth"], "--step_ckpt")],
+)
+def test_invalid_values(argv, option, capsys):
+    assert option in _error(argv, capsys)
+
+
+def test_old_reference_command_line(tmp_path):
+    # A README-style command line (with its typos) is accepted.
+    argv = ["--local_rank", "0", "--data_root", str(tmp_path), "--batch_size", "12", "--dataset", "voc",
+            "--name", "MIB", "--task", "15-5s", "--step", "1", "--lr", "0.001", "--epochs", "30",
+            "--method", "MIB", "--overlapped", "--opt_level", "O1", "--crop_val"]
+    opts = parse_options(argv)
+    assert (opts.dataset, opts.task, opts.steps, opts.overlap) == ("voc", "15-5s", [1], True)
+    assert (opts.method, opts.loss_kd, opts.amp, opts.eval_full_image) == ("MiB", 100.0, "fp16", True)
+    assert (opts.batch_size, opts.lr, opts.name) == (12, 0.001, "MIB")
+
+
+def test_help_is_grouped_and_shows_defaults():
+    text = build_parser().format_help()
+    for group in ("data:", "incremental task:", "method and losses:", "optimisation:", "model:",
+                  "mixed precision and performance:", "checkpoints and resuming:", "evaluation:",
+                  "logging:", "distributed:"):
+        assert group in text
+    assert "(default: 0.007)" in text and "(default: resnet101)" in text
+    assert "--no_visualize" not in text
+
+
+def test_every_option_of_the_contract_is_present():
+    opts = parse_options([])
+    for name in ("data_root", "dataset", "task", "steps", "overlap", "method", "lr", "epochs", "batch_size",
+                 "crop_size", "backbone", "output_stride", "norm_act", "pretrained", "loss_kd", "loss_de",
+                 "unce", "unkd", "init_balanced", "alpha", "icarl", "icarl_importance", "freeze", "fix_bn",
+                 "weight_decay", "momentum", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor",
+                 "name", "logdir", "checkpoint_dir", "step_ckpt", "ckpt", "test", "random_seed",
+                 "num_workers", "val_interval", "amp", "channels_last", "ckpt_interval", "resume",
+                 "eval_full_image", "pooling", "split_dir", "visualize", "sample_num", "device",
+                 "print_interval"):
+        assert hasattr(opts, name), name
+    assert options.METHODS == ("FT", "LWF", "LWF-MC", "ILT", "MiB")
