@@ -3,12 +3,19 @@
 Every layer here computes ``act(BN(x))`` with ``act`` a leaky ReLU (default slope 0.01) or
 the identity, and exposes ``activation`` and ``activation_param`` so that blocks that add
 a residual before activating can apply the same non-linearity themselves.
+
+In-Place ABN (Rota Bulo et al., CVPR 2018) overwrites its input with the output in training
+mode and keeps only the output for the backward pass: the normalised input is recovered by
+inverting the activation and the affine map. Like InPlace-ABN 1.0.x, whose pretrained
+weights this project loads, the effective BN scale is ``|weight| + eps`` (spec §4.2); the
+plain ``ABN`` uses ``weight`` as is.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -26,8 +33,9 @@ def apply_activation(x: torch.Tensor, activation: str, activation_param: float) 
     return x
 
 
-class ABN(nn.BatchNorm2d):
-    """Batch norm followed by an activation, with autograd's usual memory use (no in-place trick)."""
+class _BatchNormAct(nn.BatchNorm2d):
+    """Shared constructor of the norm+activation layers: BatchNorm2d parameters and buffers
+    (same state_dict keys for every variant) plus the activation's name and parameter."""
 
     def __init__(
         self,
@@ -43,14 +51,259 @@ class ABN(nn.BatchNorm2d):
         self.activation = activation
         self.activation_param = activation_param
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_activation(super().forward(x), self.activation, self.activation_param)
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}, slope={self.activation_param}"
 
 
-NORM_LAYERS = {"abn": ABN}
+class ABN(_BatchNormAct):
+    """Batch norm followed by an activation, with autograd's usual memory use (no in-place trick)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_activation(super().forward(x), self.activation, self.activation_param)
+
+
+# --------------------------------------------------------------------------------------------
+# In-Place ABN
+# --------------------------------------------------------------------------------------------
+
+Count = Union[int, torch.Tensor]
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _channel_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def _effective_scale(
+    weight: Optional[torch.Tensor], eps: float, num_channels: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``|weight| + eps`` as InPlace-ABN 1.0.x uses it; 1 when the layer has no affine parameters."""
+    if weight is None:
+        return torch.ones(num_channels, dtype=dtype, device=device)
+    return (weight.detach().abs() + eps).to(dtype)
+
+
+def _effective_shift(bias: Optional[torch.Tensor], num_channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if bias is None:
+        return torch.zeros(num_channels, dtype=dtype, device=device)
+    return bias.detach().to(dtype)
+
+
+def _batch_stats(
+    x: torch.Tensor, dtype: torch.dtype, group: Optional[dist.ProcessGroup]
+) -> tuple[torch.Tensor, torch.Tensor, Count]:
+    """Per-channel mean, biased variance and element count of ``x`` over every dim but 1,
+    pooled over the processes of ``group`` (local only when ``group`` is None).
+
+    Each process contributes (count, mean, variance); they are pooled with two all-reduces
+    (first the counts and sums, then the squared deviations from the pooled mean), which stays
+    accurate when the mean is large compared with the spread. Counts may differ per process.
+    """
+    num_channels = x.shape[1]
+    count = x.numel() // num_channels if num_channels else 0
+    if count > 0:
+        var, mean = torch.var_mean(x.to(dtype), dim=_reduce_dims(x), correction=0)
+    else:
+        mean = var = torch.zeros(num_channels, dtype=dtype, device=x.device)
+    if group is None:
+        return mean, var, count
+
+    sums_and_count = torch.cat([mean.double() * count, mean.new_full((1,), count, dtype=torch.float64)])
+    dist.all_reduce(sums_and_count, group=group)
+    total = sums_and_count[-1]
+    pooled_mean = sums_and_count[:-1] / total
+    squared_deviations = count * (var.double() + (mean.double() - pooled_mean) ** 2)
+    dist.all_reduce(squared_deviations, group=group)
+    return pooled_mean.to(dtype), (squared_deviations / total).to(dtype), total
+
+
+class InPlaceABNFunction(torch.autograd.Function):
+    """``act(BN(x))`` in training mode, written into ``x``; saves only the output and per-channel tensors.
+
+    ``apply(x, weight, bias, eps, activation, activation_param, group)`` returns
+    ``(y, batch_mean, batch_var_unbiased)`` where ``y`` is ``x`` itself, overwritten. ``weight``
+    and ``bias`` may be None (no affine). With a process ``group`` the batch statistics and the
+    backward reductions are all-reduced over it; the weight and bias gradients stay local (the
+    data-parallel wrapper sums or averages them like any other parameter gradient).
+    Statistics are computed in float32 (float64 for float64 inputs).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        eps: float,
+        activation: str,
+        activation_param: float,
+        group: Optional[dist.ProcessGroup],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        num_channels = x.shape[1]
+        mean, var, count = _batch_stats(x, stat_dtype, group)
+        invstd = torch.rsqrt(var + eps)
+        scale = _effective_scale(weight, eps, num_channels, stat_dtype, x.device)
+        shift = _effective_shift(bias, num_channels, stat_dtype, x.device)
+
+        shape = _channel_shape(x)
+        x.sub_(mean.view(shape)).mul_((scale * invstd).view(shape)).add_(shift.view(shape))
+        if activation == "leaky_relu":
+            F.leaky_relu_(x, activation_param)
+
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x, weight, bias, invstd)
+        ctx.eps = eps
+        ctx.activation = activation
+        ctx.activation_param = activation_param
+        ctx.group = group
+        ctx.count = count
+
+        var_unbiased = var * (count / (count - 1))
+        ctx.mark_non_differentiable(mean, var_unbiased)
+        return x, mean, var_unbiased
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
+        y, weight, bias, invstd = ctx.saved_tensors
+        stat_dtype = invstd.dtype
+        num_channels = y.shape[1]
+        shape = _channel_shape(y)
+        dims = _reduce_dims(y)
+
+        # Undo the activation: z = BN(x) and dL/dz.
+        y_stat, grad_y_stat = y.to(stat_dtype), grad_y.to(stat_dtype)
+        if ctx.activation == "leaky_relu":
+            negative = y_stat < 0
+            slope = ctx.activation_param
+            z = torch.where(negative, y_stat / slope, y_stat)
+            grad_z = torch.where(negative, grad_y_stat * slope, grad_y_stat)
+        else:
+            z, grad_z = y_stat, grad_y_stat
+
+        # Undo the affine map: x_hat = (z - bias) / (|weight| + eps).
+        scale = _effective_scale(weight, ctx.eps, num_channels, stat_dtype, y.device)
+        shift = _effective_shift(bias, num_channels, stat_dtype, y.device)
+        x_hat = (z - shift.view(shape)) / scale.view(shape)
+
+        sum_grad_z = grad_z.sum(dims)
+        sum_grad_z_x_hat = (grad_z * x_hat).sum(dims)
+
+        grad_x = grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            # d|w|/dw = sign(w), with +1 at w = 0.
+            grad_weight = torch.where(weight < 0, -sum_grad_z_x_hat, sum_grad_z_x_hat).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = sum_grad_z.to(bias.dtype)
+        if ctx.needs_input_grad[0]:
+            if ctx.group is not None:
+                sums = torch.cat([sum_grad_z, sum_grad_z_x_hat])
+                dist.all_reduce(sums, group=ctx.group)
+                sum_grad_z, sum_grad_z_x_hat = sums.split(num_channels)
+            mean_grad_z = (sum_grad_z / ctx.count).view(shape)
+            mean_grad_z_x_hat = (sum_grad_z_x_hat / ctx.count).view(shape)
+            grad_x = (grad_z - mean_grad_z - x_hat * mean_grad_z_x_hat) * (scale * invstd).view(shape)
+            grad_x = grad_x.to(y.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+class InPlaceABN(_BatchNormAct):
+    """In-Place Activated BatchNorm: ``act(BN(x))`` with effective scale ``|weight| + eps``.
+
+    In training mode the input tensor is overwritten with the output (so it must not be needed
+    elsewhere afterwards, e.g. by a residual connection) and only the output is kept for the
+    backward pass. Running statistics use ``momentum`` and the unbiased batch variance, like
+    ``nn.BatchNorm2d``. Eval mode uses the running statistics and does not modify the input.
+    Accepts any ``(N, C, ...)`` input and any memory format.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        activation: str = "leaky_relu",
+        activation_param: float = 0.01,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, activation, activation_param)
+        if activation == "leaky_relu" and activation_param <= 0:
+            raise ValueError(
+                f"InPlaceABN needs an invertible activation: leaky_relu slope must be > 0, got {activation_param}"
+            )
+        if eps <= 0:
+            raise ValueError(f"InPlaceABN needs eps > 0 (the effective scale is |weight| + eps), got {eps}")
+
+    def _sync_group(self) -> Optional[dist.ProcessGroup]:
+        """The process group to pool batch statistics over, or None for local statistics."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects an (N, {self.num_features}, ...) input, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not self.training:
+            return self._forward_eval(x)
+
+        group = self._sync_group()
+        if group is None and x.numel() // x.shape[1] <= 1:
+            raise ValueError(f"expected more than 1 value per channel when training, got input shape {tuple(x.shape)}")
+        y, batch_mean, batch_var = InPlaceABNFunction.apply(
+            x, self.weight, self.bias, self.eps, self.activation, self.activation_param, group
+        )
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as in nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                factor = self.momentum
+            self.running_mean.mul_(1 - factor).add_(batch_mean.to(self.running_mean.dtype), alpha=factor)
+            self.running_var.mul_(1 - factor).add_(batch_var.to(self.running_var.dtype), alpha=factor)
+        return y
+
+    def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.abs() + self.eps if self.weight is not None else None
+        out = F.batch_norm(x, self.running_mean, self.running_var, weight, self.bias, False, 0.0, self.eps)
+        return apply_activation(out, self.activation, self.activation_param)
+
+
+class InPlaceABNSync(InPlaceABN):
+    """InPlaceABN with batch statistics pooled over the processes of ``group``.
+
+    ``group=None`` means the default (WORLD) group, looked up at every forward call, so the
+    layer may be built before ``torch.distributed`` is initialised and still synchronises
+    (the original silently stopped doing so with newer PyTorch, spec §4.2). Without an
+    initialised process group, or with a single process, it is exactly InPlaceABN.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        activation: str = "leaky_relu",
+        activation_param: float = 0.01,
+        group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, activation, activation_param)
+        self.group = group
+
+    def _sync_group(self) -> Optional[dist.ProcessGroup]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.group if self.group is not None else dist.group.WORLD
+        if dist.get_world_size(group) <= 1:
+            return None
+        return group
+
+
+NORM_LAYERS = {"iabn_sync": InPlaceABNSync, "iabn": InPlaceABN, "abn": ABN}
 
 
 def norm_act_layer(name: str) -> Callable[..., nn.Module]:

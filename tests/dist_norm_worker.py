@@ -1,0 +1,67 @@
+"""Run under torchrun: each rank feeds its part of a batch through a conv -> InPlaceABNSync -> conv net.
+
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/dist_norm_worker.py OUT_DIR``.
+Reads ``OUT_DIR/setup.pt`` (a dict with "state" (the net's initial state_dict), "batches" and
+"grad_outputs" (full batches per iteration), "splits" (batch size per rank, may be uneven),
+and "features", "feature_grad_output", "feature_weight" for the explicit-group layer)
+and writes ``OUT_DIR/rank<r>.pt`` on every rank.
+
+The net is built before the process group exists: the layer must find the default group at
+run time (spec §4.2). A second, standalone layer is given an explicit group.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from segmentation.models.norm import InPlaceABNSync
+
+
+def build_net(norm_layer: type) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        norm_layer(4),
+        nn.Conv2d(4, 2, 1),
+    )
+
+
+def main(out_dir: str) -> None:
+    setup = torch.load(os.path.join(out_dir, "setup.pt"))
+    net = build_net(InPlaceABNSync)
+    net.load_state_dict(setup["state"])
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    start = sum(setup["splits"][:rank])
+    part = slice(start, start + setup["splits"][rank])
+
+    results = {"outputs": [], "input_grads": [], "param_grads": []}
+    for batch, grad_output in zip(setup["batches"], setup["grad_outputs"]):
+        net.zero_grad()
+        x = batch[part].clone().requires_grad_(True)
+        out = net(x)
+        out.backward(grad_output[part])
+        results["outputs"].append(out.detach())
+        results["input_grads"].append(x.grad)
+        results["param_grads"].append({name: p.grad.clone() for name, p in net.named_parameters()})
+    results["buffers"] = {name: b.clone() for name, b in net.named_buffers()}
+
+    explicit = InPlaceABNSync(3, activation="identity", group=dist.new_group([0, 1]))
+    with torch.no_grad():
+        explicit.weight.copy_(setup["feature_weight"])
+    features = setup["features"][part].clone().requires_grad_(True)
+    (explicit(features * 1.0) * setup["feature_grad_output"][part]).sum().backward()
+    results["explicit_group"] = {
+        "input_grad": features.grad,
+        "weight_grad": explicit.weight.grad,
+        "running_var": explicit.running_var.clone(),
+    }
+
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
