@@ -1,0 +1,144 @@
+"""Checkpoint files: atomic writes, run folders, step-final and in-step checkpoints.
+
+Layout: ``<checkpoint_dir>/<dataset>-<task>[-ov]/<name>/`` holds ``step<t>.pth`` (the model at
+the end of step t, input of step t+1) and ``step<t>-iter<k>.pth`` (in-step checkpoints for
+resuming an interrupted step; the last two are kept and removed when the step completes).
+
+These functions write unconditionally: in a multi-process run the caller writes on rank 0 only
+(``segmentation.distributed.is_main_process()``), like it enables the ``Logger`` on rank 0 only.
+
+Checkpoints are read with ``torch.load(weights_only=False)`` because they hold options and RNG
+states; load only files you trust.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_log = logging.getLogger(__name__)
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to ``path`` so that ``path`` is either the old file or the complete new one.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over
+    ``path``; the folder entry is synced too. A failed write leaves no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as tmp_file:
+            torch.save(obj, tmp_file)
+            tmp_file.flush()
+            os.fsync(tmp_file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename in ``folder`` (not possible on Windows, where it is skipped)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_dir(checkpoint_dir: PathLike, dataset: str, task: str, overlap: bool, name: str) -> Path:
+    """``<checkpoint_dir>/<dataset>-<task>[-ov]/<name>``: one folder per run and setting."""
+    setting = f"{dataset}-{task}" + ("-ov" if overlap else "")
+    return Path(checkpoint_dir) / setting / name
+
+
+def step_checkpoint_path(run_dir: PathLike, step: int) -> Path:
+    """The model at the end of ``step``: ``run_dir/step<t>.pth``."""
+    return Path(run_dir) / f"step{step}.pth"
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Load a checkpoint dict on the CPU; clear errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"cannot read checkpoint {path} (truncated or not a checkpoint): {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
+    return checkpoint
+
+
+def check_step_checkpoint(ckpt: Dict[str, Any], dataset: str, task: str, step: int,
+                          classes: Sequence[int], path: PathLike) -> None:
+    """Raise ValueError naming ``path`` if ``ckpt`` is not the model of this dataset/task/step/classes."""
+    expected = {"dataset": dataset, "task": task, "step": step, "classes": list(classes)}
+    for key, value in expected.items():
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path} has no {key!r} entry: not a step checkpoint of this code")
+        found = list(ckpt[key]) if key == "classes" else ckpt[key]
+        if found != value:
+            raise ValueError(f"checkpoint {path} is for {key} {found!r}, expected {key} {value!r}")
+
+
+class InStepCheckpoints:
+    """The in-step checkpoints ``step<t>-iter<k>.pth`` of one step in ``run_dir``."""
+
+    def __init__(self, run_dir: PathLike, step: int, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.run_dir = Path(run_dir)
+        self.step = step
+        self.keep = keep
+        self._pattern = re.compile(rf"step{step}-iter(\d+)\.pth")
+
+    def path(self, iteration: int) -> Path:
+        return self.run_dir / f"step{self.step}-iter{iteration}.pth"
+
+    def paths(self) -> List[Path]:
+        """Existing in-step checkpoint files, oldest iteration first."""
+        if not self.run_dir.is_dir():
+            return []
+        found = []
+        for entry in self.run_dir.iterdir():
+            match = self._pattern.fullmatch(entry.name)
+            if match:
+                found.append((int(match.group(1)), entry))
+        return [entry for _, entry in sorted(found)]
+
+    def save(self, state: Dict[str, Any], iteration: int) -> Path:
+        """Write the checkpoint of ``iteration`` and delete all but the newest ``keep``."""
+        target = self.path(iteration)
+        atomic_save(state, target)
+        for old in self.paths()[:-self.keep]:
+            old.unlink()
+        return target
+
+    def latest(self) -> Optional[Dict[str, Any]]:
+        """The newest checkpoint that loads, or None; unreadable ones are skipped with a warning."""
+        for candidate in reversed(self.paths()):
+            try:
+                return load_checkpoint(candidate)
+            except (OSError, ValueError) as error:
+                _log.warning("skipping in-step checkpoint %s: %s", candidate, error)
+        return None
+
+    def clear(self) -> None:
+        """Delete this step's in-step checkpoints (once the step-final checkpoint is written)."""
+        for entry in self.paths():
+            entry.unlink()
