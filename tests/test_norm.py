@@ -105,7 +105,8 @@ def test_iabn_matches_batchnorm_plus_leaky_relu(shape, channels_last, activation
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(x_iabn.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
         # d|gamma|/dgamma = sign(gamma)
-        torch.testing.assert_close(iabn.weight.grad, reference[0].weight.grad * iabn.weight.sign(), atol=1e-5, rtol=1e-5)
+        expected_weight_grad = reference[0].weight.grad * iabn.weight.sign()
+        torch.testing.assert_close(iabn.weight.grad, expected_weight_grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(iabn.bias.grad, reference[0].bias.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(iabn.running_mean, reference[0].running_mean)
         torch.testing.assert_close(iabn.running_var, reference[0].running_var)
@@ -275,7 +276,8 @@ def test_invalid_configurations_raise():
 
 
 def load_worker():
-    spec = importlib.util.spec_from_file_location("dist_norm_worker", os.path.join(REPO_ROOT, "tests", "dist_norm_worker.py"))
+    path = os.path.join(REPO_ROOT, "tests", "dist_norm_worker.py")
+    spec = importlib.util.spec_from_file_location("dist_norm_worker", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -86,7 +86,9 @@ def _effective_scale(
     return (weight.detach().abs() + eps).to(dtype)
 
 
-def _effective_shift(bias: Optional[torch.Tensor], num_channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _effective_shift(
+    bias: Optional[torch.Tensor], num_channels: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     if bias is None:
         return torch.zeros(num_channels, dtype=dtype, device=device)
     return bias.detach().to(dtype)
@@ -103,7 +105,7 @@ def _batch_stats(
     accurate when the mean is large compared with the spread. Counts may differ per process.
     """
     num_channels = x.shape[1]
-    count = x.numel() // num_channels if num_channels else 0
+    count = x.numel() // num_channels
     if count > 0:
         var, mean = torch.var_mean(x.to(dtype), dim=_reduce_dims(x), correction=0)
     else:
@@ -205,8 +207,8 @@ class InPlaceABNFunction(torch.autograd.Function):
                 sum_grad_z, sum_grad_z_x_hat = sums.split(num_channels)
             mean_grad_z = (sum_grad_z / ctx.count).view(shape)
             mean_grad_z_x_hat = (sum_grad_z_x_hat / ctx.count).view(shape)
-            grad_x = (grad_z - mean_grad_z - x_hat * mean_grad_z_x_hat) * (scale * invstd).view(shape)
-            grad_x = grad_x.to(y.dtype)
+            grad_x = torch.addcmul(grad_z - mean_grad_z, x_hat, mean_grad_z_x_hat, value=-1)
+            grad_x = grad_x.mul_((scale * invstd).view(shape)).to(y.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
