@@ -208,7 +208,6 @@ def _normalise_method(parser: argparse.ArgumentParser, method: Optional[str]) ->
         parser.error(f"--method {method}: {key.upper()} is not implemented yet; "
                      f"available methods: {', '.join(METHODS)}")
     parser.error(f"--method {method}: unknown method; available methods: {', '.join(METHODS)}")
-    return None  # unreachable: parser.error exits
 
 
 def _resolve_steps(parser: argparse.ArgumentParser, dataset: str, task: str, step: str) -> List[int]:
