@@ -1,0 +1,31 @@
+"""Segmentation models: dilated ResNet body, DeepLabV3 head, incremental classifiers."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .deeplab import ASPP_RATES, DeepLabV3Head
+from .norm import norm_act_layer
+from .resnet import RESNET_LAYOUTS, ResNet
+from .segmenter import IncrementalSegmenter
+
+__all__ = ["DeepLabV3Head", "IncrementalSegmenter", "ResNet", "build_model"]
+
+
+def build_model(
+    classes: list[int],
+    backbone: str = "resnet101",
+    output_stride: int = 16,
+    norm_act: str = "iabn_sync",
+    pooling_size: Optional[int] = 32,
+) -> IncrementalSegmenter:
+    """DeepLabV3 on a dilated ResNet with one classifier per step (``classes[s]`` channels at step ``s``).
+    """
+    if backbone not in RESNET_LAYOUTS:
+        raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(RESNET_LAYOUTS)}")
+    if output_stride not in ASPP_RATES:
+        raise ValueError(f"unknown output_stride {output_stride!r}; valid: {', '.join(map(str, ASPP_RATES))}")
+    norm_layer = norm_act_layer(norm_act)
+
+    body = ResNet(backbone, norm_layer, output_stride)
+    head = DeepLabV3Head(body.out_channels, norm_layer, output_stride, pooling_size=pooling_size)
+    return IncrementalSegmenter(body, head, classes)
