@@ -1,0 +1,466 @@
+"""Run a chain of incremental steps from parsed options: train, checkpoint, test, report.
+
+For each step t of ``opts.steps``:
+1. If the step-final checkpoint ``step<t>.pth`` exists, the step is not trained again (only
+   tested if its results file is missing).
+2. Otherwise the datasets and models are built; at t > 0 the step t-1 checkpoint is checked
+   against the task and loaded (the new head is the only missing part), the old model is built
+   from it when a distillation loss needs it. Training resumes from the latest in-step
+   checkpoint when one exists (unless ``--no_resume``).
+3. Rank 0 writes ``step<t>.pth`` atomically; the model is then rebuilt from that file (never the
+   weights in memory, spec §8 B6), tested on the test split, and the results are written to
+   ``<logdir>/<dataset>-<task>[-ov]/<name>/step<t>.json``.
+With ``--test`` only the test runs, on ``--ckpt`` or the step-final checkpoint, and the results go
+to ``eval-step<t>.json`` so that the training results are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from segmentation import distributed, tasks
+from segmentation.data import CLASS_NAMES, build_dataset
+from segmentation.data.palette import colorize
+from segmentation.data.transforms import eval_transform, train_transform
+from segmentation.engine import checkpoint
+from segmentation.engine.evaluation import build_eval_loader, evaluate
+from segmentation.engine.logger import Logger
+from segmentation.engine.methods import build_method_loss
+from segmentation.engine.sampler import GlobalBatchSampler
+from segmentation.engine.trainer import (
+    StopSignal,
+    Trainer,
+    build_optimizer,
+    build_scheduler,
+    unwrap,
+)
+from segmentation.models import build_model
+
+LOGGER = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def select_device(requested: str, local_rank: int) -> torch.device:
+    """``--device``: "cpu", "cuda" (error if unavailable) or "auto" (cuda when available)."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown --device {requested!r}; valid: auto, cpu, cuda")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def setting_dir(root: str, opts: argparse.Namespace) -> Path:
+    """``<root>/<dataset>-<task>[-ov]/<name>`` (same layout for logs and checkpoints)."""
+    return Path(checkpoint.run_dir(root, opts.dataset, opts.task, opts.overlap, opts.name))
+
+
+def make_model(opts: argparse.Namespace, classes: List[int], pretrained: Optional[str]) -> nn.Module:
+    return build_model(
+        classes,
+        backbone=opts.backbone,
+        output_stride=opts.output_stride,
+        norm_act=opts.norm_act,
+        pretrained=pretrained,
+        pooling_size=opts.pooling,
+    )
+
+
+def load_new_step_model(model: nn.Module, state: Dict[str, torch.Tensor], step: int, path: Path) -> None:
+    """Load the step t-1 weights into the step t model: only the new head may be missing."""
+    result = model.load_state_dict(state, strict=False)
+    new_head = f"cls.{step}."
+    unexpected_missing = [key for key in result.missing_keys if not key.startswith(new_head)]
+    if unexpected_missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: the checkpoint does not fit the step {step} model: missing "
+            f"{unexpected_missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def write_json(data: Dict[str, Any], path: Path) -> None:
+    """Write ``data`` atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def sample_image(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """Denormalised image | ground truth | prediction side by side, (3, H, 3W) uint8."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = ((image.detach().float().cpu() * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+    return torch.cat([rgb, colorize(label), colorize(prediction)], dim=2)
+
+
+class StepRunner:
+    """Runs one incremental step (train and/or test) for parsed options."""
+
+    def __init__(self, opts: argparse.Namespace, step: int, device: torch.device) -> None:
+        self.opts = opts
+        self.step = step
+        self.device = device
+        self.classes = tasks.classes_per_step(opts.dataset, opts.task, step)
+        self.num_channels = sum(self.classes)
+        self.channel_order = tasks.channel_order(opts.dataset, opts.task, step)
+        self.checkpoint_dir = setting_dir(opts.checkpoint_dir, opts)
+        self.log_dir = setting_dir(opts.logdir, opts)
+        self.final_path = Path(checkpoint.step_checkpoint_path(self.checkpoint_dir, step))
+        self.results_path = self.log_dir / f"step{step}.json"
+        self.main = distributed.is_main_process()
+
+    # ---------------------------------------------------------------- entry
+    def run(self, stop_signal: Optional[StopSignal] = None) -> None:
+        opts = self.opts
+        if opts.test:
+            path = Path(opts.ckpt) if opts.ckpt else self.final_path
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"--test: checkpoint {path} of step {self.step} does not exist; train the step "
+                    "first or pass --ckpt <file>"
+                )
+            self.test(path, self.log_dir / f"eval-step{self.step}.json", train_stats=None)
+            return
+        if self.final_path.is_file():
+            if self.results_path.is_file():
+                LOGGER.info("step %d already finished (%s exists): skipped", self.step, self.final_path)
+                return
+            LOGGER.info("step %d already trained (%s exists): testing it", self.step, self.final_path)
+        else:
+            self.train(stop_signal)
+        self.test(self.final_path, self.results_path, train_stats=self._train_stats())
+
+    def _train_stats(self) -> Dict[str, Optional[float]]:
+        saved = checkpoint.load_checkpoint(self.final_path)
+        seconds = saved.get("train_seconds")
+        images = saved.get("train_images")
+        return {
+            "train_seconds": seconds,
+            "train_images_per_second": images / seconds if seconds and images else None,
+        }
+
+    # ---------------------------------------------------------------- models
+    def _previous_checkpoint_path(self) -> Path:
+        opts = self.opts
+        if opts.step_ckpt and self.step == opts.steps[0]:
+            return Path(opts.step_ckpt)
+        return Path(checkpoint.step_checkpoint_path(self.checkpoint_dir, self.step - 1))
+
+    def _build_models(self, needs_old_model: bool):
+        """The current model (step t-1 weights loaded at t > 0) and, when needed, the old model."""
+        opts = self.opts
+        model = make_model(opts, self.classes, opts.pretrained if self.step == 0 else None)
+        old_model = None
+        if self.step > 0:
+            path = self._previous_checkpoint_path()
+            previous = checkpoint.load_checkpoint(path)
+            checkpoint.check_step_checkpoint(
+                previous, opts.dataset, opts.task, self.step - 1, self.classes[:-1], path
+            )
+            load_new_step_model(model, previous["model_state"], self.step, path)
+            if opts.init_balanced:
+                model.init_new_classifier()
+            if needs_old_model:
+                old_model = make_model(opts, self.classes[:-1], None)
+                old_model.load_state_dict(previous["model_state"], strict=True)
+                old_model = freeze(old_model).to(self.device)
+                if opts.channels_last:
+                    old_model = old_model.to(memory_format=torch.channels_last)
+        model = model.to(self.device)
+        if opts.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if opts.fix_bn:
+            model.fix_bn()
+        return model, old_model
+
+    def _dataset(self, split: str, transform):
+        opts = self.opts
+        return build_dataset(
+            opts.dataset,
+            opts.data_root,
+            opts.task,
+            self.step,
+            split,
+            overlap=opts.overlap if split == "train" else True,
+            transform=transform,
+            seed=opts.random_seed,
+            split_dir=opts.split_dir,
+        )
+
+    def _eval_loader(self, dataset):
+        batch_size = 1 if self.opts.eval_full_image else self.opts.batch_size
+        return build_eval_loader(dataset, batch_size, self.opts.num_workers, self.device)
+
+    def _eval_transform(self):
+        return eval_transform(self.opts.crop_size, full_image=self.opts.eval_full_image)
+
+    # ---------------------------------------------------------------- training
+    def train(self, stop_signal: Optional[StopSignal]) -> None:
+        opts = self.opts
+        seed_everything(opts.random_seed)
+        train_set = self._dataset("train", train_transform(opts.crop_size))
+        val_set = self._dataset("val", self._eval_transform())
+        num_old_channels = sum(self.classes[:-1])
+        loss = build_method_loss(opts, num_old_channels)
+        model, old_model = self._build_models(loss.needs_old_model)
+        optimizer = build_optimizer(model, opts)
+        world_size = distributed.world_size()
+        sampler = GlobalBatchSampler(
+            len(train_set), opts.batch_size, distributed.rank(), world_size, opts.random_seed,
+            drop_last=True,
+        )
+        if len(sampler) == 0:
+            raise ValueError(
+                f"step {self.step}: the training set has {len(train_set)} images, fewer than one "
+                f"global batch ({opts.batch_size} per process x {world_size} processes); lower "
+                "--batch_size"
+            )
+        scheduler = build_scheduler(optimizer, opts, len(sampler) * opts.epochs)
+        train_model: nn.Module = model
+        if distributed.is_initialized() and world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = DistributedDataParallel(model, device_ids=device_ids)
+
+        logger = Logger(str(self.log_dir / f"step{self.step}"), enabled=self.main and opts.visualize)
+        in_step = checkpoint.InStepCheckpoints(self.checkpoint_dir, self.step)
+        if self.main and not opts.resume:
+            in_step.clear()
+        meta = {
+            "dataset": opts.dataset,
+            "task": opts.task,
+            "overlap": opts.overlap,
+            "step": self.step,
+            "classes": self.classes,
+            "options": vars(opts),
+        }
+        val_loader = self._eval_loader(val_set)
+
+        def validate(epoch: int) -> None:
+            last = epoch + 1 == opts.epochs
+            if (epoch + 1) % opts.val_interval != 0 and not last:
+                return
+            self._validate(model, val_loader, logger, epoch + 1)
+
+        trainer = Trainer(
+            train_model,
+            old_model,
+            loss,
+            optimizer,
+            scheduler,
+            train_set,
+            sampler,
+            device=self.device,
+            epochs=opts.epochs,
+            num_workers=opts.num_workers,
+            seed=opts.random_seed,
+            amp=opts.amp,
+            channels_last=opts.channels_last,
+            fix_bn=opts.fix_bn,
+            checkpoints=in_step,
+            ckpt_interval=opts.ckpt_interval,
+            checkpoint_meta=meta,
+            logger=logger,
+            print_interval=opts.print_interval,
+            on_epoch_end=validate,
+            stop_signal=stop_signal,
+        )
+        state = self._resume_state(in_step)
+        if state is not None:
+            trainer.resume(state)
+            LOGGER.info(
+                "step %d: resumed from iteration %d (epoch %d)", self.step, state["iteration"], trainer.epoch
+            )
+        LOGGER.info(
+            "step %d: %d training images, %d iterations per epoch, %d epochs, global batch %d",
+            self.step, len(train_set), len(sampler), opts.epochs, opts.batch_size * world_size,
+        )
+        trainer.train()
+
+        if self.main:
+            checkpoint.atomic_save(
+                {
+                    "model_state": model.state_dict(),
+                    "dataset": opts.dataset,
+                    "task": opts.task,
+                    "overlap": opts.overlap,
+                    "step": self.step,
+                    "classes": self.classes,
+                    "channel_order": self.channel_order,
+                    "method": opts.method,
+                    "options": vars(opts),
+                    "regularizer": None,
+                    "train_seconds": trainer.train_seconds,
+                    "train_images": trainer.images_seen,
+                },
+                self.final_path,
+            )
+            LOGGER.info("step %d: saved %s", self.step, self.final_path)
+        distributed.barrier()
+        if self.main:
+            in_step.clear()
+        logger.close()
+
+    def _resume_state(self, in_step: checkpoint.InStepCheckpoints) -> Optional[Dict[str, Any]]:
+        opts = self.opts
+        if opts.ckpt:
+            state = checkpoint.load_checkpoint(opts.ckpt)
+            source = Path(opts.ckpt)
+            if "optimizer_state" not in state:
+                raise ValueError(
+                    f"--ckpt {source}: not an in-step checkpoint (no optimizer state); to test a "
+                    "step-final checkpoint use --test --ckpt"
+                )
+        elif opts.resume:
+            state = in_step.latest()
+            source = self.checkpoint_dir / f"step{self.step}-iter*.pth"
+        else:
+            return None
+        if state is None:
+            return None
+        checkpoint.check_step_checkpoint(
+            state, opts.dataset, opts.task, self.step, self.classes, source
+        )
+        return state
+
+    def _validate(self, model: nn.Module, loader, logger: Logger, epoch: int) -> None:
+        opts = self.opts
+        samples: List[torch.Tensor] = []
+
+        def keep_samples(index: int, images, labels, predictions) -> None:
+            if self.main and index < opts.sample_num:
+                samples.append(sample_image(images[0], labels[0], predictions[0]))
+
+        scores = evaluate(
+            model, loader, self.num_channels, self.device, opts.amp,
+            channels_last=opts.channels_last, on_batch=keep_samples,
+        )
+        LOGGER.info(
+            "step %d epoch %d validation: mIoU %s, overall acc %s",
+            self.step, epoch, _percent(scores["miou"]), _percent(scores["overall_acc"]),
+        )
+        logger.scalar("val/miou", scores["miou"] or 0.0, epoch)
+        logger.scalar("val/overall_acc", scores["overall_acc"] or 0.0, epoch)
+        logger.text("val/class_iou", _class_table(scores["class_iou"], self._class_names()), epoch)
+        logger.confusion_matrix("val/confusion_matrix", scores["confusion_matrix"], epoch)
+        for index, image in enumerate(samples):
+            logger.image(f"val/sample_{index}", image, epoch)
+
+    # ---------------------------------------------------------------- test
+    def _class_names(self) -> List[str]:
+        names = CLASS_NAMES[self.opts.dataset]
+        return [names[label] for label in self.channel_order]
+
+    def test(self, path: Path, results_path: Path, train_stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        """Evaluate the checkpoint at ``path`` on the test split and write ``results_path``."""
+        opts = self.opts
+        saved = checkpoint.load_checkpoint(path)
+        checkpoint.check_step_checkpoint(saved, opts.dataset, opts.task, self.step, self.classes, path)
+        model = make_model(opts, self.classes, None)
+        model.load_state_dict(saved["model_state"], strict=True)
+        model = model.to(self.device)
+        if opts.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        test_set = self._dataset("test", self._eval_transform())
+        scores = evaluate(
+            model, self._eval_loader(test_set), self.num_channels, self.device, opts.amp,
+            num_old_channels=self.classes[0], channels_last=opts.channels_last,
+        )
+        results = {
+            "dataset": opts.dataset,
+            "task": opts.task,
+            "overlap": opts.overlap,
+            "step": self.step,
+            "num_steps": tasks.num_steps(opts.dataset, opts.task),
+            "method": opts.method,
+            "name": opts.name,
+            "checkpoint": str(path),
+            "channel_order": self.channel_order,
+            "class_names": self._class_names(),
+            "class_iou": scores["class_iou"],
+        }
+        for key in ("miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg",
+                    "hmean", "hmean_fg", "overall_acc", "mean_acc"):
+            results[key] = scores[key]
+        stats = train_stats or {}
+        results["train_seconds"] = stats.get("train_seconds")
+        results["train_images_per_second"] = stats.get("train_images_per_second")
+        results["options"] = vars(opts)
+        if self.main:
+            write_json(results, results_path)
+            logger = Logger(str(self.log_dir / f"step{self.step}"), enabled=opts.visualize)
+            logger.text("test/class_iou", _class_table(scores["class_iou"], self._class_names()), self.step)
+            logger.confusion_matrix("test/confusion_matrix", scores["confusion_matrix"], self.step)
+            for key in ("miou_all", "miou_old", "miou_new", "miou_all_fg", "overall_acc"):
+                if scores[key] is not None:
+                    logger.scalar(f"test/{key}", scores[key], self.step)
+            logger.close()
+            LOGGER.info(
+                "step %d test (%s): mIoU all %s old %s new %s | without background: all %s old %s new %s",
+                self.step, path, *(_percent(scores[key]) for key in (
+                    "miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg")),
+            )
+            LOGGER.info("step %d results written to %s", self.step, results_path)
+        distributed.barrier()
+        return results
+
+
+def _percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def _class_table(class_iou: List[Optional[float]], names: List[str]) -> str:
+    return "\n".join(f"{name}: {_percent(iou)}" for name, iou in zip(names, class_iou))
+
+
+def main(opts: argparse.Namespace) -> None:
+    """Run every step of ``opts.steps`` in this process (one rank of a distributed job).
+
+    Raises ``TrainingInterrupted`` when a stop signal ended training after an in-step checkpoint.
+    """
+    env = distributed.read_env()
+    device = select_device(opts.device, env.local_rank)
+    distributed.init_distributed(env, device.type)
+    stop_signal = StopSignal()
+    stop_signal.install()
+    try:
+        LOGGER.info(
+            "%s %s%s, steps %s, method %s, device %s, %d process(es)",
+            opts.dataset, opts.task, " overlapped" if opts.overlap else "", opts.steps,
+            opts.method, device, distributed.world_size(),
+        )
+        for step in opts.steps:
+            StepRunner(opts, step, device).run(stop_signal)
+    finally:
+        stop_signal.uninstall()
+        distributed.cleanup()

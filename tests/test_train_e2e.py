@@ -1,0 +1,104 @@
+"""End-to-end runs of train.py on the synthetic dataset (single process, CPU)."""
+import json
+import math
+
+import pytest
+import torch
+
+from segmentation.engine.checkpoint import load_checkpoint
+from train_cli_worker import run_train, synthetic_root, train_args
+
+RESULT_KEYS = {
+    "dataset", "task", "overlap", "step", "num_steps", "method", "name", "channel_order", "class_names",
+    "class_iou", "miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg", "hmean",
+    "hmean_fg", "overall_acc", "mean_acc", "train_seconds", "train_images_per_second", "options",
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return synthetic_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def two_step_run(data_root, tmp_path_factory):
+    """A 15-5 MiB run of both steps by one command."""
+    out = tmp_path_factory.mktemp("e2e")
+    args = train_args(data_root, out, "--step", "all", "--method", "MiB", "--visualize")
+    result = run_train(args)
+    return out, args, result
+
+
+def _paths(out):
+    checkpoints = out / "checkpoints" / "synthetic-15-5" / "run"
+    logs = out / "logs" / "synthetic-15-5" / "run"
+    return checkpoints, logs
+
+
+def test_two_steps_write_checkpoints_and_results(two_step_run):
+    out, _, _ = two_step_run
+    checkpoints, logs = _paths(out)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step0.pth", "step1.pth"]  # in-step ones removed
+    for step, channels in ((0, 16), (1, 21)):
+        saved = load_checkpoint(checkpoints / f"step{step}.pth")
+        assert saved["step"] == step and saved["task"] == "15-5" and saved["method"] == "MiB"
+        assert saved["classes"] == [16, 5][: step + 1]
+        assert not any(key.startswith("module.") for key in saved["model_state"])
+        assert saved["model_state"][f"cls.{step}.weight"].shape[0] == [16, 5][step]
+        results = json.loads((logs / f"step{step}.json").read_text())
+        assert RESULT_KEYS <= set(results)
+        assert results["step"] == step and results["num_steps"] == 2
+        assert results["channel_order"] == list(range(channels))
+        assert len(results["class_iou"]) == len(results["class_names"]) == channels
+        for key in ("miou_all", "miou_all_fg", "overall_acc"):
+            assert 0.0 <= results[key] <= 1.0
+        assert results["train_seconds"] > 0 and results["train_images_per_second"] > 0
+    assert any((logs / "step0").iterdir())  # event files of the visualisation
+
+
+def test_rerun_skips_finished_steps(two_step_run):
+    out, args, _ = two_step_run
+    checkpoints, logs = _paths(out)
+    before = {p: p.stat().st_mtime_ns for p in [*checkpoints.iterdir(), *logs.glob("step*.json")]}
+    result = run_train(args)
+    assert "step 0 already finished" in result.stderr + result.stdout
+    assert "step 1 already finished" in result.stderr + result.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_test_mode_reproduces_results(two_step_run):
+    out, args, _ = two_step_run
+    _, logs = _paths(out)
+    test_args = list(args)
+    test_args[test_args.index("--step") + 1] = "1"
+    run_train([*test_args, "--test"])
+    trained = json.loads((logs / "step1.json").read_text())
+    tested = json.loads((logs / "eval-step1.json").read_text())
+    for key in ("class_iou", "miou_all", "miou_old", "miou_new", "overall_acc", "mean_acc"):
+        assert tested[key] == trained[key]
+
+
+def test_test_mode_without_checkpoint_is_an_error(data_root, tmp_path):
+    result = run_train(train_args(data_root, tmp_path, "--step", "1", "--test"), check=False)
+    assert result.returncode != 0
+    assert "step1.pth" in result.stderr and "does not exist" in result.stderr
+
+
+def test_previous_step_checkpoint_of_another_task_is_rejected(two_step_run, data_root, tmp_path):
+    out, _, _ = two_step_run
+    checkpoints, _ = _paths(out)
+    step0 = checkpoints / "step0.pth"
+    args = train_args(data_root, tmp_path, "--step", "1", "--step_ckpt", str(step0), task="19-1")
+    result = run_train(args, check=False)
+    assert result.returncode != 0
+    assert str(step0) in result.stderr and "task" in result.stderr
+
+
+def test_bf16_autocast_step_has_finite_loss(data_root, tmp_path):
+    args = train_args(data_root, tmp_path, "--step", "0", "--amp", "bf16", "--ckpt_interval", "1")
+    result = run_train(args)
+    saved = load_checkpoint(tmp_path / "checkpoints" / "synthetic-15-5" / "run" / "step0.pth")
+    assert all(torch.isfinite(v).all() for v in saved["model_state"].values() if v.is_floating_point())
+    results = json.loads((tmp_path / "logs" / "synthetic-15-5" / "run" / "step0.json").read_text())
+    assert math.isfinite(results["overall_acc"])
+    assert "loss" in result.stderr + result.stdout

@@ -1,0 +1,100 @@
+"""Helpers of the test_train_* files: a tiny synthetic dataset and ``train.py`` subprocesses.
+
+Every run uses a ResNet-18 at 48 px crops on a 40-image synthetic set, single-threaded, so a
+two-step task trains in seconds on a CPU.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO_ROOT, "train.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def synthetic_root(tmp_path_factory) -> str:
+    """A data root holding a small synthetic VOC set, generated once per pytest session."""
+    from segmentation.data.synthetic import DIR_NAME, generate_synthetic_voc
+
+    root = tmp_path_factory.getbasetemp() / "train-synthetic-data"
+    generate_synthetic_voc(str(root / DIR_NAME), num_train=40, num_val=20, width=64, height=48)
+    return str(root)
+
+
+def train_args(data_root: str, out: Path, *extra: str, task: str = "15-5", name: str = "run") -> List[str]:
+    """Options of a tiny run writing checkpoints and logs under ``out``."""
+    return [
+        "--dataset", "synthetic", "--data_root", data_root, "--task", task, "--name", name,
+        "--backbone", "resnet18", "--norm_act", "iabn_sync", "--crop_size", "48",
+        "--batch_size", "4", "--epochs", "1", "--lr", "0.01", "--num_workers", "0",
+        "--checkpoint_dir", str(out / "checkpoints"), "--logdir", str(out / "logs"),
+        "--device", "cpu", "--print_interval", "1", "--no-visualize", *extra,
+    ]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def command(args: List[str], nproc: int = 1) -> List[str]:
+    if nproc == 1:
+        return [sys.executable, TRAIN, *args]
+    return [*TORCHRUN, "--nproc_per_node", str(nproc), TRAIN, *args]
+
+
+def run_train(args: List[str], nproc: int = 1, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``train.py`` (under torchrun when ``nproc`` > 1) to completion."""
+    result = subprocess.run(command(args, nproc), cwd=REPO_ROOT, env=_env(), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,
+              nproc: int = 1, timeout: float = 600) -> Optional[int]:
+    """Start ``train.py``, send ``sig`` to its whole process group once ``condition()`` holds.
+
+    Returns the exit code, or fails if the run ended before the condition was met.
+    """
+    process = subprocess.Popen(command(args, nproc), cwd=REPO_ROOT, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            if process.poll() is not None:
+                output = process.stdout.read()
+                raise AssertionError(f"run ended ({process.returncode}) before it could be stopped:\n{output}")
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for the stop condition")
+            time.sleep(0.05)
+        if sig == signal.SIGKILL:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+        process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def model_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model_state"]
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"tensors differ: {different[:5]}"
