@@ -19,7 +19,6 @@ from typing import List, Tuple
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from ..tasks import NUM_LABELS
 
@@ -155,13 +154,15 @@ def _read_ade_list(dataset: str, directory: str, name: str) -> BaseList:
 
 
 def read_image(path: str) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor of shape (3, H, W)."""
+    """Decode an image file to a uint8 RGB tensor of shape (3, H, W) (with PIL, like the reference)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path!r} does not exist")
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
+        with Image.open(path) as image:
+            array = np.array(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"image {path!r} cannot be decoded (corrupt or not an image): {error}") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def image_size(path: str) -> Tuple[int, int]:

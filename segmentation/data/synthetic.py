@@ -30,7 +30,8 @@ the same parameters always give the same files. Generation is idempotent: a fini
 and redone. The defaults (600 train / 150 val images of 128x96) take a few seconds to write.
 
 :func:`generate_synthetic_ade` writes a tiny ADE20K-layout tree (150 classes, no void) for tests
-of the ADE reader; :func:`write_voc_layout` / :func:`write_ade_layout` write given arrays.
+of the ADE reader; :func:`write_voc_layout` / :func:`write_ade_layout` write given arrays, e.g.
+from :func:`item_with_labels`, to build hand-made trees with known answers.
 """
 from __future__ import annotations
 
@@ -263,6 +264,20 @@ def generate_synthetic_ade(
         items.append(split_items)
     write_ade_layout(directory, items[0], items[1])
     return directory
+
+
+def item_with_labels(labels: Sequence[int], height: int = 8, width: int = 8, seed: int = 0) -> Item:
+    """A random image and a label map made of horizontal bands holding exactly ``labels``.
+
+    For hand-made test trees: the label's set of values is known exactly.
+    """
+    if not labels or len(labels) > height:
+        raise ValueError(f"need 1..{height} labels, got {list(labels)}")
+    rng = np.random.default_rng(seed)
+    rows = np.arange(height) * len(labels) // height
+    label = np.repeat(np.asarray(labels, dtype=np.uint8)[rows][:, None], width, axis=1)
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return image, label
 
 
 def _read_marker(marker: str) -> Optional[dict]:
