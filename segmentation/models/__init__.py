@@ -1,14 +1,16 @@
 """Segmentation models: dilated ResNet body, DeepLabV3 head, incremental classifiers."""
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Union
 
 from .deeplab import ASPP_RATES, DeepLabV3Head
 from .norm import norm_act_layer
+from .pretrained import load_imagenet_weights, torchvision_state_dict
 from .resnet import RESNET_LAYOUTS, ResNet
 from .segmenter import IncrementalSegmenter
 
-__all__ = ["DeepLabV3Head", "IncrementalSegmenter", "ResNet", "build_model"]
+__all__ = ["DeepLabV3Head", "IncrementalSegmenter", "ResNet", "build_model", "load_imagenet_weights"]
 
 
 def build_model(
@@ -16,9 +18,14 @@ def build_model(
     backbone: str = "resnet101",
     output_stride: int = 16,
     norm_act: str = "iabn_sync",
+    pretrained: Union[None, str, os.PathLike] = None,
     pooling_size: Optional[int] = 32,
 ) -> IncrementalSegmenter:
     """DeepLabV3 on a dilated ResNet with one classifier per step (``classes[s]`` channels at step ``s``).
+
+    ``pretrained``: None (random body), a path to ImageNet weights (In-Place ABN checkpoint or
+    torchvision state dict, see ``load_imagenet_weights``), or "torchvision" to download
+    torchvision's ImageNet weights for ``backbone``.
     """
     if backbone not in RESNET_LAYOUTS:
         raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(RESNET_LAYOUTS)}")
@@ -27,5 +34,9 @@ def build_model(
     norm_layer = norm_act_layer(norm_act)
 
     body = ResNet(backbone, norm_layer, output_stride)
+    if pretrained == "torchvision":
+        load_imagenet_weights(body, torchvision_state_dict(backbone))
+    elif pretrained is not None:
+        load_imagenet_weights(body, pretrained)
     head = DeepLabV3Head(body.out_channels, norm_layer, output_stride, pooling_size=pooling_size)
     return IncrementalSegmenter(body, head, classes)
