@@ -79,7 +79,7 @@ def test_train_transform_is_pil_crop_resize_flip():
         largest = torch.nn.functional.max_pool2d(as_float, 3, 1, 1)[0]
         smallest = -torch.nn.functional.max_pool2d(-as_float, 3, 1, 1)[0]
         interior = largest == smallest
-        assert interior.sum() > 200
+        assert interior.sum() > 50
         assert torch.allclose(restored[:, interior], (out_label[interior] * 10).float().expand(3, -1), atol=1.01)
 
 
