@@ -36,7 +36,9 @@ def test_resnet_output_shape(name, channels, output_stride):
     assert out.shape == (2, channels, 64 // output_stride, 96 // output_stride)
 
 
-@pytest.mark.parametrize("output_stride,strides,dilations", [(16, [1, 2, 2, 1], [1, 1, 1, 2]), (8, [1, 2, 1, 1], [1, 1, 2, 4])])
+@pytest.mark.parametrize(
+    "output_stride,strides,dilations", [(16, [1, 2, 2, 1], [1, 1, 1, 2]), (8, [1, 2, 1, 1], [1, 1, 2, 4])]
+)
 def test_resnet_strides_and_dilations(output_stride, strides, dilations):
     body = ResNet("resnet50", ABN, output_stride)
     assert body.mod1.conv1.stride == (2, 2) and body.mod1.pool1.stride == 2
@@ -75,7 +77,8 @@ def test_resnet_bottleneck_layout_and_key_names():
     assert [len(getattr(body, f"mod{i}")) for i in range(2, 6)] == [3, 4, 6, 3]
     assert all(not k.endswith(".bias") or ".bn" in k or "_bn" in k for k in keys), "convs have no bias"
     block = body.mod3.block2.convs
-    assert [block.bn1.activation, block.bn2.activation, block.bn3.activation] == ["leaky_relu", "leaky_relu", "identity"]
+    activations = [block.bn1.activation, block.bn2.activation, block.bn3.activation]
+    assert activations == ["leaky_relu", "leaky_relu", "identity"]
     assert body.mod3.block1.proj_bn.activation == "identity"
     assert all(m.activation_param == 0.01 for m in body.modules() if isinstance(m, ABN))
 
@@ -97,7 +100,9 @@ def test_resnet_block_matches_manual_computation():
     x = torch.randn(2, 64, 9, 9)
 
     def bn(module, t):
-        return F.batch_norm(t, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps)
+        return F.batch_norm(
+            t, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
+        )
 
     convs = block.convs
     out = F.leaky_relu(bn(convs.bn1, F.conv2d(x, convs.conv1.weight, stride=2, padding=1)), 0.01)
@@ -229,7 +234,9 @@ def test_segmenter_logits_in_step_order(norm_act):
     assert features["pre_logits"].shape == (2, 256, 4, 5)
     offset = 0
     for classifier in model.cls:
-        expected = F.interpolate(classifier(features["pre_logits"]), size=(64, 80), mode="bilinear", align_corners=False)
+        expected = F.interpolate(
+            classifier(features["pre_logits"]), size=(64, 80), mode="bilinear", align_corners=False
+        )
         n = classifier.out_channels
         assert torch.allclose(logits[:, offset : offset + n], expected, atol=1e-6)
         offset += n

@@ -46,7 +46,9 @@ class IncrementalSegmenter(nn.Module):
         the old background probability is split equally over background and the new classes.
         """
         if len(self.cls) < 2:
-            raise RuntimeError("init_new_classifier needs a model of step >= 1; this model has only the step-0 classifier")
+            raise RuntimeError(
+                "init_new_classifier needs a model of step >= 1; this model has only the step-0 classifier"
+            )
         background, new = self.cls[0], self.cls[-1]
         bias = background.bias[0] - math.log(new.out_channels + 1)
         new.weight.copy_(background.weight[0:1].expand_as(new.weight))
