@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -61,10 +61,11 @@ def run_train(args: List[str], nproc: int = 1, check: bool = True, timeout: floa
 
 
 def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,
-              nproc: int = 1, timeout: float = 600) -> Optional[int]:
-    """Start ``train.py``, send ``sig`` to its whole process group once ``condition()`` holds.
+              nproc: int = 1, timeout: float = 600) -> Tuple[int, str]:
+    """Start ``train.py``; once ``condition()`` holds, send ``sig`` (SIGKILL: to its whole process
+    group, so torchrun's workers die too; other signals: to the launched process).
 
-    Returns the exit code, or fails if the run ended before the condition was met.
+    Returns the exit code and the output; fails if the run ended before the condition was met.
     """
     process = subprocess.Popen(command(args, nproc), cwd=REPO_ROOT, env=_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -82,12 +83,12 @@ def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.
             os.killpg(process.pid, sig)
         else:
             process.send_signal(sig)
-        process.communicate(timeout=timeout)
+        output, _ = process.communicate(timeout=timeout)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    return process.returncode
+    return process.returncode, output
 
 
 def model_state(path: Path) -> dict:

@@ -1,0 +1,61 @@
+"""Interrupted runs resume exactly: SIGKILL mid-step, SIGTERM (exit code 3), chained steps."""
+import signal
+
+import pytest
+
+from train_cli_worker import assert_states_equal, model_state, run_train, run_until, synthetic_root, train_args
+
+EXIT_INTERRUPTED = 3
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return synthetic_root(tmp_path_factory)
+
+
+def _args(data_root, out):
+    return train_args(data_root, out, "--step", "all", "--method", "MiB", "--num_workers", "1",
+                      "--ckpt_interval", "2")
+
+
+def test_killed_and_stopped_chained_run_ends_bit_identical(data_root, tmp_path):
+    reference = tmp_path / "reference"
+    run_train(_args(data_root, reference))
+
+    out = tmp_path / "interrupted"
+    args = _args(data_root, out)
+    run_dir = out / "checkpoints" / "synthetic-15-5" / "run"
+
+    # 1. SIGKILL in the middle of step 0, once an in-step checkpoint exists.
+    run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGKILL)
+    assert not (run_dir / "step0.pth").exists()
+
+    # 2. The rerun resumes step 0 mid-epoch; SIGTERM once step 0 is done stops it in step 1.
+    code, output = run_until(args, lambda: (run_dir / "step0.pth").exists(), sig=signal.SIGTERM)
+    assert "step 0: resumed from iteration" in output
+    assert code == EXIT_INTERRUPTED
+    assert list(run_dir.glob("step1-iter*.pth")), "SIGTERM must leave an in-step checkpoint"
+    assert not list(run_dir.glob("step0-iter*.pth")), "finished steps keep no in-step checkpoints"
+    step0_mtime = (run_dir / "step0.pth").stat().st_mtime_ns
+
+    # 3. The last rerun continues step 1 only.
+    result = run_train(args)
+    output = result.stdout + result.stderr
+    assert "step 0 already finished" in output
+    assert "step 1: resumed from iteration" in output
+    assert (run_dir / "step0.pth").stat().st_mtime_ns == step0_mtime
+
+    reference_dir = reference / "checkpoints" / "synthetic-15-5" / "run"
+    for step in (0, 1):
+        assert_states_equal(model_state(run_dir / f"step{step}.pth"),
+                            model_state(reference_dir / f"step{step}.pth"))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step0.pth", "step1.pth"]
+
+
+def test_no_resume_starts_the_step_again(data_root, tmp_path):
+    args = train_args(data_root, tmp_path, "--step", "0", "--ckpt_interval", "2")
+    run_dir = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
+    run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGKILL)
+    result = run_train([*args, "--no_resume"])
+    assert "resumed" not in result.stdout + result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step0.pth"]
