@@ -1,0 +1,137 @@
+"""Throughput of the training data pipeline, per worker process, on VOC-sized synthetic images.
+
+Writes a synthetic VOC set of ``--num_images`` images of ``--width`` x ``--height`` into a
+temporary folder, then times one DataLoader-worker-like process (one intra-op thread) on the
+training items of VOC 15-5 step 0 (overlapped: most images) at ``--crop_size`` crops. Each
+stage runs over the items ``--repeats`` times and the fastest pass is reported (the machine may
+be shared):
+
+- decode: reading the JPEG image and PNG label;
+- LUT remap: the 256-entry lookup table of this project (``protocol.label_lut``);
+- per-pixel remap: the reference's per-pixel Python ``Tensor.apply_`` lambda, for comparison
+  (bench only; it is applied to the cropped label, where the reference applied it);
+- transform: RandomResizedCrop + flip + normalisation;
+- full item with the LUT, and the same with the per-pixel remap instead.
+
+Usage: ``python launch/bench_data.py [--num_images 200 --width 500 --height 375 --crop_size 512]``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Callable, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from segmentation.data import build_dataset, sample_generator  # noqa: E402
+from segmentation.data.protocol import apply_lut  # noqa: E402
+from segmentation.data.readers import read_image, read_label  # noqa: E402
+from segmentation.data.synthetic import generate_synthetic_voc  # noqa: E402
+from segmentation.data.transforms import train_transform  # noqa: E402
+from segmentation.tasks import channel_order, labels_of_step  # noqa: E402
+
+TASK, STEP = "15-5", 0
+
+
+def reference_remap(label: torch.Tensor) -> torch.Tensor:
+    """The reference's training remap: one Python call per pixel (old/future/void -> 0)."""
+    order = channel_order("voc", TASK, STEP)
+    kept = {0, 255} | set(labels_of_step("voc", TASK, STEP))
+    inverted = {label: order.index(label) for label in kept if label != 255}
+    inverted[255] = 0
+    return label.apply_(lambda x: inverted[x] if x in inverted else 0)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(run: Callable[[int], object], count: int, repeats: int) -> float:
+    """Seconds per call of run(i) over i = 0..count-1: the fastest of ``repeats`` passes."""
+    run(0)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for index in range(count):
+            run(index)
+        best = min(best, (time.perf_counter() - start) / count)
+    return best
+
+
+def main(argv: List[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_images", type=int, default=200)
+    parser.add_argument("--width", type=int, default=500)
+    parser.add_argument("--height", type=int, default=375)
+    parser.add_argument("--crop_size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+
+    with tempfile.TemporaryDirectory() as root:
+        start = time.perf_counter()
+        generate_synthetic_voc(
+            os.path.join(root, "SyntheticVOC"), num_train=args.num_images, num_val=10, width=args.width, height=args.height
+        )
+        generation = time.perf_counter() - start
+        transform = train_transform(args.crop_size)
+        dataset = build_dataset("synthetic", root, TASK, STEP, "train", overlap=True, transform=transform)
+        count = len(dataset)
+        raw = [read_label(path) for path in dataset.label_paths]
+        loaded = [dataset.load(i) for i in range(min(count, 50))]  # in memory, for the transform alone
+
+        def decode(i: int) -> None:
+            read_image(dataset.image_paths[i])
+            read_label(dataset.label_paths[i])
+
+        def lut_remap(i: int) -> None:
+            apply_lut(dataset.lut, raw[i])
+
+        def pixel_remap(i: int) -> None:
+            reference_remap(torch.from_numpy(raw[i].astype(np.int64)))
+
+        def transform_only(i: int) -> None:
+            transform(*loaded[i], sample_generator(0, 0, i))
+
+        def item_with_pixel_remap(i: int) -> None:
+            image = read_image(dataset.image_paths[i])
+            label = torch.from_numpy(read_label(dataset.label_paths[i]).astype(np.int64))
+            _, label = transform(image, label, sample_generator(0, 0, i))
+            reference_remap(label)
+
+        slow = min(count, 50)  # the per-pixel remap takes tens of ms per image
+        rows = [
+            ("decode image + label", timed(decode, count, args.repeats)),
+            ("LUT remap (native size)", timed(lut_remap, count, args.repeats)),
+            ("per-pixel apply_ remap (native size)", timed(pixel_remap, slow, args.repeats)),
+            ("transform (crop, flip, normalise)", timed(transform_only, len(loaded), args.repeats)),
+            ("full item, LUT remap", timed(lambda i: dataset[i], count, args.repeats)),
+            (f"full item, per-pixel remap after the {args.crop_size} crop", timed(item_with_pixel_remap, slow, args.repeats)),
+        ]
+
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process")
+    print(f"data: {count} synthetic training images of {args.width}x{args.height} (VOC {TASK} step {STEP}, "
+          f"overlapped), crops {args.crop_size}x{args.crop_size}; generation took {generation:.1f} s")
+    print()
+    print("| stage (one worker process) | ms / image | images / s |")
+    print("|---|---:|---:|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds * 1000:.2f} | {1 / seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
