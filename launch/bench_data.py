@@ -11,7 +11,9 @@ be shared):
 - per-pixel remap: the reference's per-pixel Python ``Tensor.apply_`` lambda, for comparison
   (bench only; it is applied to the cropped label, where the reference applied it);
 - transform: RandomResizedCrop + flip + normalisation;
-- full item with the LUT, and the same with the per-pixel remap instead.
+- full item with the LUT, and the same with the per-pixel remap instead;
+
+and, once, the split computation (every label file read by parallel worker processes).
 
 Usage: ``python launch/bench_data.py [--num_images 200 --width 500 --height 375 --crop_size 512]``
 """
@@ -32,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from segmentation.data import build_dataset, sample_generator  # noqa: E402
 from segmentation.data.protocol import apply_lut  # noqa: E402
-from segmentation.data.readers import read_image, read_label  # noqa: E402
+from segmentation.data.readers import read_base_list, read_image, read_label  # noqa: E402
+from segmentation.data.splits import compute_split_indices, default_num_workers  # noqa: E402
 from segmentation.data.synthetic import generate_synthetic_voc  # noqa: E402
 from segmentation.data.transforms import train_transform  # noqa: E402
 from segmentation.tasks import channel_order, labels_of_step  # noqa: E402
@@ -88,6 +91,10 @@ def main(argv: List[str] | None = None) -> None:
             os.path.join(root, "SyntheticVOC"), num_train=args.num_images, num_val=10, width=args.width, height=args.height
         )
         generation = time.perf_counter() - start
+        base = read_base_list("synthetic", root, "train")
+        start = time.perf_counter()
+        compute_split_indices(base, "synthetic", TASK, "train", True, num_workers=default_num_workers())
+        scan = time.perf_counter() - start
         transform = train_transform(args.crop_size)
         dataset = build_dataset("synthetic", root, TASK, STEP, "train", overlap=True, transform=transform)
         count = len(dataset)
@@ -126,6 +133,8 @@ def main(argv: List[str] | None = None) -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process")
     print(f"data: {count} synthetic training images of {args.width}x{args.height} (VOC {TASK} step {STEP}, "
           f"overlapped), crops {args.crop_size}x{args.crop_size}; generation took {generation:.1f} s")
+    print(f"split computation: {len(base)} label files read in {scan:.2f} s by {default_num_workers()} processes "
+          f"({len(base) / scan:.0f} labels/s)")
     print()
     print("| stage (one worker process) | ms / image | images / s |")
     print("|---|---:|---:|")

@@ -120,6 +120,10 @@ def build_dataset(
     ``name="synthetic"``, generated here on first use) ``SyntheticVOC/``. Image selection and
     label mapping follow ``protocol.py``; split files are cached as described in ``splits.py``.
     ``overlap`` only affects the train split.
+
+    In a distributed run every rank calls this; rank 0 prepares split files (and the synthetic
+    data) and broadcasts them, so with NCCL the CUDA device must be set before. Call
+    ``dataset.set_epoch(epoch)`` before creating each epoch's DataLoader iterator.
     """
     check_dataset_name(name)
     check_split_name(split)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import List, Tuple
 
 import numpy as np
@@ -82,14 +83,13 @@ class BaseList:
     def __len__(self) -> int:
         return len(self.images)
 
+    @cached_property
     def digest(self) -> str:
-        """SHA-1 of the file list (relative paths, in order): identifies the base index order."""
+        """SHA-1 of the file list (paths relative to the dataset folder, in order)."""
         sha = hashlib.sha1()
+        start = len(os.path.join(self.directory, ""))
         for image, label in zip(self.images, self.labels):
-            sha.update(os.path.relpath(image, self.directory).encode())
-            sha.update(b"\0")
-            sha.update(os.path.relpath(label, self.directory).encode())
-            sha.update(b"\n")
+            sha.update(f"{image[start:]}\0{label[start:]}\n".encode())
         return sha.hexdigest()
 
 

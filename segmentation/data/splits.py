@@ -105,7 +105,7 @@ def fingerprint(base: BaseList, dataset: str, task: str, step: int, split: str, 
         "split": split,
         "overlap": overlap,
         "list": base.name,
-        "list_digest": base.digest(),
+        "list_digest": base.digest,
         "num_images": len(base),
     }
     return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()
