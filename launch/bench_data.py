@@ -17,6 +17,7 @@ and, once, the split computation (every label file read by parallel worker proce
 
 Usage: ``python launch/bench_data.py [--num_images 200 --width 500 --height 375 --crop_size 512]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,11 @@ def main(argv: List[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
         generate_synthetic_voc(
-            os.path.join(root, "SyntheticVOC"), num_train=args.num_images, num_val=10, width=args.width, height=args.height
+            os.path.join(root, "SyntheticVOC"),
+            num_train=args.num_images,
+            num_val=10,
+            width=args.width,
+            height=args.height,
         )
         generation = time.perf_counter() - start
         base = read_base_list("synthetic", root, "train")
@@ -127,14 +132,21 @@ def main(argv: List[str] | None = None) -> None:
             ("per-pixel apply_ remap (native size)", timed(pixel_remap, slow, args.repeats)),
             ("transform (crop, flip, normalise)", timed(transform_only, len(loaded), args.repeats)),
             ("full item, LUT remap", timed(lambda i: dataset[i], count, args.repeats)),
-            (f"full item, per-pixel remap after the {args.crop_size} crop", timed(item_with_pixel_remap, slow, args.repeats)),
+            (
+                f"full item, per-pixel remap after the {args.crop_size} crop",
+                timed(item_with_pixel_remap, slow, args.repeats),
+            ),
         ]
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process")
-    print(f"data: {count} synthetic training images of {args.width}x{args.height} (VOC {TASK} step {STEP}, "
-          f"overlapped), crops {args.crop_size}x{args.crop_size}; generation took {generation:.1f} s")
-    print(f"split computation: {len(base)} label files read in {scan:.2f} s by {default_num_workers()} processes "
-          f"({len(base) / scan:.0f} labels/s)")
+    print(
+        f"data: {count} synthetic training images of {args.width}x{args.height} (VOC {TASK} step {STEP}, "
+        f"overlapped), crops {args.crop_size}x{args.crop_size}; generation took {generation:.1f} s"
+    )
+    print(
+        f"split computation: {len(base)} label files read in {scan:.2f} s by {default_num_workers()} processes "
+        f"({len(base) / scan:.0f} labels/s)"
+    )
     print()
     print("| stage (one worker process) | ms / image | images / s |")
     print("|---|---:|---:|")

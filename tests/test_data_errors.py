@@ -1,4 +1,5 @@
 """Bad input: every problem a user can hit is a clear error that names the file at fault."""
+
 import os
 
 import numpy as np
@@ -97,7 +98,9 @@ def test_voc_label_value_out_of_range(voc_root, value):
 
 def test_invalid_values_found_when_loaded(voc_root):
     dataset = _build(voc_root)
-    Image.fromarray(np.full((8, 8), 33, dtype=np.uint8)).save(_path(voc_root, "label", int(dataset.base_indices[0])))
+    Image.fromarray(np.full((8, 8), 33, dtype=np.uint8)).save(
+        _path(voc_root, "label", int(dataset.base_indices[0]))
+    )
     with pytest.raises(DatasetError, match="not voc classes: 33"):
         dataset[0]
 
@@ -112,7 +115,9 @@ def test_rgb_label(voc_root):
 def test_ade_label_value_out_of_range(tmp_path, value):
     bad = item_with_labels([0, 1])
     bad[1][0, 0] = value
-    write_ade_layout(str(tmp_path / "ADEChallengeData2016"), [item_with_labels([1]), bad], [item_with_labels([1])])
+    write_ade_layout(
+        str(tmp_path / "ADEChallengeData2016"), [item_with_labels([1]), bad], [item_with_labels([1])]
+    )
     with pytest.raises(DatasetError, match=f"ADE_train_00000002.png.* not ade classes: {value}"):
         build_dataset("ade", str(tmp_path), "100-50", 0, "train")
 

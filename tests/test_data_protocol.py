@@ -1,4 +1,5 @@
 """Image filtering and label mapping of the incremental protocol, on hand-made VOC and ADE trees."""
+
 import itertools
 import os
 
@@ -69,12 +70,17 @@ def test_voc_val_and_test_filter_ignore_overlap(voc_root, overlap):
     assert _indices(voc_root, "voc", "15-5", "val", overlap) == [[0, 3], [0, 1]]
     assert _indices(voc_root, "voc", "15-5", "test", overlap) == [[0, 3], [0, 1, 3]]
     assert _indices(voc_root, "voc", "15-1", "val", overlap, steps=[0, 1, 2]) == [[0, 3], [0], [1]]
-    assert _indices(voc_root, "voc", "15-1", "test", overlap) == [[0, 3], [0, 3], [0, 1, 3], [0, 1, 3], [0, 1, 3], [0, 1, 3]]
+    assert _indices(voc_root, "voc", "15-1", "test", overlap) == [
+        [0, 3],
+        [0, 3],
+        [0, 1, 3],
+        [0, 1, 3],
+        [0, 1, 3],
+        [0, 1, 3],
+    ]
 
 
-@pytest.mark.parametrize(
-    "overlap, expected", [(False, [[0, 4], [1, 2]]), (True, [[0, 2, 4], [1, 2]])]
-)
+@pytest.mark.parametrize("overlap, expected", [(False, [[0, 4], [1, 2]]), (True, [[0, 2, 4], [1, 2]])])
 def test_ade_order_b_filter(ade_root, overlap, expected):
     assert _indices(ade_root, "ade", "100-50b", "train", overlap) == expected
     assert _indices(ade_root, "ade", "100-50b", "val", overlap) == [[1], [0, 3]]
@@ -95,7 +101,8 @@ def _reference_target(value, family, split, order, current, old):
 
 
 @pytest.mark.parametrize(
-    "dataset, task", [("voc", "15-5"), ("voc", "15-1"), ("voc", "19-1b"), ("ade", "100-50b"), ("ade", "100-10")]
+    "dataset, task",
+    [("voc", "15-5"), ("voc", "15-1"), ("voc", "19-1b"), ("ade", "100-50b"), ("ade", "100-10")],
 )
 def test_label_lut_matches_reference_tables(dataset, task):
     family = "ade" if dataset == "ade" else "voc"
@@ -106,7 +113,8 @@ def test_label_lut_matches_reference_tables(dataset, task):
         current = set(labels_of_step(dataset, task, step)) - {0}
         old = set(old_labels(dataset, task, step)) - {0}
         expected = [
-            _reference_target(v, family, split, order, current, old) if v in valid else INVALID for v in range(256)
+            _reference_target(v, family, split, order, current, old) if v in valid else INVALID
+            for v in range(256)
         ]
         assert lut.tolist() == expected, (task, step, split)
 
@@ -155,7 +163,9 @@ def test_filter_presence_matches_predicate():
     for step, split, overlap in itertools.product(range(6), ("train", "val", "test"), (False, True)):
         rule = split_filter("voc", "15-1", step, split, overlap)
         expected = [
-            i for i in range(300) if keep_image(np.flatnonzero(presence[i]), rule.current, rule.old, rule.overlap)
+            i
+            for i in range(300)
+            if keep_image(np.flatnonzero(presence[i]), rule.current, rule.old, rule.overlap)
         ]
         assert filter_presence(presence, rule).tolist() == expected
 

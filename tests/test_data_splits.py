@@ -1,4 +1,5 @@
 """Split files: cache layout and reuse, fingerprints, checks of stale/wrong files, split_dir, CLI."""
+
 import json
 import os
 import subprocess
@@ -92,13 +93,21 @@ def _reference_dir(tmp_path, arrays):
 
 
 def test_split_dir_files_are_used(voc_root, tmp_path, count_computes):
-    split_dir = _reference_dir(tmp_path, {"train-0.npy": np.array([3, 0]), "test_on_val-1.npy": np.array([3, 1])})
+    split_dir = _reference_dir(
+        tmp_path, {"train-0.npy": np.array([3, 0]), "test_on_val-1.npy": np.array([3, 1])}
+    )
     dataset = build_dataset("voc", voc_root, "15-5", 0, "train", split_dir=split_dir)
     assert dataset.base_indices.tolist() == [3, 0]  # the file's order, not re-sorted
-    assert build_dataset("voc", voc_root, "15-5", 1, "test", split_dir=split_dir).base_indices.tolist() == [3, 1]
+    assert build_dataset("voc", voc_root, "15-5", 1, "test", split_dir=split_dir).base_indices.tolist() == [
+        3,
+        1,
+    ]
     assert count_computes == []
     # val is not in split_dir: computed into the cache.
-    assert build_dataset("voc", voc_root, "15-5", 1, "val", split_dir=split_dir).base_indices.tolist() == [0, 1]
+    assert build_dataset("voc", voc_root, "15-5", 1, "val", split_dir=split_dir).base_indices.tolist() == [
+        0,
+        1,
+    ]
     assert count_computes == [("15-5", "val", False)]
 
 
@@ -145,7 +154,10 @@ def test_cli_writes_reference_format(voc_root, tmp_path, capsys):
     for step in range(6):
         written = np.load(os.path.join(out, f"train-{step}.npy"))
         assert written.dtype == np.int64
-        assert written.tolist() == build_dataset("voc", voc_root, "15-1", step, "train", True).base_indices.tolist()
+        assert (
+            written.tolist()
+            == build_dataset("voc", voc_root, "15-1", step, "train", True).base_indices.tolist()
+        )
     # The written folder works as a split_dir.
     dataset = build_dataset("voc", voc_root, "15-1", 1, "train", True, split_dir=out)
     assert dataset.base_indices.tolist() == [1, 5, 9]
@@ -155,19 +167,25 @@ def test_cli_writes_reference_format(voc_root, tmp_path, capsys):
 def test_cli_as_module(voc_root, tmp_path):
     out = str(tmp_path / "out")
     command = [sys.executable, "-m", "segmentation.data.splits", "--dataset", "voc", "--data_root", voc_root]
-    done = subprocess.run(command + ["--task", "15-5", "--out", out], cwd=REPO_ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        command + ["--task", "15-5", "--out", out], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert np.load(os.path.join(out, "train-0.npy")).tolist() == [0, 3, 8]
     failed = subprocess.run(
         command + ["--task", "15-5", "--out", out, "--data_root", str(tmp_path / "missing")],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert failed.returncode == 1 and "missing" in failed.stderr and "Traceback" not in failed.stderr
 
 
 def test_parallel_scan_equals_serial(voc_root):
     base = splits.read_base_list("voc", voc_root, "train")
-    assert np.array_equal(splits.scan_presence(base, num_workers=2), splits.scan_presence(base, num_workers=1))
+    assert np.array_equal(
+        splits.scan_presence(base, num_workers=2), splits.scan_presence(base, num_workers=1)
+    )
 
 
 def _distributed_worker(rank, store, root, broken_root, results):

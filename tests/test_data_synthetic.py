@@ -1,4 +1,5 @@
 """The synthetic VOC-like dataset end to end, the tiny ADE writer, class names and palette."""
+
 import itertools
 import os
 
@@ -57,8 +58,12 @@ def test_every_voc_task_has_images_for_every_step(default_root):
                 assert kept.size >= 5, (task, step, split, overlap)
         # Old classes appear in later steps' images, more so when overlapped.
         last = num_steps("synthetic", task) - 1
-        disjoint = filter_presence(presence["train"], split_filter("synthetic", task, last - 1, "train", False))
-        overlapped = filter_presence(presence["train"], split_filter("synthetic", task, last - 1, "train", True))
+        disjoint = filter_presence(
+            presence["train"], split_filter("synthetic", task, last - 1, "train", False)
+        )
+        overlapped = filter_presence(
+            presence["train"], split_filter("synthetic", task, last - 1, "train", True)
+        )
         assert overlapped.size > disjoint.size
 
 
@@ -108,11 +113,21 @@ def test_tiny_ade_tree_is_read_by_the_ade_reader(tmp_path):
 
 def test_class_names_and_palette():
     assert len(CLASS_NAMES["voc"]) == 21 and CLASS_NAMES["voc"][15] == "person"
-    assert len(CLASS_NAMES["ade"]) == 151 and CLASS_NAMES["ade"][1] == "wall" and CLASS_NAMES["ade"][150] == "flag"
+    assert (
+        len(CLASS_NAMES["ade"]) == 151
+        and CLASS_NAMES["ade"][1] == "wall"
+        and CLASS_NAMES["ade"][150] == "flag"
+    )
     assert len(CLASS_NAMES["synthetic"]) == 21 and len(set(CLASS_NAMES["synthetic"])) == 21
     palette = color_palette()
     assert palette.shape == (256, 3)
-    assert palette[[0, 1, 2, 15, 255]].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [192, 128, 128], [224, 224, 192]]
+    assert palette[[0, 1, 2, 15, 255]].tolist() == [
+        [0, 0, 0],
+        [128, 0, 0],
+        [0, 128, 0],
+        [192, 128, 128],
+        [224, 224, 192],
+    ]
     rgb = colorize(torch.tensor([[0, 1], [255, 2]]))
     assert rgb.shape == (3, 2, 2) and rgb.dtype == torch.uint8
     assert rgb[:, 1, 0].tolist() == [224, 224, 192]

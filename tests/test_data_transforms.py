@@ -1,4 +1,5 @@
 """Joint transforms: parameters, alignment of image and label, determinism across workers."""
+
 import numpy as np
 import pytest
 import torch
@@ -80,14 +81,18 @@ def test_train_transform_is_pil_crop_resize_flip():
         smallest = -torch.nn.functional.max_pool2d(-as_float, 3, 1, 1)[0]
         interior = largest == smallest
         assert interior.sum() > 50
-        assert torch.allclose(restored[:, interior], (out_label[interior] * 10).float().expand(3, -1), atol=1.01)
+        assert torch.allclose(
+            restored[:, interior], (out_label[interior] * 10).float().expand(3, -1), atol=1.01
+        )
 
 
 def test_eval_transform_resize_and_centre_crop():
     image, label = _coded_sample(37, 53)
     out_image, out_label = eval_transform(24)(image, label, torch.Generator())
     assert out_image.shape == (3, 24, 24) and out_label.shape == (24, 24)
-    resized = Image.fromarray(label.numpy().astype(np.uint8)).resize((34, 24), Image.NEAREST)  # 53*24/37 = 34.4
+    resized = Image.fromarray(label.numpy().astype(np.uint8)).resize(
+        (34, 24), Image.NEAREST
+    )  # 53*24/37 = 34.4
     expected = np.array(resized)[:, 5:29]  # centre crop: left = round((34 - 24) / 2)
     assert np.array_equal(out_label.numpy(), expected)
     pil_image = np.array(Image.fromarray(image[0].numpy()).resize((34, 24), Image.BILINEAR))[:, 5:29]
@@ -122,7 +127,9 @@ def _epoch(dataset, epoch, workers):
 
 
 def test_same_crops_for_any_worker_count(synthetic_root):
-    dataset = build_dataset("synthetic", synthetic_root, "15-5", 0, "train", True, train_transform(24), seed=3)
+    dataset = build_dataset(
+        "synthetic", synthetic_root, "15-5", 0, "train", True, train_transform(24), seed=3
+    )
     serial = _epoch(dataset, 1, 0)
     parallel = _epoch(dataset, 1, 2)
     assert len(serial) == len(parallel)
@@ -134,8 +141,12 @@ def test_same_crops_for_any_worker_count(synthetic_root):
 
 def test_same_sample_same_crop_in_another_split_view(synthetic_root):
     # Augmentation follows the base index: the disjoint and overlapped views agree on shared images.
-    disjoint = build_dataset("synthetic", synthetic_root, "15-5", 0, "train", False, train_transform(24), seed=3)
-    overlapped = build_dataset("synthetic", synthetic_root, "15-5", 0, "train", True, train_transform(24), seed=3)
+    disjoint = build_dataset(
+        "synthetic", synthetic_root, "15-5", 0, "train", False, train_transform(24), seed=3
+    )
+    overlapped = build_dataset(
+        "synthetic", synthetic_root, "15-5", 0, "train", True, train_transform(24), seed=3
+    )
     shared = int(disjoint.base_indices[1])
     image_a, _ = disjoint[1]
     image_b, _ = overlapped[overlapped.base_indices.tolist().index(shared)]

@@ -3,6 +3,7 @@
 Entry point: :func:`build_dataset`. See ``protocol.py`` (filtering and label mapping),
 ``splits.py`` (split files and their cache), ``transforms.py`` and ``synthetic.py``.
 """
+
 from .classes import CLASS_NAMES
 from .dataset import IncrementalSegmentationDataset, build_dataset, sample_generator
 from .palette import color_palette, colorize

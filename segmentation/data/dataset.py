@@ -1,4 +1,5 @@
 """The incremental segmentation dataset: one (task, step, split) view of VOC, ADE20K or synthetic data."""
+
 from __future__ import annotations
 
 import os
@@ -128,7 +129,9 @@ def build_dataset(
     check_dataset_name(name)
     check_split_name(split)
     if not 0 <= step < num_steps(name, task):  # also validates the task name
-        raise ValueError(f"step {step} does not exist in task {task!r}; valid steps: 0..{num_steps(name, task) - 1}")
+        raise ValueError(
+            f"step {step} does not exist in task {task!r}; valid steps: 0..{num_steps(name, task) - 1}"
+        )
     if name == "synthetic":  # written under root (created if needed) on first use
         on_main_process(lambda: ensure_synthetic_voc(root))
     base = read_base_list(name, root, split)

@@ -1,4 +1,5 @@
 """Colour palette for visualising label maps (the Pascal VOC palette, used for every dataset)."""
+
 from __future__ import annotations
 
 import numpy as np

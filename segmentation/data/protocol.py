@@ -26,6 +26,7 @@ ADE 0 "other"       0                  255         255
 The mapping is a 256-entry lookup table applied to whole label tensors. Values that are not
 classes of the dataset map to -1 (:data:`INVALID`) so that they can be reported.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

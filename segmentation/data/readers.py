@@ -9,6 +9,7 @@ Every problem a user can hit with the files is reported as ``FileNotFoundError``
 list, image or label that does not exist) or :class:`DatasetError` (anything wrong with the
 content), always naming the file.
 """
+
 from __future__ import annotations
 
 import hashlib

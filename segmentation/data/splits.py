@@ -28,6 +28,7 @@ Command line (writes ``train-<step>.npy`` of every step in the reference's forma
 
     python -m segmentation.data.splits --dataset voc --data_root data --task 15-5 [--overlap] --out DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,9 @@ def cache_folder(dataset: str, root: str, task: str, overlap: bool) -> str:
 
 
 def default_num_workers() -> int:
-    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(
+        1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
 
 
 def scan_presence(base: BaseList, num_workers: Optional[int] = None) -> np.ndarray:
@@ -122,7 +125,9 @@ def check_indices(
     """Validate a loaded index array; returns it as int64 or raises :class:`DatasetError`."""
     where = f"split file {path!r} ({split}, step {step})"
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise DatasetError(f"{where}: expected a 1-D integer array, got {indices.dtype} of shape {indices.shape}")
+        raise DatasetError(
+            f"{where}: expected a 1-D integer array, got {indices.dtype} of shape {indices.shape}"
+        )
     indices = indices.astype(np.int64)
     if indices.size == 0:  # valid format; build_dataset reports an empty selection
         return indices
@@ -133,7 +138,9 @@ def check_indices(
         )
     if np.unique(indices).size != indices.size:
         raise DatasetError(f"{where}: contains duplicate indices")
-    for position in np.unique(np.linspace(0, indices.size - 1, min(SPOT_CHECKS, indices.size)).astype(np.int64)):
+    for position in np.unique(
+        np.linspace(0, indices.size - 1, min(SPOT_CHECKS, indices.size)).astype(np.int64)
+    ):
         index = int(indices[position])
         present = np.flatnonzero(labels_present(base.images[index], base.labels[index], base.dataset))
         if not keep_image(present, spot_filter.current, spot_filter.old, spot_filter.overlap):
@@ -168,7 +175,9 @@ def save_indices(path: str, indices: np.ndarray) -> None:
     _atomic_write(path, lambda handle: np.save(handle, np.asarray(indices, dtype=np.int64)), "wb")
 
 
-def _load_cached(path: str, expected: str, base: BaseList, step: int, split: str, spot: SplitFilter) -> Optional[np.ndarray]:
+def _load_cached(
+    path: str, expected: str, base: BaseList, step: int, split: str, spot: SplitFilter
+) -> Optional[np.ndarray]:
     """Cached indices if the file exists, matches ``expected`` and passes the checks, else None."""
     sidecar = path[: -len(".npy")] + ".json"
     try:
@@ -188,7 +197,14 @@ def _load_cached(path: str, expected: str, base: BaseList, step: int, split: str
 def _compute_into_cache(
     base: BaseList, dataset: str, root: str, task: str, split: str, overlap: bool, num_workers: Optional[int]
 ) -> Dict[int, np.ndarray]:
-    LOGGER.info("computing %s splits of %s %s%s from %s", split, dataset, task, " (overlap)" if overlap else "", base.source)
+    LOGGER.info(
+        "computing %s splits of %s %s%s from %s",
+        split,
+        dataset,
+        task,
+        " (overlap)" if overlap else "",
+        base.source,
+    )
     all_steps = compute_split_indices(base, dataset, task, split, overlap, num_workers)
     folder = cache_folder(dataset, root, task, overlap)
     for step, indices in all_steps.items():
@@ -196,8 +212,13 @@ def _compute_into_cache(
         save_indices(path, indices)
         meta = {
             "fingerprint": fingerprint(base, dataset, task, step, split, overlap),
-            "dataset": dataset, "task": task, "step": step, "split": split, "overlap": overlap,
-            "list": base.source, "num_images": int(indices.size),
+            "dataset": dataset,
+            "task": task,
+            "step": step,
+            "split": split,
+            "overlap": overlap,
+            "list": base.source,
+            "num_images": int(indices.size),
         }
         _atomic_write(path[: -len(".npy")] + ".json", lambda handle: json.dump(meta, handle, indent=1), "w")
     return all_steps
@@ -209,7 +230,9 @@ def _external_file(split_dir: str, split: str, step: int) -> Optional[str]:
         if os.path.isfile(os.path.join(split_dir, name)):
             return os.path.join(split_dir, name)
     if split == "train":
-        raise FileNotFoundError(f"split file {os.path.join(split_dir, names[0])!r} does not exist (--split_dir)")
+        raise FileNotFoundError(
+            f"split file {os.path.join(split_dir, names[0])!r} does not exist (--split_dir)"
+        )
     return None
 
 
@@ -298,16 +321,26 @@ def write_reference_splits(
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Write the training split files of an incremental task.")
     parser.add_argument("--dataset", required=True, choices=sorted(TASKS))
-    parser.add_argument("--data_root", required=True, help="folder that contains PascalVOC12/, ADEChallengeData2016/ or SyntheticVOC/")
+    parser.add_argument(
+        "--data_root",
+        required=True,
+        help="folder that contains PascalVOC12/, ADEChallengeData2016/ or SyntheticVOC/",
+    )
     parser.add_argument("--task", required=True)
     parser.add_argument("--overlap", action="store_true", help="overlapped setting (default: disjoint)")
     parser.add_argument("--out", required=True, help="output folder for train-<step>.npy")
-    parser.add_argument("--num_workers", type=int, default=None, help="label-reading processes (default: CPUs, at most 16)")
+    parser.add_argument(
+        "--num_workers", type=int, default=None, help="label-reading processes (default: CPUs, at most 16)"
+    )
     args = parser.parse_args(argv)
     if args.task not in TASKS[args.dataset]:
-        parser.error(f"unknown task {args.task!r} for {args.dataset}; valid: {', '.join(TASKS[args.dataset])}")
+        parser.error(
+            f"unknown task {args.task!r} for {args.dataset}; valid: {', '.join(TASKS[args.dataset])}"
+        )
     try:
-        paths = write_reference_splits(args.dataset, args.data_root, args.task, args.overlap, args.out, args.num_workers)
+        paths = write_reference_splits(
+            args.dataset, args.data_root, args.task, args.overlap, args.out, args.num_workers
+        )
     except (DatasetError, FileNotFoundError) as error:
         parser.exit(1, f"error: {error}\n")
     for path in paths:

@@ -33,6 +33,7 @@ and redone. The defaults (600 train / 150 val images of 128x96) take a few secon
 of the ADE reader; :func:`write_voc_layout` / :func:`write_ade_layout` write given arrays, e.g.
 from :func:`item_with_labels`, to build hand-made trees with known answers.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -69,7 +70,9 @@ def _class_colour(label: int, num_classes: int) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue, 0.9, value)) * 255.0
 
 
-def _shape_mask(shape: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+def _shape_mask(
+    shape: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float
+) -> np.ndarray:
     dy, dx = (yy - cy) / ry, (xx - cx) / rx
     if shape == 0:  # disc
         return dx * dx + dy * dy <= 1.0
@@ -108,14 +111,22 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    muted = lambda: np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.8))) * 255
+
+    def muted() -> np.ndarray:  # low saturation: never mistaken for a class colour
+        return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.8))) * 255
+
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * xx / width + np.sin(angle) * yy / height + 1.0) / 2.0
     image = muted() * (1 - ramp[..., None]) + muted() * ramp[..., None]
     for _ in range(rng.integers(3, 9)):  # clutter blobs
         blob = _shape_mask(
-            int(rng.integers(0, len(SHAPES))), yy, xx, rng.uniform(0, height), rng.uniform(0, width),
-            rng.uniform(0.05, 0.25) * height, rng.uniform(0.05, 0.25) * width,
+            int(rng.integers(0, len(SHAPES))),
+            yy,
+            xx,
+            rng.uniform(0, height),
+            rng.uniform(0, width),
+            rng.uniform(0.05, 0.25) * height,
+            rng.uniform(0.05, 0.25) * width,
         )
         image[blob] = muted()
     return image
@@ -138,7 +149,9 @@ def _draw_objects(
         ry, rx = rng.uniform(0.13, 0.3, size=2) * size
         cy, cx = rng.uniform(ry * 0.6, height - ry * 0.6), rng.uniform(rx * 0.6, width - rx * 0.6)
         mask = _shape_mask((cls - 1) % len(SHAPES), yy, xx, cy, cx, ry, rx)
-        shade = _texture(((cls - 1) // len(SHAPES)) % len(TEXTURES), yy, xx, period, int(rng.integers(0, period)))
+        shade = _texture(
+            ((cls - 1) // len(SHAPES)) % len(TEXTURES), yy, xx, period, int(rng.integers(0, period))
+        )
         colour = _class_colour(cls, num_classes) + rng.uniform(-12, 12, size=3)
         image[mask] = colour * shade[mask][:, None]
         if void_radius > 0:
@@ -155,7 +168,11 @@ def _voc_classes(rng: np.random.Generator, index: int) -> List[int]:
     primary = index % NUM_CLASSES + 1
     if (index // NUM_CLASSES) % 3 == 0:
         return [primary]
-    partners = [c for c in (primary - 10, primary - 5, primary - 1, primary + 1, primary + 5, primary + 10) if 1 <= c <= NUM_CLASSES]
+    partners = [
+        c
+        for c in (primary - 10, primary - 5, primary - 1, primary + 1, primary + 5, primary + 10)
+        if 1 <= c <= NUM_CLASSES
+    ]
     count = int(rng.choice([0, 1, 2], p=[0.3, 0.45, 0.25]))
     companions = list(rng.choice(partners, size=min(count, len(partners)), replace=False))
     return [int(c) for c in companions] + [primary]
@@ -165,7 +182,9 @@ def synthetic_voc_item(seed: int, split: int, index: int, width: int, height: in
     """Image ``index`` of split ``split`` (0 train, 1 val) of the synthetic VOC set."""
     rng = np.random.default_rng([seed, split, index])
     image = _background(rng, height, width)
-    label = _draw_objects(rng, image, _voc_classes(rng, index), NUM_CLASSES, max(1, round(min(height, width) / 80)))
+    label = _draw_objects(
+        rng, image, _voc_classes(rng, index), NUM_CLASSES, max(1, round(min(height, width) / 80))
+    )
     return _finish(rng, image), label
 
 
@@ -209,7 +228,9 @@ def write_ade_layout(directory: str, train: Sequence[Item], val: Sequence[Item])
         short = "train" if split == "training" else "val"
         for index, item in enumerate(items):
             name = f"ADE_{short}_{index + 1:08d}"
-            _write_item(os.path.join(image_dir, f"{name}.jpg"), os.path.join(label_dir, f"{name}.png"), item, None)
+            _write_item(
+                os.path.join(image_dir, f"{name}.jpg"), os.path.join(label_dir, f"{name}.png"), item, None
+            )
 
 
 def generate_synthetic_voc(
@@ -258,7 +279,9 @@ def generate_synthetic_ade(
         for index in range(count):
             rng = np.random.default_rng([seed, split, index])
             image = _background(rng, height, width)
-            classes = [int(c) for c in rng.choice(np.arange(1, 151), size=int(rng.integers(1, 4)), replace=False)]
+            classes = [
+                int(c) for c in rng.choice(np.arange(1, 151), size=int(rng.integers(1, 4)), replace=False)
+            ]
             label = _draw_objects(rng, image, classes, 150, void_radius=0)
             split_items.append((_finish(rng, image), label))
         items.append(split_items)

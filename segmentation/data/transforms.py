@@ -15,6 +15,7 @@ nearest-neighbour with pixel-centre sampling ("nearest-exact", which is PIL's NE
 "nearest" samples pixel corners and shifts the label by up to half a source pixel against the
 image. The random parameters are drawn from the given generator, never from the global RNG.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,9 @@ def random_resized_crop_params(
 def _resize_label(label: tv_tensors.Mask, size: List[int]) -> tv_tensors.Mask:
     # The image kernel with NEAREST_EXACT: torchvision's mask kernels force corner-sampling
     # NEAREST in some versions.
-    resized = F.resize_image(label.as_subclass(torch.Tensor)[None], size, interpolation=InterpolationMode.NEAREST_EXACT)
+    resized = F.resize_image(
+        label.as_subclass(torch.Tensor)[None], size, interpolation=InterpolationMode.NEAREST_EXACT
+    )
     return tv_tensors.Mask(resized[0])
 
 
@@ -117,7 +120,9 @@ class EvalTransform:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         image, label = _wrap(image, label)
         if not self.full_image:
-            image = F.resize(image, [self.crop_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            image = F.resize(
+                image, [self.crop_size], interpolation=InterpolationMode.BILINEAR, antialias=True
+            )
             label = _resize_label(label, list(image.shape[-2:]))
             size = [self.crop_size, self.crop_size]
             image, label = F.center_crop(image, size), F.center_crop(label, size)
