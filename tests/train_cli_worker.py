@@ -80,15 +80,44 @@ def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.
                 raise AssertionError("timed out waiting for the stop condition")
             time.sleep(0.05)
         if sig == signal.SIGKILL:
-            os.killpg(process.pid, sig)
+            # torchrun starts each worker in a session of its own: kill them by id, then torchrun.
+            for pid in [*_descendants(process.pid), process.pid]:
+                _kill(pid)
         else:
             process.send_signal(sig)
         output, _ = process.communicate(timeout=timeout)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            for pid in [*_descendants(process.pid), process.pid]:
+                _kill(pid)
             process.wait()
     return process.returncode, output
+
+
+def _descendants(pid: int) -> List[int]:
+    """Ids of all processes below ``pid`` (read from /proc), deepest last."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    # Fields after the parenthesised command name: state, ppid, ...
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found.extend(children)
+        frontier = children
+    return found
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def model_state(path: Path) -> dict:
