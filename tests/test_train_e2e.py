@@ -1,6 +1,7 @@
 """End-to-end runs of train.py on the synthetic dataset (single process, CPU)."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def data_root(tmp_path_factory):
 def two_step_run(data_root, tmp_path_factory):
     """A 15-5 MiB run of both steps by one command."""
     out = tmp_path_factory.mktemp("e2e")
-    args = train_args(data_root, out, "--step", "all", "--method", "MiB", "--visualize")
+    args = train_args(data_root, out, "--step", "all", "--method", "MiB", "--visualize", "--sample_num", "1")
     result = run_train(args)
     return out, args, result
 
@@ -101,4 +102,27 @@ def test_bf16_autocast_step_has_finite_loss(data_root, tmp_path):
     assert all(torch.isfinite(v).all() for v in saved["model_state"].values() if v.is_floating_point())
     results = json.loads((tmp_path / "logs" / "synthetic-15-5" / "run" / "step0.json").read_text())
     assert math.isfinite(results["overall_acc"])
-    assert "loss" in result.stderr + result.stdout
+    losses = re.findall(r" loss=(\S+)", result.stdout)  # one progress line per iteration
+    assert len(losses) == 7 and all(math.isfinite(float(value)) for value in losses)
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("ILT", ["--fix_bn", "--channels_last"]),  # feature distillation through the features path
+    ("LWF-MC", ["--freeze"]),  # BCE + BCE distillation, body left out of the optimizer
+])
+def test_other_methods_train_step1(two_step_run, data_root, tmp_path, method, flags):
+    out, _, _ = two_step_run
+    step0 = _paths(out)[0] / "step0.pth"
+    args = train_args(data_root, tmp_path, "--step", "1", "--method", method, "--step_ckpt", str(step0), *flags)
+    result = run_train(args)
+    losses = re.findall(r" loss=(\S+)", result.stdout)
+    assert losses and all(math.isfinite(float(value)) for value in losses)
+    distillation = "loss_de" if method == "ILT" else "loss_icarl"
+    assert f"{distillation}=" in result.stdout
+    trained = load_checkpoint(tmp_path / "checkpoints" / "synthetic-15-5" / "run" / "step1.pth")["model_state"]
+    start = load_checkpoint(step0)["model_state"]
+    body_changed = not torch.equal(trained["body.mod1.conv1.weight"], start["body.mod1.conv1.weight"])
+    assert body_changed == (method != "LWF-MC")
+    if "--fix_bn" in flags:
+        assert torch.equal(trained["body.mod1.bn1.running_mean"], start["body.mod1.bn1.running_mean"])
+        assert torch.equal(trained["body.mod1.bn1.weight"], start["body.mod1.bn1.weight"])
