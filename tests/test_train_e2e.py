@@ -96,7 +96,7 @@ def test_previous_step_checkpoint_of_another_task_is_rejected(two_step_run, data
 
 
 def test_bf16_autocast_step_has_finite_loss(data_root, tmp_path):
-    args = train_args(data_root, tmp_path, "--step", "0", "--amp", "bf16", "--ckpt_interval", "1")
+    args = train_args(data_root, tmp_path, "--step", "0", "--amp", "bf16")
     result = run_train(args)
     saved = load_checkpoint(tmp_path / "checkpoints" / "synthetic-15-5" / "run" / "step0.pth")
     assert all(torch.isfinite(v).all() for v in saved["model_state"].values() if v.is_floating_point())

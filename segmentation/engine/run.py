@@ -37,13 +37,7 @@ from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger
 from segmentation.engine.methods import build_method_loss
 from segmentation.engine.sampler import GlobalBatchSampler
-from segmentation.engine.trainer import (
-    StopSignal,
-    Trainer,
-    build_optimizer,
-    build_scheduler,
-    unwrap,
-)
+from segmentation.engine.trainer import StopSignal, Trainer, build_optimizer, build_scheduler
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
@@ -150,7 +144,7 @@ class StepRunner:
                     f"--test: checkpoint {path} of step {self.step} does not exist; train the step "
                     "first or pass --ckpt <file>"
                 )
-            self.test(path, self.log_dir / f"eval-step{self.step}.json", train_stats=None)
+            self.test(path, self.log_dir / f"eval-step{self.step}.json", report_training=False)
             return
         if self.final_path.is_file():
             if self.results_path.is_file():
@@ -159,16 +153,7 @@ class StepRunner:
             LOGGER.info("step %d already trained (%s exists): testing it", self.step, self.final_path)
         else:
             self.train(stop_signal)
-        self.test(self.final_path, self.results_path, train_stats=self._train_stats())
-
-    def _train_stats(self) -> Dict[str, Optional[float]]:
-        saved = checkpoint.load_checkpoint(self.final_path)
-        seconds = saved.get("train_seconds")
-        images = saved.get("train_images")
-        return {
-            "train_seconds": seconds,
-            "train_images_per_second": images / seconds if seconds and images else None,
-        }
+        self.test(self.final_path, self.results_path, report_training=True)
 
     # ---------------------------------------------------------------- models
     def _previous_checkpoint_path(self) -> Path:
@@ -381,8 +366,11 @@ class StepRunner:
         names = CLASS_NAMES[self.opts.dataset]
         return [names[label] for label in self.channel_order]
 
-    def test(self, path: Path, results_path: Path, train_stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-        """Evaluate the checkpoint at ``path`` on the test split and write ``results_path``."""
+    def test(self, path: Path, results_path: Path, report_training: bool) -> Dict[str, Any]:
+        """Evaluate the checkpoint at ``path`` on the test split and write ``results_path``.
+
+        ``report_training``: include the training time and speed stored in the checkpoint.
+        """
         opts = self.opts
         saved = checkpoint.load_checkpoint(path)
         checkpoint.check_step_checkpoint(saved, opts.dataset, opts.task, self.step, self.classes, path)
@@ -412,9 +400,10 @@ class StepRunner:
         for key in ("miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg",
                     "hmean", "hmean_fg", "overall_acc", "mean_acc"):
             results[key] = scores[key]
-        stats = train_stats or {}
-        results["train_seconds"] = stats.get("train_seconds")
-        results["train_images_per_second"] = stats.get("train_images_per_second")
+        seconds = saved.get("train_seconds") if report_training else None
+        images = saved.get("train_images") if report_training else None
+        results["train_seconds"] = seconds
+        results["train_images_per_second"] = images / seconds if seconds and images else None
         results["options"] = vars(opts)
         if self.main:
             write_json(results, results_path)
