@@ -1,5 +1,6 @@
 """train.py under torchrun (2 processes, gloo): outputs, equivalence with 1 process, exact resume."""
 import json
+import re
 import signal
 
 import pytest
@@ -75,3 +76,14 @@ def test_torchrun_killed_mid_step_resumes_bit_identically(two_process_run, data_
     for step in (0, 1):
         assert_states_equal(model_state(run_dir / f"step{step}.pth"),
                             model_state(_run_dir(two_process_run) / f"step{step}.pth"))
+
+
+def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_path):
+    args = train_args(data_root, tmp_path, "--step", "0", "--epochs", "3", "--ckpt_interval", "2")
+    run_dir = _run_dir(tmp_path)
+    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGTERM, nproc=2)
+    assert code != 0
+    assert output.count("stopped by a signal") == 2  # both ranks agreed on the same iteration
+    assert not (run_dir / "step0.pth").exists()
+    stopped_at = int(re.search(r"stopped by a signal after iteration (\d+)", output).group(1))
+    assert (run_dir / f"step0-iter{stopped_at}.pth").exists()
