@@ -70,7 +70,7 @@ def _opts(**overrides):
     return argparse.Namespace(**values)
 
 
-def _trainer(tmp_path, epochs=2, stop_after=None, fix_bn=False, on_epoch_end=None, ckpt_interval=0):
+def _trainer(tmp_path, epochs=2, stop_after=None, fix_bn=False, on_epoch_end=None, ckpt_interval=0, amp="off"):
     torch.manual_seed(0)
     model = TinySegmenter()
     if fix_bn:
@@ -82,7 +82,7 @@ def _trainer(tmp_path, epochs=2, stop_after=None, fix_bn=False, on_epoch_end=Non
     stop = StopSignal()
     trainer = Trainer(
         model, None, MethodLoss(num_old_channels=0), optimizer, scheduler, dataset, sampler,
-        device=torch.device("cpu"), epochs=epochs, seed=5, fix_bn=fix_bn,
+        device=torch.device("cpu"), epochs=epochs, seed=5, fix_bn=fix_bn, amp=amp,
         checkpoints=InStepCheckpoints(tmp_path, 0), ckpt_interval=ckpt_interval,
         checkpoint_meta={"dataset": "d", "task": "t", "step": 0, "classes": [3]},
         on_epoch_end=on_epoch_end, stop_signal=stop,
@@ -149,20 +149,24 @@ def test_fix_bn_keeps_norm_layers_in_eval_mode_across_epochs(tmp_path):
     assert not norm.weight.requires_grad
 
 
-def test_stop_signal_writes_checkpoint_and_resume_is_exact(tmp_path):
-    reference, reference_model = _trainer(tmp_path / "reference")
+@pytest.mark.parametrize("amp", ["off", "fp16"])  # fp16: the GradScaler state is resumed too
+def test_stop_signal_writes_checkpoint_and_resume_is_exact(tmp_path, amp):
+    reference, reference_model = _trainer(tmp_path / "reference", amp=amp)
     reference.train()
     reference_rng = torch.get_rng_state()  # dropout draws advance it
 
-    stopped, _ = _trainer(tmp_path / "run", stop_after=4)  # mid-epoch (3 iterations per epoch)
+    stopped, _ = _trainer(tmp_path / "run", stop_after=4, amp=amp)  # mid-epoch (3 iterations per epoch)
     with pytest.raises(TrainingInterrupted):
         stopped.train()
     checkpoints = InStepCheckpoints(tmp_path / "run", 0)
     assert [p.name for p in checkpoints.paths()] == ["step0-iter3.pth", "step0-iter4.pth"]
 
-    resumed, resumed_model = _trainer(tmp_path / "run")
+    resumed, resumed_model = _trainer(tmp_path / "run", amp=amp)
     resumed.resume(checkpoints.latest())
     assert (resumed.epoch, resumed.batch_in_epoch, resumed.iteration) == (1, 1, 4)
+    if amp == "fp16":  # scale and growth tracker (successful steps so far) continue
+        assert resumed.scaler.state_dict() == stopped.scaler.state_dict()
+        assert resumed.scaler.state_dict()["_growth_tracker"] == 4
     resumed.train()
     for key, value in reference_model.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[key]), key

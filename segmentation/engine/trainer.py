@@ -9,6 +9,12 @@ checkpoint ends with the same weights as an uninterrupted run. What makes this h
   RNG, and ``seed_worker`` derives numpy/random seeds from it;
 - model (incl. BN running statistics), optimizer (momentum buffers), LR scheduler, GradScaler and
   the torch/numpy/python/cuda RNG states of every rank are saved and restored.
+Bit-identity holds where the kernels are deterministic (CPU). On CUDA some kernels (e.g. the
+backward of bilinear upsampling) accumulate atomically, so two uninterrupted runs already differ
+at float-rounding level and a resumed run is equivalent to the same degree.
+
+Stop signals: SIGTERM/SIGUSR1 set a flag; after every iteration the ranks all-reduce it, so they
+all stop after the same iteration, write an in-step checkpoint and raise ``TrainingInterrupted``.
 """
 from __future__ import annotations
 
