@@ -87,3 +87,16 @@ def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_p
     assert not (run_dir / "step0.pth").exists()
     stopped_at = int(re.search(r"stopped by a signal after iteration (\d+)", output).group(1))
     assert (run_dir / f"step0-iter{stopped_at}.pth").exists()
+
+
+def test_two_process_test_scores_equal_single_process_scores(two_process_run, data_root):
+    # The 2-process run tested step 1 on 2 shards; a 1-process --test of the same checkpoint
+    # must count exactly the same pixels (no padded or dropped samples).
+    args = _args(data_root, two_process_run, batch_size=2)
+    args[args.index("--step") + 1] = "1"
+    run_train([*args, "--test"])
+    logs = two_process_run / "logs" / "synthetic-15-5" / "run"
+    sharded = json.loads((logs / "step1.json").read_text())
+    single = json.loads((logs / "eval-step1.json").read_text())
+    for key in ("class_iou", "overall_acc", "mean_acc", "miou_all", "miou_new_fg"):
+        assert single[key] == pytest.approx(sharded[key], rel=1e-12), key
