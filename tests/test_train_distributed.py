@@ -1,4 +1,5 @@
-"""train.py under torchrun (2 processes, gloo): outputs, equivalence with 1 process, exact resume."""
+"""train.py under torchrun and srun-style launches (2 processes, gloo): outputs, equivalence with 1
+process, exact resume, stop signals, sharded evaluation."""
 import json
 import re
 import signal
@@ -6,7 +7,9 @@ import signal
 import pytest
 import torch
 
-from train_cli_worker import assert_states_equal, model_state, run_train, run_until, synthetic_root, train_args
+from train_cli_worker import (
+    assert_states_equal, model_state, run_srun_like, run_train, run_until, synthetic_root, train_args,
+)
 
 # A small LR keeps the 1- and 2-process runs within float reduction-order noise of each other;
 # at large LRs a few iterations with 4-image batches amplify that noise chaotically.
@@ -100,3 +103,14 @@ def test_two_process_test_scores_equal_single_process_scores(two_process_run, da
     single = json.loads((logs / "eval-step1.json").read_text())
     for key in ("class_iou", "overall_acc", "mean_acc", "miou_all", "miou_new_fg"):
         assert single[key] == pytest.approx(sharded[key], rel=1e-12), key
+
+
+def test_srun_launch_equals_torchrun_launch(two_process_run, data_root, tmp_path):
+    # Same world size and batch split, so the weights must be bit-identical to the torchrun run.
+    step0 = _run_dir(two_process_run) / "step0.pth"
+    args = _args(data_root, tmp_path, batch_size=2)
+    args[args.index("--step") + 1] = "1"
+    outputs = run_srun_like([*args, "--step_ckpt", str(step0)], ntasks=2)
+    assert "2 process(es)" in outputs[0]
+    assert_states_equal(model_state(_run_dir(tmp_path) / "step1.pth"),
+                        model_state(_run_dir(two_process_run) / "step1.pth"))

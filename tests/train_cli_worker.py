@@ -5,6 +5,7 @@ two-step task trains in seconds on a CPU.
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +59,26 @@ def run_train(args: List[str], nproc: int = 1, check: bool = True, timeout: floa
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_srun_like(args: List[str], ntasks: int, timeout: float = 600) -> List[str]:
+    """Start ``ntasks`` plain ``train.py`` processes with the variables srun sets; their outputs."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in range(ntasks):
+        env = {key: value for key, value in _env().items()
+               if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
+                   SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port))
+        processes.append(subprocess.Popen(command(args), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        if process.returncode != 0:
+            raise AssertionError(f"task failed ({process.returncode}):\n{output}")
+    return outputs
 
 
 def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,
