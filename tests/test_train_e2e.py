@@ -126,3 +126,10 @@ def test_other_methods_train_step1(two_step_run, data_root, tmp_path, method, fl
     if "--fix_bn" in flags:
         assert torch.equal(trained["body.mod1.bn1.running_mean"], start["body.mod1.bn1.running_mean"])
         assert torch.equal(trained["body.mod1.bn1.weight"], start["body.mod1.bn1.weight"])
+
+
+def test_ckpt_without_test_must_be_an_in_step_checkpoint(two_step_run, data_root, tmp_path):
+    step0 = _paths(two_step_run[0])[0] / "step0.pth"
+    result = run_train(train_args(data_root, tmp_path, "--step", "0", "--ckpt", str(step0)), check=False)
+    assert result.returncode != 0
+    assert str(step0) in result.stderr and "not an in-step checkpoint" in result.stderr
