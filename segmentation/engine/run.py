@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from segmentation import distributed, tasks
 from segmentation.data import CLASS_NAMES, build_dataset
 from segmentation.data.palette import colorize
-from segmentation.data.transforms import eval_transform, train_transform
+from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segmentation.engine import checkpoint
 from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger
@@ -41,9 +41,6 @@ from segmentation.engine.trainer import StopSignal, Trainer, build_optimizer, bu
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def select_device(requested: str, local_rank: int) -> torch.device:
@@ -93,6 +90,7 @@ def load_new_step_model(model: nn.Module, state: Dict[str, torch.Tensor], step: 
 
 
 def freeze(model: nn.Module) -> nn.Module:
+    """The old model: eval mode (running statistics, no synchronisation) and no gradients."""
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -329,6 +327,13 @@ class StepRunner:
         elif opts.resume:
             state = in_step.latest()
             source = self.checkpoint_dir / f"step{self.step}-iter*.pth"
+            # Every rank reads the files itself; they must have picked the same one.
+            picked = distributed.all_gather_object(None if state is None else state["iteration"])
+            if len(set(picked)) > 1:
+                raise RuntimeError(
+                    f"the processes found different in-step checkpoints in {self.checkpoint_dir} "
+                    f"(iterations {picked}); is the folder shared by all nodes?"
+                )
         else:
             return None
         if state is None:
