@@ -188,6 +188,32 @@ def test_parallel_scan_equals_serial(voc_root):
     )
 
 
+def test_scan_workers_die_on_sigterm_under_the_trainers_handler(voc_root):
+    # The trainer catches SIGTERM before datasets are built, and forked scan workers inherit that
+    # handler. A pool that stops its workers with SIGTERM then waits forever for a worker that
+    # swallows it, so every scan worker must get the default handler back. The probe below runs in
+    # the workers (fork carries the patched function) and reports their SIGTERM disposition.
+    script = (
+        "import signal, sys\n"
+        "import numpy as np\n"
+        "from segmentation.data import splits\n"
+        "signal.signal(signal.SIGTERM, lambda signum, frame: None)\n"
+        "def probe(image, label, dataset):\n"
+        "    row = np.zeros(256, dtype=bool)\n"
+        "    row[0] = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+        "    return row\n"
+        "splits.labels_present = probe\n"
+        "base = splits.read_base_list('voc', sys.argv[1], 'train')\n"
+        "rows = splits.scan_presence(base, num_workers=2)\n"
+        "print(len(rows), int(rows[:, 0].sum()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, voc_root], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(TRAIN))] * 2
+
+
 def _distributed_worker(rank, store, root, broken_root, results):
     import torch.distributed as dist
 

@@ -43,6 +43,7 @@ from typing import Callable, Dict, List, Optional, TypeVar
 import numpy as np
 import torch.distributed as dist
 
+from ..signals import restore_default_stop_handlers
 from ..tasks import TASKS, num_steps
 from .protocol import SplitFilter, filter_presence, keep_image, split_filter
 from .synthetic import ensure_synthetic_voc
@@ -81,8 +82,11 @@ def scan_presence(base: BaseList, num_workers: Optional[int] = None) -> np.ndarr
     else:
         # fork starts workers instantly; the workers only use numpy and PIL.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
+        with multiprocessing.get_context(method).Pool(workers, initializer=restore_default_stop_handlers) as pool:
             rows = pool.starmap(labels_present, args, chunksize=max(1, len(args) // (workers * 8)))
+            # A graceful shutdown: leaving the block alone would terminate the workers with SIGTERM.
+            pool.close()
+            pool.join()
     return np.stack(rows)
 
 

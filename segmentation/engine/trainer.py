@@ -37,6 +37,7 @@ from segmentation.engine.evaluation import autocast_context
 from segmentation.engine.logger import Logger, Progress
 from segmentation.engine.methods import MethodLoss
 from segmentation.engine.sampler import GlobalBatchSampler
+from segmentation.signals import STOP_SIGNALS, restore_default_stop_handlers
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,14 +57,12 @@ class TrainingInterrupted(Exception):
 class StopSignal:
     """Records SIGTERM/SIGUSR1 (SLURM pre-emption, time limit) so the loop can stop cleanly."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._previous: Dict[int, Any] = {}
 
     def install(self) -> None:
-        for name in self.SIGNALS:
+        for name in STOP_SIGNALS:
             number = getattr(signal, name, None)
             if number is not None:
                 self._previous[number] = signal.signal(number, self._handle)
@@ -131,6 +130,7 @@ def build_scheduler(
 
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and random in a DataLoader worker from its (deterministic) torch seed."""
+    restore_default_stop_handlers()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
