@@ -212,3 +212,10 @@ def test_every_option_of_the_contract_is_present():
                  "print_interval"):
         assert hasattr(opts, name), name
     assert options.METHODS == ("FT", "LWF", "LWF-MC", "ILT", "MiB")
+
+
+def test_incremental_lr_defaults_to_none_and_must_be_positive():
+    assert parse_options([]).incremental_lr is None
+    assert parse_options(["--incremental_lr", "0.001"]).incremental_lr == 0.001
+    with pytest.raises(SystemExit):
+        parse_options(["--incremental_lr", "0"])

@@ -64,7 +64,7 @@ class AugmentedSet(torch.utils.data.Dataset):
 
 
 def _opts(**overrides):
-    values = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, freeze=False, lr_policy="poly", lr_power=0.9,
+    values = dict(lr=0.1, incremental_lr=None, momentum=0.9, weight_decay=1e-4, freeze=False, lr_policy="poly", lr_power=0.9,
                   lr_decay_step=3, lr_decay_factor=0.5)
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -131,6 +131,14 @@ def test_optimizer_groups_nesterov_and_freeze():
     frozen = build_optimizer(model, _opts(freeze=True))
     trained = {id(p) for g in frozen.param_groups for p in g["params"]}
     assert trained == {id(p) for p in model.cls.parameters()}
+
+
+def test_incremental_lr_applies_after_step_0_only():
+    model = TinySegmenter(classes=(3, 2))
+    opts = _opts(lr=0.01, incremental_lr=0.001)
+    assert {g["lr"] for g in build_optimizer(model, opts, step=0).param_groups} == {0.01}
+    assert {g["lr"] for g in build_optimizer(model, opts, step=1).param_groups} == {0.001}
+    assert {g["lr"] for g in build_optimizer(model, _opts(lr=0.01), step=2).param_groups} == {0.01}
 
 
 def test_fix_bn_keeps_norm_layers_in_eval_mode_across_epochs(tmp_path):

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, default=0.007,
                        help="base learning rate (protocol: 0.01 at step 0, 0.001 later)")
+    optim.add_argument("--incremental_lr", type=float, default=None,
+                       help="base learning rate of the steps after step 0 (default: --lr); the protocol "
+                            "in one launch is --step all --lr 0.01 --incremental_lr 0.001")
     optim.add_argument("--epochs", type=int, default=30, help="epochs per step")
     optim.add_argument("--batch_size", type=int, default=4,
                        help="batch size per process (protocol: 24 in total)")
@@ -267,6 +270,8 @@ def _resolve_pretrained(parser: argparse.ArgumentParser, opts: argparse.Namespac
 def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
     positive = ("lr", "epochs", "batch_size", "crop_size", "val_interval", "print_interval",
                 "pooling", "lr_decay_step")
+    if opts.incremental_lr is not None and opts.incremental_lr <= 0:
+        parser.error(f"--incremental_lr must be positive, got {opts.incremental_lr}")
     for name in positive:
         if getattr(opts, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(opts, name)}")

@@ -217,7 +217,7 @@ class StepRunner:
         num_old_channels = sum(self.classes[:-1])
         loss = build_method_loss(opts, num_old_channels)
         model, old_model = self._build_models(loss.needs_old_model)
-        optimizer = build_optimizer(model, opts)
+        optimizer = build_optimizer(model, opts, self.step)
         world_size = distributed.world_size()
         sampler = GlobalBatchSampler(
             len(train_set), opts.batch_size, distributed.rank(), world_size, opts.random_seed,

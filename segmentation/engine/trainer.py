@@ -81,7 +81,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def build_optimizer(model: nn.Module, opts: argparse.Namespace) -> torch.optim.SGD:
+def step_learning_rate(opts: argparse.Namespace, step: int) -> float:
+    """Base LR of a step: ``--lr`` at step 0, ``--incremental_lr`` (if given) after it."""
+    if step > 0 and opts.incremental_lr is not None:
+        return opts.incremental_lr
+    return opts.lr
+
+
+def build_optimizer(model: nn.Module, opts: argparse.Namespace, step: int = 0) -> torch.optim.SGD:
     """SGD with Nesterov momentum and weight decay on every trained parameter (spec §5.3).
 
     Parameter groups: body (left out with ``--freeze``), head, classifiers; one LR for all.
@@ -103,7 +110,7 @@ def build_optimizer(model: nn.Module, opts: argparse.Namespace) -> torch.optim.S
     ]
     return torch.optim.SGD(
         param_groups,
-        lr=opts.lr,
+        lr=step_learning_rate(opts, step),
         momentum=opts.momentum,
         nesterov=True,
         weight_decay=opts.weight_decay,
