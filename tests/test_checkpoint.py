@@ -106,19 +106,25 @@ def test_latest_skips_a_truncated_newest_file(tmp_path, caplog):
 
 
 def _step_ckpt():
-    return {"dataset": "voc", "task": "15-5", "step": 0, "classes": [16], "model_state": {}}
+    return {"dataset": "voc", "task": "15-5", "step": 0, "classes": [16], "channel_order": list(range(16)),
+            "model_state": {}}
 
 
 def test_check_step_checkpoint_accepts_a_match():
     check_step_checkpoint(_step_ckpt(), "voc", "15-5", 0, (16,), "run/step0.pth")
 
 
+def test_a_step_0_model_of_another_task_with_the_same_classes_is_accepted():
+    # The 15-5 and 15-1 tasks share step 0: one step-0 model starts both.
+    check_step_checkpoint(_step_ckpt(), "voc", "15-1", 0, (16,), "run/step0.pth")
+
+
 @pytest.mark.parametrize(
     "key, value, expected",
     [("dataset", "ade", "dataset 'ade', expected dataset 'voc'"),
-     ("task", "15-1", "task '15-1', expected task '15-5'"),
      ("step", 1, "step 1, expected step 0"),
-     ("classes", [21], "classes [21], expected classes [16]")],
+     ("classes", [21], "classes [21], expected classes [16]"),
+     ("channel_order", list(range(1, 17)), "expected channel_order [0, 1, 2")],
 )
 def test_check_step_checkpoint_names_file_and_mismatch(key, value, expected):
     ckpt = _step_ckpt()
@@ -126,6 +132,13 @@ def test_check_step_checkpoint_names_file_and_mismatch(key, value, expected):
     with pytest.raises(ValueError) as error:
         check_step_checkpoint(ckpt, "voc", "15-5", 0, [16], "run/step0.pth")
     assert "run/step0.pth" in str(error.value) and expected in str(error.value)
+
+
+def test_same_layout_but_other_classes_is_refused():
+    # 19-1 and 19-1b both start with 20 channels, but 19-1b's step 0 lacks bottle (5) and has tv (20).
+    ckpt = dict(_step_ckpt(), task="19-1", classes=[20], channel_order=list(range(20)))
+    with pytest.raises(ValueError, match="task '19-1'.*channel_order.*of task '19-1b'"):
+        check_step_checkpoint(ckpt, "voc", "19-1b", 0, [20], "run/step0.pth")
 
 
 def test_check_step_checkpoint_without_metadata():

@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from segmentation.tasks import channel_order
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 _log = logging.getLogger(__name__)
@@ -86,14 +88,27 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
 
 def check_step_checkpoint(ckpt: Dict[str, Any], dataset: str, task: str, step: int,
                           classes: Sequence[int], path: PathLike) -> None:
-    """Raise ValueError naming ``path`` if ``ckpt`` is not the model of this dataset/task/step/classes."""
-    expected = {"dataset": dataset, "task": task, "step": step, "classes": list(classes)}
+    """Raise ValueError naming ``path`` unless ``ckpt`` is a step-``step`` model of this task's classes.
+
+    What must match is what the weights mean: dataset, step, channels per step and the label of
+    every channel. The task name may differ, so the 15-5 step-0 model can start a 15-1 run, as
+    the original authors did.
+    """
+    expected = {
+        "dataset": dataset,
+        "step": step,
+        "classes": list(classes),
+        "channel_order": channel_order(dataset, task, step),
+    }
     for key, value in expected.items():
         if key not in ckpt:
             raise ValueError(f"checkpoint {path} has no {key!r} entry: not a step checkpoint of this code")
-        found = list(ckpt[key]) if key == "classes" else ckpt[key]
+        found = list(ckpt[key]) if isinstance(value, list) else ckpt[key]
         if found != value:
-            raise ValueError(f"checkpoint {path} is for {key} {found!r}, expected {key} {value!r}")
+            raise ValueError(
+                f"checkpoint {path} (task {ckpt.get('task')!r}) is for {key} {found!r}, "
+                f"expected {key} {value!r} of task {task!r} step {step}"
+            )
 
 
 class InStepCheckpoints:
