@@ -245,6 +245,7 @@ class StepRunner:
             "overlap": opts.overlap,
             "step": self.step,
             "classes": self.classes,
+            "channel_order": self.channel_order,
             "options": vars(opts),
         }
         val_loader = self._eval_loader(val_set)
@@ -293,15 +294,9 @@ class StepRunner:
         if self.main:
             checkpoint.atomic_save(
                 {
+                    **meta,
                     "model_state": model.state_dict(),
-                    "dataset": opts.dataset,
-                    "task": opts.task,
-                    "overlap": opts.overlap,
-                    "step": self.step,
-                    "classes": self.classes,
-                    "channel_order": self.channel_order,
                     "method": opts.method,
-                    "options": vars(opts),
                     "regularizer": None,
                     "train_seconds": trainer.train_seconds,
                     "train_images": trainer.images_seen,
