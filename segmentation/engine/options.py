@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'synthetic' is a small generated VOC-like dataset (written under "
                       "<data_root>/SyntheticVOC on first use) so the quickstart needs no download")
     data.add_argument("--split_dir", default=None,
-                      help="folder of the split index files (default: the ones shipped with the code)")
+                      help="folder of existing split index files, e.g. the original code's data/voc/15-5 "
+                           "(default: computed once, cached under <dataset>/incremental-splits/)")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
 
     task = parser.add_argument_group("incremental task")
