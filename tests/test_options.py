@@ -200,7 +200,7 @@ def test_help_is_grouped_and_shows_defaults():
     assert "--no_visualize" not in text
 
 
-def test_every_option_of_the_contract_is_present():
+def test_every_option_the_engine_reads_is_present():
     opts = parse_options([])
     for name in ("data_root", "dataset", "task", "steps", "overlap", "method", "lr", "epochs", "batch_size",
                  "crop_size", "backbone", "output_stride", "norm_act", "pretrained", "loss_kd", "loss_de",
