@@ -116,14 +116,17 @@ class KnowledgeDistillationLoss(nn.Module):
     ) -> torch.Tensor:
         _check_distillation_shapes(logits, old_logits)
         num_old = old_logits.shape[1]
-        logits = _at_least_float32(logits[:, :num_old])
-        log_probs = torch.log_softmax(logits, dim=1)
+        log_probs = self.old_channel_log_probs(_at_least_float32(logits), num_old)
         targets = torch.softmax(self.alpha * _at_least_float32(old_logits), dim=1)
         per_pixel = -(targets * log_probs).sum(dim=1) / num_old
         return _reduce(_apply_mask(per_pixel, mask), self.reduction)
 
+    def old_channel_log_probs(self, logits: torch.Tensor, num_old: int) -> torch.Tensor:
+        """The student's log-probabilities of the ``num_old`` old channels, (B, C_old, H, W)."""
+        return torch.log_softmax(logits[:, :num_old], dim=1)
 
-class UnbiasedKnowledgeDistillationLoss(nn.Module):
+
+class UnbiasedKnowledgeDistillationLoss(KnowledgeDistillationLoss):
     """MiB's unbiased distillation: the old background target is matched by background + new classes.
 
     With ``L = logsumexp`` over all C channels: ``log p_0 = logsumexp_{k in {0} u new} z_k - L`` and
@@ -133,27 +136,13 @@ class UnbiasedKnowledgeDistillationLoss(nn.Module):
     :class:`KnowledgeDistillationLoss`.
     """
 
-    def __init__(self, reduction: str = "mean", alpha: float = 1.0) -> None:
-        super().__init__()
-        _check_reduction(reduction)
-        self.reduction = reduction
-        self.alpha = alpha
-
-    def forward(
-        self, logits: torch.Tensor, old_logits: torch.Tensor, mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        _check_distillation_shapes(logits, old_logits)
-        num_old = old_logits.shape[1]
-        logits = _at_least_float32(logits)
+    def old_channel_log_probs(self, logits: torch.Tensor, num_old: int) -> torch.Tensor:
         log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
         background_or_new = torch.logsumexp(
             torch.cat([logits[:, :1], logits[:, num_old:]], dim=1), dim=1, keepdim=True
         )
         # Aligned with the old channels: 0 is background (or any new class), 1.. are old foreground.
-        log_probs = torch.cat([background_or_new, logits[:, 1:num_old]], dim=1) - log_norm
-        targets = torch.softmax(self.alpha * _at_least_float32(old_logits), dim=1)
-        per_pixel = -(targets * log_probs).sum(dim=1) / num_old
-        return _reduce(_apply_mask(per_pixel, mask), self.reduction)
+        return torch.cat([background_or_new, logits[:, 1:num_old]], dim=1) - log_norm
 
 
 class BCEWithIgnoreLoss(nn.Module):
