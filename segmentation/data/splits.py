@@ -43,6 +43,7 @@ from typing import Callable, Dict, List, Optional, TypeVar
 import numpy as np
 import torch.distributed as dist
 
+from ..files import atomic_write
 from ..signals import restore_default_stop_handlers
 from ..tasks import TASKS, num_steps
 from .protocol import SplitFilter, filter_presence, keep_image, split_filter
@@ -164,19 +165,10 @@ def _load_npy(path: str) -> np.ndarray:
         raise DatasetError(f"split file {path!r} cannot be read as a .npy array: {error}") from None
 
 
-def _atomic_write(path: str, write: Callable[[object], None], mode: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_indices(path: str, indices: np.ndarray) -> None:
     """Write an index array atomically in the reference format (1-D int64 .npy)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, lambda handle: np.save(handle, np.asarray(indices, dtype=np.int64)), "wb")
+    atomic_write(path, lambda handle: np.save(handle, np.asarray(indices, dtype=np.int64)), "wb")
 
 
 def _load_cached(
@@ -224,7 +216,7 @@ def _compute_into_cache(
             "list": base.source,
             "num_images": int(indices.size),
         }
-        _atomic_write(path[: -len(".npy")] + ".json", lambda handle: json.dump(meta, handle, indent=1), "w")
+        atomic_write(path[: -len(".npy")] + ".json", lambda handle: json.dump(meta, handle, indent=1), "w")
     return all_steps
 
 

@@ -45,6 +45,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write
 from .palette import color_palette
 
 SHAPES = ("disc", "square", "triangle", "diamond", "cross")
@@ -312,7 +313,4 @@ def _read_marker(marker: str) -> Optional[dict]:
 
 
 def _write_marker(marker: str, params: dict) -> None:
-    tmp = marker + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(params, handle)
-    os.replace(tmp, marker)
+    atomic_write(marker, lambda handle: json.dump(params, handle), "w")

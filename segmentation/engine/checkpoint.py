@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from segmentation.files import atomic_write
 from segmentation.tasks import channel_order
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -29,36 +29,8 @@ _log = logging.getLogger(__name__)
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to ``path`` so that ``path`` is either the old file or the complete new one.
-
-    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over
-    ``path``; the folder entry is synced too. A failed write leaves no partial file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp_file:
-            torch.save(obj, tmp_file)
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename in ``folder`` (not possible on Windows, where it is skipped)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """``torch.save`` to ``path`` so that ``path`` is either the old file or the complete new one."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def run_dir(checkpoint_dir: PathLike, dataset: str, task: str, overlap: bool, name: str) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -33,6 +32,7 @@ from segmentation.data import CLASS_NAMES, build_dataset
 from segmentation.data.palette import colorize
 from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segmentation.engine import checkpoint
+from segmentation.files import atomic_write
 from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger
 from segmentation.engine.methods import build_method_loss
@@ -98,14 +98,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def write_json(data: Dict[str, Any], path: Path) -> None:
-    """Write ``data`` atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` as indented JSON, atomically."""
+    atomic_write(path, lambda handle: json.dump(data, handle, indent=2, default=str), "w")
 
 
 def sample_image(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
