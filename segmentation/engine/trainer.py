@@ -23,7 +23,7 @@ import logging
 import random
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -318,6 +318,20 @@ class Trainer:
             generator=generator,
         )
 
+    def _forward(
+        self, model: nn.Module, images: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        """Logits, and body features when the loss needs them, computed under AMP, in float32."""
+        features = None
+        with autocast_context(self.device, self.amp):
+            if self.loss.needs_features:
+                logits, features = model(images, return_features=True)
+            else:
+                logits = model(images)
+        if features is not None:
+            features = {name: value.float() for name, value in features.items()}
+        return logits.float(), features
+
     def run_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One optimisation step on a batch; returns the detached loss components."""
         images = images.to(self.device, non_blocking=True)
@@ -326,25 +340,11 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         old_logits = old_features = None
         if self.loss.needs_old_model:
-            with torch.no_grad(), autocast_context(self.device, self.amp):
-                if self.loss.needs_features:
-                    old_logits, old_features = self.old_model(images, return_features=True)
-                else:
-                    old_logits = self.old_model(images)
-            old_logits = old_logits.float()
-            if old_features is not None:
-                old_features = {name: value.float() for name, value in old_features.items()}
+            with torch.no_grad():
+                old_logits, old_features = self._forward(self.old_model, images)
 
         self.optimizer.zero_grad(set_to_none=True)
-        features = None
-        with autocast_context(self.device, self.amp):
-            if self.loss.needs_features:
-                logits, features = self.model(images, return_features=True)
-            else:
-                logits = self.model(images)
-        logits = logits.float()
-        if features is not None:
-            features = {name: value.float() for name, value in features.items()}
+        logits, features = self._forward(self.model, images)
         total, components = self.loss(logits, labels, old_logits, features, old_features)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
