@@ -5,7 +5,7 @@ every mean, even when they are predicted, as in the original evaluation.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist

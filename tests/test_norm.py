@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from segmentation.models.norm import (
     ABN,
