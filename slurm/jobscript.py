@@ -145,9 +145,11 @@ unset RANK WORLD_SIZE LOCAL_RANK
 
 # Pass stop signals on to every rank (srun forwards them to its tasks on all nodes).
 srun_pid=""
-signalled=0
+signalled=0  # a signal came during the current wait
+stopped=""   # the last stop signal received
 forward() {{
     signalled=1
+    stopped=$1
     log "received SIG$1: every process writes an in-step checkpoint and stops"
     [ -n "$srun_pid" ] && kill -s "$1" "$srun_pid" 2>/dev/null
 }}
@@ -200,17 +202,23 @@ if [ "$status" = 0 ]; then
     log "done: $DESCRIPTION"
     exit 0
 fi
-if [ "$status" = "$EXIT_INTERRUPTED" ]; then
+# Requeue only a job that was stopped: train.py wrote a checkpoint after a signal (code 3), or
+# the signal came before it could (e.g. while it started). Other failures would fail again.
+if [ "$status" = "$EXIT_INTERRUPTED" ] || [ -n "$stopped" ]; then
     if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
-        log "FAILED: $DESCRIPTION stopped with a checkpoint, but the job was already restarted $RESTARTS times (MAX_RESTARTS); not requeued"
+        log "FAILED: $DESCRIPTION was stopped (train.py exit code $status), but the job was already restarted $RESTARTS times (MAX_RESTARTS); not requeued"
         cancel_dependants
         exit "$status"
     fi
-    log "stopped with an in-step checkpoint; requeueing the job (restart $((RESTARTS + 1))), it resumes from the checkpoint"
+    if [ "$status" = "$EXIT_INTERRUPTED" ]; then
+        log "stopped with an in-step checkpoint; requeueing the job (restart $((RESTARTS + 1))), it resumes from the checkpoint"
+    else
+        log "stopped by SIG$stopped before a checkpoint (train.py exit code $status); requeueing the job (restart $((RESTARTS + 1))), it resumes from its last checkpoint"
+    fi
     scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed: submit this script again to resume"
     exit "$status"
 fi
-log "FAILED: $DESCRIPTION: train.py exited with code $status (only code $EXIT_INTERRUPTED, a checkpoint after a stop signal, is requeued)"
+log "FAILED: $DESCRIPTION: train.py exited with code $status; not requeued (only a job stopped by a signal is)"
 cancel_dependants
 exit "$status"
 """
