@@ -7,13 +7,13 @@ there is what the tool submits. ``python -m slurm.jobscript`` rewrites the examp
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from segmentation.distributed import SLURM_PORT_BASE, SLURM_PORT_RANGE
 
-# train.py's exit code after a stop signal, once an in-step checkpoint was written.
+# train.py's EXIT_INTERRUPTED: stopped by a signal, once an in-step checkpoint was written.
 EXIT_INTERRUPTED = 3
 SLURM_DIR = Path(__file__).resolve().parent
 
@@ -43,7 +43,7 @@ class JobSpec:
     workdir: Optional[str] = None
     python: str = "python"
     train_script: str = "train.py"
-    train_args: Optional[List[str]] = field(default=None)
+    train_args: Optional[List[str]] = None
 
 
 def _sbatch_lines(spec: JobSpec) -> List[str]:

@@ -17,12 +17,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make the package importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from segmentation import tasks  # noqa: E402
 from segmentation.data.readers import dataset_dir  # noqa: E402
 from segmentation.engine import checkpoint  # noqa: E402
 from segmentation.engine.options import parse_options  # noqa: E402
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_argv(argv: Sequence[str]) -> tuple:
+def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     """(submit options, train.py options) around the first ``--``."""
     argv = list(argv)
     if "--" not in argv:
@@ -137,6 +138,8 @@ def check_train_options(train_args: List[str]) -> argparse.Namespace:
                           "does not exist")
     _check_writable_dir(Path(opts.checkpoint_dir), "--checkpoint_dir")
     _check_writable_dir(Path(opts.logdir), "--logdir")
+    if opts.split_dir is not None and not Path(opts.split_dir).is_dir():
+        raise SubmitError(f"--split_dir {opts.split_dir}: folder not found")
     if opts.step_ckpt is not None and not Path(opts.step_ckpt).is_file():
         raise SubmitError(f"--step_ckpt {opts.step_ckpt}: file not found")
     first = opts.steps[0]
@@ -154,7 +157,7 @@ def plan_jobs(args: argparse.Namespace, train_args: List[str]) -> List[Job]:
     """The jobs to submit, in order (each one after the previous one)."""
     if args.nodes < 1 or args.gpus_per_node < 0 or args.cpus_per_task < 1:
         raise SubmitError("--nodes and --cpus-per-task must be >= 1, --gpus-per-node >= 0")
-    tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
+    tasks_per_node = max(args.gpus_per_node, 1) if args.tasks_per_node is None else args.tasks_per_node
     if tasks_per_node < 1:
         raise SubmitError("--tasks-per-node must be >= 1")
     if args.signal_seconds < 1 or args.max_restarts < 0:
@@ -173,15 +176,15 @@ def plan_jobs(args: argparse.Namespace, train_args: List[str]) -> List[Job]:
     slurm_dir = Path(checkpoint.run_dir(opts.logdir, opts.dataset, opts.task, opts.overlap, opts.name))
     slurm_dir = (slurm_dir / "slurm").absolute()
     if args.single_job or len(opts.steps) == 1:
-        groups = [("all" if len(opts.steps) > 1 else f"step{opts.steps[0]}", opts.steps)]
+        whole_task = opts.steps == list(range(tasks.num_steps(opts.dataset, opts.task)))
+        label = "all" if whole_task else "step" + "-".join(map(str, opts.steps))
+        groups = [(label, opts.steps)]
     else:
         groups = [(f"step{step}", [step]) for step in opts.steps]
 
     jobs = []
     for label, steps in groups:
         job_args = _without_option(train_args, "--step") + ["--step", ",".join(map(str, steps))]
-        if len(groups) > 1:
-            parse_options(job_args)  # each job's own command line is valid too
         step_text = f"step {steps[0]}" if len(steps) == 1 else f"steps {','.join(map(str, steps))}"
         log_path = str(slurm_dir / f"{label}-%j.log")
         spec = JobSpec(
