@@ -88,7 +88,8 @@ fi
 
 # ---------------------------------------------------------------- 3. config
 NODE=$(hostname -s)
-CPUS=$(nproc)
+# nproc alone would follow OMP_NUM_THREADS; the CPUs this machine gives us are wanted here.
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 if [ -n "${SLURM_LOCAL_MEM_MB:-}" ]; then MEM=$SLURM_LOCAL_MEM_MB
 else MEM=$(awk '/^MemTotal:/ {printf "%d", $2/1024*0.8}' /proc/meminfo); fi
 DEFMEM=$(( MEM / CPUS )); [ "$DEFMEM" -gt 1024 ] && DEFMEM=1024
