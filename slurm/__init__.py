@@ -1,0 +1,1 @@
+"""Slurm job scripts and the submit tool (``python slurm/submit.py --help``)."""
