@@ -13,7 +13,7 @@ OLD, NEW = 3, 2  # channels at step t-1 (background included) and channels added
 
 def _options(**overrides):
     values = dict(unce=False, unkd=False, loss_kd=0.0, loss_de=0.0, icarl=False,
-                  icarl_importance=1.0, alpha=1.0)
+                  icarl_importance=1.0, alpha=1.0, bce=False, icarl_disjoint=False, icarl_bkg=False)
     values.update(overrides)
     return argparse.Namespace(**values)
 
