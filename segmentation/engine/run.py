@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from segmentation import distributed, tasks
 from segmentation.data import CLASS_NAMES, build_dataset
+from segmentation.data.dataset import held_out_split
 from segmentation.data.palette import colorize
 from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segmentation.engine import checkpoint
@@ -228,6 +229,8 @@ class StepRunner:
             transform=transform,
             seed=opts.random_seed,
             split_dir=opts.split_dir,
+            mask_old=not opts.no_mask,
+            images_from="train" if split == "test" and opts.val_on_trainset else None,
         )
 
     def _eval_loader(self, dataset):
@@ -242,7 +245,14 @@ class StepRunner:
         opts = self.opts
         seed_everything(opts.random_seed)
         train_set = self._dataset("train", train_transform(opts.crop_size))
-        val_set = self._dataset("val", self._eval_transform())
+        if opts.cross_val:
+            train_positions, val_positions = held_out_split(len(train_set), opts.random_seed)
+            val_set = train_set.subset(val_positions, self._eval_transform())
+            train_set = train_set.subset(train_positions, train_set.transform)
+            LOGGER.info("step %d: --cross_val: validating on %d held-out training images",
+                        self.step, len(val_set))
+        else:
+            val_set = self._dataset("val", self._eval_transform())
         num_old_channels = sum(self.classes[:-1])
         loss = build_method_loss(opts, num_old_channels)
         model, old_model, previous = self._build_models(loss.needs_old_model)
