@@ -147,7 +147,10 @@ def _duration(seconds: float) -> str:
 
 
 def run_grid(grid: Grid, nproc: int, log: Path) -> float:
-    """Run the unfinished jobs in order; returns the wall time of this invocation."""
+    """Run the unfinished jobs in order; returns the wall time of all runs of the grid, over every
+    invocation (kept in ``<out>/timings.json``)."""
+    timings_path = grid.out / "timings.json"
+    timings: Dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     pending = [job for job in grid.jobs if not job.results.is_file()]
     total_steps = sum(job.steps for job in pending)
     print(f"{len(grid.jobs)} runs, {len(grid.jobs) - len(pending)} already finished, {len(pending)} to go "
@@ -168,12 +171,14 @@ def run_grid(grid: Grid, nproc: int, log: Path) -> float:
         if result.returncode != 0:
             raise SystemExit(f"run '{job.label}' failed with exit code {result.returncode}; see {log}. "
                              "Rerun the same command to continue.")
+        timings[job.label] = time.monotonic() - began
+        timings_path.write_text(json.dumps(timings, indent=1))
         steps_done += job.steps
         elapsed = time.monotonic() - start
         eta = elapsed / steps_done * (total_steps - steps_done)
         print(f"[{index}/{len(pending)}] {job.label}: {time.monotonic() - began:.0f} s | elapsed "
               f"{_duration(elapsed)} | ETA {_duration(eta)}", flush=True)
-    return time.monotonic() - start
+    return sum(timings.get(job.label, 0.0) for job in grid.jobs)
 
 
 # ------------------------------------------------------------------ results
@@ -290,7 +295,7 @@ def write_report(grid: Grid, results, argv: List[str], wall: float, path: Path) 
         "python launch/benchmark_methods.py " + shlex.join(argv),
         "```",
         "",
-        f"Wall time of the invocation that finished the grid: {_duration(wall)}. Options of every run: "
+        f"Wall time of the grid's runs: {_duration(wall)}. Options of every run: "
         f"`{shlex.join(grid.common)}`.",
         "",
         "mIoU (%) after the last step. Foreground only (the MiB paper's convention, Table 1):",
