@@ -66,7 +66,8 @@ def evaluate(
     """
     model.eval()
     matrix = ConfusionMatrix(num_classes, device)
-    dtype = next(model.parameters()).dtype  # float64 under --dtype float64
+    parameter = next(model.parameters(), None)
+    dtype = None if parameter is None else parameter.dtype  # float64 under --dtype float64
     for index, (images, labels) in enumerate(loader):
         images = images.to(device, dtype=dtype, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
