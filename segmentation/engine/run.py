@@ -257,7 +257,6 @@ class StepRunner:
         loss = build_method_loss(opts, num_old_channels)
         model, old_model, previous = self._build_models(loss.needs_old_model)
         regularizer = self._build_regularizer(model, previous)
-        del previous
         optimizer = build_optimizer(model, opts, self.step)
         world_size = distributed.world_size()
         sampler = GlobalBatchSampler(
