@@ -326,7 +326,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--crop_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=4, help="per process")
-    parser.add_argument("--epochs", type=int, default=4, help="per step; the default grid is sized for about an hour on 2 cores")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="per step; the default grid is sized for about an hour on 2 cores")
     parser.add_argument("--lr", type=float, default=0.02, help="step 0")
     parser.add_argument("--incremental_lr", type=float, default=0.01, help="steps after step 0")
     parser.add_argument("--extra", default="", help="more train.py options, one quoted string")
