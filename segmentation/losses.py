@@ -183,3 +183,34 @@ class BCEDistillationLoss(nn.Module):
         logits = _at_least_float32(logits[:, :num_old])
         targets = torch.sigmoid(_at_least_float32(old_logits))
         return num_old * F.binary_cross_entropy_with_logits(logits, targets, reduction="mean")
+
+
+class BCEWithOldTargetsLoss(nn.Module):
+    """LwF-MC's ``--icarl_disjoint`` variant (the reference ``IcarlLoss``): one multi-label BCE.
+
+    Targets are one-hot labels, except on the old channels, whose targets are the old model's
+    sigmoid outputs; with ``keep_background`` the background channel keeps its one-hot target
+    (``--icarl_bkg``). Per pixel: the sum over all C channels; pixels labelled ``ignore_index``
+    contribute 0 (the reference gave them all-zero one-hot targets; training labels of the
+    protocol contain no ignored pixel, so this only matters for custom data).
+    """
+
+    def __init__(self, keep_background: bool = False, ignore_index: int = 255, reduction: str = "mean") -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        self.keep_background = keep_background
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+        _check_distillation_shapes(logits, old_logits)
+        logits = _at_least_float32(logits)
+        labels = labels.long()
+        ignored = labels == self.ignore_index
+        targets = torch.zeros_like(logits).scatter_(1, labels.masked_fill(ignored, 0).unsqueeze(1), 1.0)
+        first = 1 if self.keep_background else 0
+        num_old = old_logits.shape[1]
+        targets[:, first:num_old] = torch.sigmoid(_at_least_float32(old_logits[:, first:])).to(targets.dtype)
+        per_pixel = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1)
+        per_pixel = per_pixel.masked_fill(ignored, 0.0)
+        return _reduce(per_pixel, self.reduction)

@@ -48,6 +48,9 @@ def test_method_is_case_insensitive(spelling):
         ("LWF", {"loss_kd": 100.0, "loss_de": 0.0, "unkd": False}),
         ("lwf-mc", {"icarl": True, "icarl_importance": 10.0, "loss_kd": 0.0}),
         ("ILT", {"loss_kd": 100.0, "loss_de": 100.0}),
+        ("EWC", {"regularizer": "ewc", "reg_importance": 500.0, "loss_kd": 0.0}),
+        ("pi", {"regularizer": "pi", "reg_importance": 500.0}),
+        ("Rw", {"regularizer": "rw", "reg_importance": 100.0, "reg_alpha": 0.9, "reg_iterations": 10}),
     ],
 )
 def test_presets(method, expected):
@@ -70,9 +73,23 @@ def test_explicit_options_override_the_preset():
     assert parse_options(["--method", "LWF-MC", "--icarl_importance", "1"]).icarl_importance == 1.0
 
 
-@pytest.mark.parametrize("method", ["EWC", "pi", "Rw"])
-def test_regularizer_methods_are_rejected(method, capsys):
-    assert "not implemented yet" in _error(["--method", method], capsys)
+def test_regularizer_preset_yields_to_explicit_flags():
+    opts = parse_options(["--method", "EWC", "--reg_importance", "100", "--reg_no_normalize"])
+    assert (opts.regularizer, opts.reg_importance, opts.reg_no_normalize) == ("ewc", 100.0, True)
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [(["--icarl_disjoint"], "--icarl_disjoint"),
+     (["--icarl", "--icarl_bkg"], "--icarl_bkg"),
+     (["--dtype", "float64", "--amp", "bf16"], "--dtype"),
+     (["--reg_iterations", "0"], "--reg_iterations"),
+     (["--reg_alpha", "1.5"], "--reg_alpha"),
+     (["--reg_importance", "-1"], "--reg_importance"),
+     (["--regularizer", "si"], "--regularizer")],
+)
+def test_invalid_method_options(argv, option, capsys):
+    assert option in _error(argv, capsys)
 
 
 def test_unknown_method(capsys):
@@ -209,9 +226,11 @@ def test_every_option_the_engine_reads_is_present():
                  "name", "logdir", "checkpoint_dir", "step_ckpt", "ckpt", "test", "random_seed",
                  "num_workers", "val_interval", "amp", "channels_last", "ckpt_interval", "resume",
                  "eval_full_image", "pooling", "split_dir", "visualize", "sample_num", "device",
-                 "print_interval"):
+                 "print_interval", "bce", "icarl_disjoint", "icarl_bkg", "no_mask", "cross_val",
+                 "val_on_trainset", "dtype", "regularizer", "reg_importance", "reg_alpha",
+                 "reg_no_normalize", "reg_iterations"):
         assert hasattr(opts, name), name
-    assert options.METHODS == ("FT", "LWF", "LWF-MC", "ILT", "MiB")
+    assert options.METHODS == ("FT", "PI", "EWC", "RW", "LWF", "LWF-MC", "ILT", "MiB")
 
 
 def test_incremental_lr_defaults_to_none_and_must_be_positive():

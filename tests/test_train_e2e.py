@@ -2,6 +2,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,51 @@ def test_ckpt_without_test_must_be_an_in_step_checkpoint(two_step_run, data_root
     result = run_train(train_args(data_root, tmp_path, "--step", "0", "--ckpt", str(step0)), check=False)
     assert result.returncode != 0
     assert str(step0) in result.stderr and "not an in-step checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("flags, loss_terms", [
+    (["--method", "FT"], {"loss_cls"}),
+    (["--method", "LWF", "--bce"], {"loss_cls", "loss_kd"}),
+    (["--method", "LWF-MC", "--icarl_disjoint", "--icarl_bkg"], {"loss_cls"}),
+    (["--method", "MiB", "--no_mask", "--cross_val", "--val_on_trainset"], {"loss_cls", "loss_kd"}),
+])
+def test_methods_and_options_train_step1(two_step_run, data_root, tmp_path, flags, loss_terms):
+    step0 = _paths(two_step_run[0])[0] / "step0.pth"
+    result = run_train(train_args(data_root, tmp_path, "--step", "1", "--step_ckpt", str(step0), *flags))
+    logged = set(re.findall(r" (loss_\w+)=", result.stdout))
+    assert logged == loss_terms
+    results = json.loads((tmp_path / "logs" / "synthetic-15-5" / "run" / "step1.json").read_text())
+    assert 0.0 <= results["miou_all"] <= 1.0
+    output = result.stdout + result.stderr
+    assert ("validating on 3 held-out training images" in output) == ("--cross_val" in flags)
+    if "--val_on_trainset" in flags:  # tested on the training images, with their own index file
+        assert (Path(data_root) / "SyntheticVOC" / "incremental-splits" / "15-5-ov" / "test_on_train-1.npy").is_file()
+
+
+@pytest.mark.parametrize("method", ["PI", "RW"])
+def test_regularizer_methods_carry_their_state_and_penalise_step1(data_root, tmp_path, method):
+    result = run_train(train_args(data_root, tmp_path, "--step", "all", "--method", method,
+                                  "--reg_iterations", "1"))
+    checkpoints = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
+    keys = {"PI": {"name", "score"}, "RW": {"name", "fisher", "score"}}[method]
+    for step in (0, 1):
+        state = load_checkpoint(checkpoints / f"step{step}.pth")["regularizer"]
+        assert set(state) == keys and state["name"] == method.lower()
+        assert all(torch.isfinite(value).all() for value in state["score"].values())
+    penalties = [float(value) for value in re.findall(r" loss_reg=(\S+)", result.stdout)]
+    assert penalties and all(math.isfinite(value) for value in penalties)
+
+
+def test_regularizer_method_from_a_checkpoint_without_its_state_is_an_error(two_step_run, data_root, tmp_path):
+    step0 = _paths(two_step_run[0])[0] / "step0.pth"
+    result = run_train(train_args(data_root, tmp_path, "--step", "1", "--method", "EWC", "--step_ckpt", str(step0)),
+                       check=False)
+    assert result.returncode != 0
+    assert str(step0) in result.stderr and "has no regularizer state" in result.stderr
+    assert "Train step 0 with --method EWC" in result.stderr
+
+
+def test_joint_training_is_the_offline_task(data_root, tmp_path):
+    run_train(train_args(data_root, tmp_path, "--step", "all", "--method", "FT", task="offline"))
+    results = json.loads((tmp_path / "logs" / "synthetic-offline" / "run" / "step0.json").read_text())
+    assert RESULT_KEYS <= set(results) and results["num_steps"] == 1 and len(results["class_iou"]) == 21

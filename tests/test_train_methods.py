@@ -13,7 +13,7 @@ OLD, NEW = 3, 2  # channels at step t-1 (background included) and channels added
 
 def _options(**overrides):
     values = dict(unce=False, unkd=False, loss_kd=0.0, loss_de=0.0, icarl=False,
-                  icarl_importance=1.0, alpha=1.0)
+                  icarl_importance=1.0, alpha=1.0, bce=False, icarl_disjoint=False, icarl_bkg=False)
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -143,3 +143,38 @@ def test_lwf_mc_bce_at_step0_and_bce_distillation_later():
     assert parts["loss_icarl"].item() == pytest.approx(10.0 * distill, rel=1e-5)
     assert total1.item() == pytest.approx(_per_pixel(_bce, logits, labels) + 10.0 * distill, rel=1e-5)
     assert math.isfinite(total1.item())
+
+
+def test_bce_option_is_bce_without_distillation():
+    logits, old_logits, labels = _data()
+    loss = build_method_loss(_options(bce=True), num_old_channels=OLD)
+    assert not loss.needs_old_model
+    total, parts = loss(logits, labels)
+    assert total.item() == pytest.approx(_per_pixel(_bce, logits, labels), rel=1e-5)
+    assert set(parts) == {"loss", "loss_cls"}
+
+
+@pytest.mark.parametrize("keep_background", [False, True])
+def test_icarl_disjoint_replaces_old_channel_targets_by_old_sigmoids(keep_background):
+    logits, old_logits, labels = _data()
+    loss = build_method_loss(_options(icarl=True, icarl_importance=10.0, icarl_disjoint=True,
+                                      icarl_bkg=keep_background), num_old_channels=OLD)
+    assert loss.needs_old_model
+    total, parts = loss(logits, labels, old_logits)
+    first = 1 if keep_background else 0
+
+    def disjoint_bce(z, y, z_old):
+        target = torch.zeros_like(z)
+        target[y] = 1
+        target[first:OLD] = torch.sigmoid(z_old[first:])
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(z, target, reduction="sum"))
+
+    assert total.item() == pytest.approx(_per_pixel(disjoint_bce, logits, labels, old_logits), rel=1e-5)
+    assert set(parts) == {"loss", "loss_cls"}  # no separate distillation term, no icarl_importance
+
+
+def test_icarl_disjoint_at_step0_is_plain_bce():
+    logits, _, labels = _data(channels=OLD)
+    loss = build_method_loss(_options(icarl=True, icarl_disjoint=True), num_old_channels=0)
+    assert not loss.needs_old_model
+    assert loss(logits, labels)[0].item() == pytest.approx(_per_pixel(_bce, logits, labels), rel=1e-5)

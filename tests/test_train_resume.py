@@ -2,6 +2,7 @@
 import signal
 
 import pytest
+import torch
 
 from train_cli_worker import assert_states_equal, model_state, run_train, run_until, synthetic_root, train_args
 
@@ -59,3 +60,25 @@ def test_no_resume_starts_the_step_again(data_root, tmp_path):
     result = run_train([*args, "--no_resume"])
     assert "resumed" not in result.stdout + result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["step0.pth"]
+
+
+def test_ewc_run_killed_mid_step_resumes_bit_identically_with_its_regularizer_state(data_root, tmp_path):
+    reference = tmp_path / "reference"
+    ewc = ("--method", "EWC", "--ckpt_interval", "1")
+    run_train(train_args(data_root, reference, "--step", "all", *ewc))
+    reference_dir = reference / "checkpoints" / "synthetic-15-5" / "run"
+
+    out = tmp_path / "interrupted"
+    args = train_args(data_root, out, "--step", "1", "--step_ckpt", str(reference_dir / "step0.pth"), *ewc)
+    run_dir = out / "checkpoints" / "synthetic-15-5" / "run"
+    run_until(args, lambda: any(run_dir.glob("step1-iter*.pth")), sig=signal.SIGKILL)
+    assert not (run_dir / "step1.pth").exists()
+    in_step = torch.load(next(run_dir.glob("step1-iter*.pth")), map_location="cpu", weights_only=False)
+    assert in_step["regularizer_state"]["name"] == "ewc"
+    result = run_train(args)
+    assert "step 1: resumed from iteration" in result.stdout + result.stderr
+
+    resumed = torch.load(run_dir / "step1.pth", map_location="cpu", weights_only=False)
+    expected = torch.load(reference_dir / "step1.pth", map_location="cpu", weights_only=False)
+    assert_states_equal(resumed["model_state"], expected["model_state"])
+    assert_states_equal(resumed["regularizer"]["fisher"], expected["regularizer"]["fisher"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,15 @@ def sample_generator(seed: int, epoch: int, base_index: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
     return generator
+
+
+def held_out_split(size: int, seed: int, fraction: float = 0.2) -> Tuple[List[int], List[int]]:
+    """Random (train, held-out) positions of ``size`` items, the held-out part ``fraction`` of them
+    (``--cross_val``: the reference's 80/20 ``random_split``). Depends only on ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(size, generator=generator).tolist()
+    kept = int((1.0 - fraction) * size)
+    return sorted(order[:kept]), sorted(order[kept:])
 
 
 class IncrementalSegmentationDataset(Dataset):
@@ -80,6 +89,19 @@ class IncrementalSegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
+    def subset(self, positions: Sequence[int], transform: Optional[Transform]) -> "IncrementalSegmentationDataset":
+        """The items at ``positions`` (indices into this dataset) with another transform."""
+        return IncrementalSegmentationDataset(
+            self.dataset,
+            [self.image_paths[i] for i in positions],
+            [self.label_paths[i] for i in positions],
+            self.base_indices[list(positions)],
+            self.lut,
+            self.channel_order,
+            transform,
+            self.seed,
+        )
+
     def load(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Image and mapped label of item ``index``, without the transform."""
         image_path, label_path = self.image_paths[index], self.label_paths[index]
@@ -114,13 +136,17 @@ def build_dataset(
     *,
     seed: int = 0,
     split_dir: Optional[str] = None,
+    mask_old: bool = True,
+    images_from: Optional[str] = None,
 ) -> IncrementalSegmentationDataset:
     """The images of ``split`` ("train", "val", "test") at ``step`` of ``task``.
 
     ``root`` is the folder that contains ``PascalVOC12/``, ``ADEChallengeData2016/`` or (for
     ``name="synthetic"``, generated here on first use) ``SyntheticVOC/``. Image selection and
     label mapping follow ``protocol.py``; split files are cached as described in ``splits.py``.
-    ``overlap`` only affects the train split.
+    ``overlap`` only affects the train split. ``mask_old=False`` keeps old classes in the
+    training labels (``--no_mask``). ``images_from="train"`` draws the test split from the
+    training images (``--val_on_trainset``; its index files are named ``test_on_train-<step>``).
 
     In a distributed run every rank calls this; rank 0 prepares split files (and the synthetic
     data) and broadcasts them, so with NCCL the CUDA device must be set before. Call
@@ -134,7 +160,7 @@ def build_dataset(
         )
     if name == "synthetic":  # written under root (created if needed) on first use
         on_main_process(lambda: ensure_synthetic_voc(root))
-    base = read_base_list(name, root, split)
+    base = read_base_list(name, root, images_from or split)
     indices = load_split_indices(base, root, task, step, split, overlap, split_dir)
     if indices.size == 0:
         raise DatasetError(
@@ -147,7 +173,7 @@ def build_dataset(
         images,
         labels,
         indices,
-        label_lut(name, task, step, split),
+        label_lut(name, task, step, split, mask_old=mask_old),
         task_channel_order(name, task, step),
         transform,
         seed,

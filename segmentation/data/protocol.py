@@ -88,8 +88,12 @@ def filter_presence(presence: np.ndarray, split_filter: SplitFilter) -> np.ndarr
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def label_lut(dataset: str, task: str, step: int, split: str) -> np.ndarray:
-    """Lookup table (256 int64 entries) from original label value to training/eval target."""
+def label_lut(dataset: str, task: str, step: int, split: str, mask_old: bool = True) -> np.ndarray:
+    """Lookup table (256 int64 entries) from original label value to training/eval target.
+
+    ``mask_old=False`` (``--no_mask``): the train split keeps old classes at their channel
+    instead of mapping them to background.
+    """
     check_split_name(split)
     order = channel_order(dataset, task, step)
     current = set(labels_of_step(dataset, task, step)) - {0}
@@ -98,7 +102,7 @@ def label_lut(dataset: str, task: str, step: int, split: str) -> np.ndarray:
 
     lut = np.full(256, INVALID, dtype=np.int64)
     lut[: NUM_LABELS[dataset]] = mask  # old and future classes unless kept below
-    kept = current | old if split == "test" else current
+    kept = current | old if split == "test" or (split == "train" and not mask_old) else current
     for label in kept:
         lut[label] = order.index(label)
     if label_family(dataset) == "voc":

@@ -48,7 +48,9 @@ from ..signals import restore_default_stop_handlers
 from ..tasks import TASKS, num_steps
 from .protocol import SplitFilter, filter_presence, keep_image, split_filter
 from .synthetic import ensure_synthetic_voc
-from .readers import BaseList, DatasetError, dataset_dir, label_family, labels_present, read_base_list
+from .readers import (
+    BaseList, DatasetError, dataset_dir, label_family, labels_present, list_name_for_split, read_base_list,
+)
 
 LOGGER = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -190,6 +192,14 @@ def _load_cached(
         return None
 
 
+def _file_stem(base: BaseList, split: str) -> str:
+    """Name stem of a split's index file; the test split drawn from the training images
+    (``--val_on_trainset``) is ``test_on_train``, as in the reference."""
+    if split == "test" and base.name == list_name_for_split(base.dataset, "train"):
+        return "test_on_train"
+    return split
+
+
 def _compute_into_cache(
     base: BaseList, dataset: str, root: str, task: str, split: str, overlap: bool, num_workers: Optional[int]
 ) -> Dict[int, np.ndarray]:
@@ -204,7 +214,7 @@ def _compute_into_cache(
     all_steps = compute_split_indices(base, dataset, task, split, overlap, num_workers)
     folder = cache_folder(dataset, root, task, overlap)
     for step, indices in all_steps.items():
-        path = os.path.join(folder, f"{split}-{step}.npy")
+        path = os.path.join(folder, f"{_file_stem(base, split)}-{step}.npy")
         save_indices(path, indices)
         meta = {
             "fingerprint": fingerprint(base, dataset, task, step, split, overlap),
@@ -220,8 +230,8 @@ def _compute_into_cache(
     return all_steps
 
 
-def _external_file(split_dir: str, split: str, step: int) -> Optional[str]:
-    names = [f"{split}-{step}.npy"] + ([f"test_on_val-{step}.npy"] if split == "test" else [])
+def _external_file(split_dir: str, split: str, stem: str, step: int) -> Optional[str]:
+    names = [f"{stem}-{step}.npy"] + ([f"test_on_val-{step}.npy"] if stem == "test" else [])
     for name in names:
         if os.path.isfile(os.path.join(split_dir, name)):
             return os.path.join(split_dir, name)
@@ -247,13 +257,13 @@ def _prepare_indices(
     if split_dir is not None:
         if not os.path.isdir(split_dir):
             raise FileNotFoundError(f"split folder {split_dir!r} does not exist (--split_dir)")
-        path = _external_file(split_dir, split, step)
+        path = _external_file(split_dir, split, _file_stem(base, split), step)
         if path is not None:
             spot = step_filter
             if label_family(dataset) == "ade":
                 spot = SplitFilter(step_filter.current, step_filter.old, True)
             return check_indices(_load_npy(path), path, base, step, split, spot)
-    path = os.path.join(cache_folder(dataset, root, task, overlap), f"{split}-{step}.npy")
+    path = os.path.join(cache_folder(dataset, root, task, overlap), f"{_file_stem(base, split)}-{step}.npy")
     expected = fingerprint(base, dataset, task, step, split, overlap)
     cached = _load_cached(path, expected, base, step, split, step_filter)
     if cached is not None:

@@ -62,12 +62,14 @@ def evaluate(
     ``"confusion_matrix"`` and, when ``num_old_channels`` is given, the ``group_scores``
     (old = the first ``num_old_channels`` channels). ``on_batch(index, images, labels,
     predictions)`` is called for every local batch (used to log sample predictions).
-    The model is left in eval mode.
+    Images are cast to the model's floating-point type. The model is left in eval mode.
     """
     model.eval()
     matrix = ConfusionMatrix(num_classes, device)
+    parameter = next(model.parameters(), None)
+    dtype = None if parameter is None else parameter.dtype  # float64 under --dtype float64
     for index, (images, labels) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, dtype=dtype, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -2,8 +2,11 @@
 
 ``MethodLoss`` combines a classification loss (CE, unbiased CE or multi-label BCE) with the
 distillation terms a method enables: output KD (standard or unbiased), feature distillation
-on the backbone output (ILT) and the BCE distillation of LwF-MC/iCaRL. Weights come from the
-options after the method presets were applied, so ``--method`` and explicit flags behave alike.
+on the backbone output (ILT) and the BCE distillation of LwF-MC/iCaRL, or, with
+``icarl_disjoint``, one BCE whose old-channel targets are the old model's outputs. Weights come
+from the options after the method presets (``segmentation/methods/``) were applied, so
+``--method`` and explicit flags behave alike. The weight regularizers of EWC, PI and RW act on
+the gradients instead (``segmentation.methods.regularizer``).
 """
 from __future__ import annotations
 
@@ -26,7 +29,10 @@ class MethodLoss:
 
     Weights: ``loss_kd`` (output KD, unbiased if ``unkd``), ``loss_de`` (MSE on body features),
     ``icarl_importance`` (BCE distillation, only with ``icarl``). ``unce`` switches the
-    classification loss to unbiased CE when old channels exist.
+    classification loss to unbiased CE when old channels exist; ``bce`` (or ``icarl``) to
+    multi-label BCE at every step. With ``icarl`` and ``icarl_disjoint``, steps t > 0 use
+    ``BCEWithOldTargetsLoss`` (background target kept with ``icarl_bkg``) and no separate
+    distillation.
     """
 
     num_old_channels: int
@@ -37,10 +43,18 @@ class MethodLoss:
     icarl: bool = False
     icarl_importance: float = 1.0
     alpha: float = 1.0
+    bce: bool = False
+    icarl_disjoint: bool = False
+    icarl_bkg: bool = False
 
     def __post_init__(self) -> None:
         step0 = self.num_old_channels == 0
-        if self.icarl:
+        self.use_old_targets = self.icarl and self.icarl_disjoint and not step0
+        if self.use_old_targets:
+            self.classification = losses.BCEWithOldTargetsLoss(
+                keep_background=self.icarl_bkg, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+        elif self.icarl or self.bce:
             self.classification: nn.Module = losses.BCEWithIgnoreLoss(
                 ignore_index=IGNORE_INDEX, reduction="none"
             )
@@ -53,7 +67,9 @@ class MethodLoss:
         # Distillation needs an old model, so none of it exists at step 0.
         self.use_kd = not step0 and self.loss_kd > 0
         self.use_de = not step0 and self.loss_de > 0
-        self.use_icarl_distillation = not step0 and self.icarl and self.icarl_importance > 0
+        self.use_icarl_distillation = (
+            not step0 and self.icarl and not self.icarl_disjoint and self.icarl_importance > 0
+        )
         if self.use_kd:
             kd_class = (
                 losses.UnbiasedKnowledgeDistillationLoss
@@ -67,7 +83,7 @@ class MethodLoss:
     @property
     def needs_old_model(self) -> bool:
         """Whether the old model's outputs are used (so its forward must run)."""
-        return self.use_kd or self.use_de or self.use_icarl_distillation
+        return self.use_kd or self.use_de or self.use_icarl_distillation or self.use_old_targets
 
     @property
     def needs_features(self) -> bool:
@@ -86,7 +102,10 @@ class MethodLoss:
 
         ``logits`` are (B, C_t, H, W) and computed in float32 by the caller when AMP is on.
         """
-        classification = self.classification(logits, labels)
+        if self.use_old_targets:
+            classification = self.classification(logits, labels, old_logits)
+        else:
+            classification = self.classification(logits, labels)
         # Reference convention: per-pixel losses averaged over all B*H*W pixels, ignored ones
         # counting as zeros.
         classification = classification.mean()
@@ -119,4 +138,7 @@ def build_method_loss(opts: argparse.Namespace, num_old_channels: int) -> Method
         icarl=bool(opts.icarl),
         icarl_importance=float(opts.icarl_importance),
         alpha=float(opts.alpha),
+        bce=bool(opts.bce),
+        icarl_disjoint=bool(opts.icarl_disjoint),
+        icarl_bkg=bool(opts.icarl_bkg),
     )

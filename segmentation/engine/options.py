@@ -18,21 +18,13 @@ import os
 from typing import Dict, List, Optional, Set
 
 from segmentation import tasks
+from segmentation.methods import find_method, method_preset, method_names
+from segmentation.methods.mib import KD_100_TASKS
 
 DATASETS = ("synthetic", "voc", "ade")
-METHODS = ("FT", "LWF", "LWF-MC", "ILT", "MiB")
-NOT_IMPLEMENTED_METHODS = ("EWC", "PI", "RW")
-
-# Loss options each method sets (reference presets; MiB's KD weight depends on the task, below).
-PRESETS: Dict[str, Dict[str, object]] = {
-    "FT": {},
-    "LWF": {"loss_kd": 100.0},
-    "LWF-MC": {"icarl": True, "icarl_importance": 10.0},
-    "ILT": {"loss_kd": 100.0, "loss_de": 100.0},
-    "MiB": {"loss_kd": 10.0, "unce": True, "unkd": True, "init_balanced": True},
-}
-# The paper's 15-1 results used MiB with loss_kd = 100, not the preset's 10 (confirmed by the authors).
-MIB_KD_100_TASKS = ("15-5s", "15-1")
+METHODS = tuple(method_names())  # presets: segmentation/methods/
+REGULARIZER_NAMES = ("ewc", "pi", "rw")
+DTYPES = ("float32", "float64")
 
 AMP_MODES = ("off", "fp16", "bf16")
 OPT_LEVEL_TO_AMP = {"O0": "off", "O1": "fp16", "O2": "fp16", "O3": "fp16"}
@@ -79,13 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="step to run: one step (1), a comma list (0,1,2) or 'all'")
     task.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true",
                       help="overlapped setting (default: disjoint)")
+    task.add_argument("--no_mask", action="store_true",
+                      help="training labels keep the old classes (default: old classes become "
+                      "background, as the protocol says)")
 
     method = parser.add_argument_group(
         "method and losses",
         "A --method preset fills in the loss options below that are not given explicitly.")
     method.add_argument("--method", default=None,
                         help="preset, case-insensitive: " + ", ".join(METHODS)
-                        + f" (MiB uses loss_kd 100 on {' and '.join(MIB_KD_100_TASKS)})")
+                        + f" (MiB uses loss_kd 100 on {' and '.join(KD_100_TASKS)})")
     method.add_argument("--loss_kd", type=float, default=0.0, help="weight of output distillation")
     method.add_argument("--loss_de", type=float, default=0.0,
                         help="weight of feature (L2) distillation on the backbone output")
@@ -100,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--icarl_importance", type=float, default=1.0,
                         help="weight of the LwF-MC distillation")
     method.add_argument("--freeze", action="store_true", help="do not train the backbone")
+    method.add_argument("--bce", action="store_true",
+                        help="multi-label BCE classification loss (as LwF-MC) without its distillation")
+    method.add_argument("--icarl_disjoint", action="store_true",
+                        help="with --icarl: instead of BCE + BCE distillation, one BCE whose targets "
+                        "of the old channels are the old model's sigmoid outputs")
+    method.add_argument("--icarl_bkg", action="store_true",
+                        help="with --icarl_disjoint: keep the ground-truth target of the background "
+                        "channel")
+    method.add_argument("--regularizer", default=None, choices=REGULARIZER_NAMES,
+                        help="weight regularizer (EWC, PI, RW); its state is carried from step to step "
+                        "in the step checkpoints, so step 0 must be trained with it too")
+    method.add_argument("--reg_importance", type=float, default=1.0,
+                        help="weight of the regularizer's penalty (presets: EWC 500, PI 500, RW 100)")
+    method.add_argument("--reg_alpha", type=float, default=0.9,
+                        help="EMA factor of the Fisher estimate (EWC, RW)")
+    method.add_argument("--reg_no_normalize", action="store_true",
+                        help="do not min-max normalise each importance tensor to [0, 1]")
+    method.add_argument("--reg_iterations", type=int, default=10,
+                        help="RW: iterations between score updates")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, default=0.007,
@@ -144,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mixed precision (default: off, or what --opt_level says)")
     perf.add_argument("--opt_level", default=None, choices=tuple(OPT_LEVEL_TO_AMP),
                       help="reference (apex) spelling: O0 = --amp off, O1/O2/O3 = --amp fp16")
+    perf.add_argument("--dtype", default="float32", choices=DTYPES,
+                      help="floating-point type of the whole model, inputs, norm statistics and losses; "
+                      "float64 exists to test and debug numerics (not with --amp)")
     perf.add_argument("--channels_last", action="store_true", help="channels-last memory format")
     perf.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                       help="auto = cuda when available")
@@ -165,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--test", action="store_true", help="skip training, only test")
     evaluation.add_argument("--val_interval", type=int, default=1, help="validate every N epochs")
+    evaluation.add_argument("--cross_val", action="store_true",
+                            help="validate on a held-out random 20%% of the step's training images "
+                            "(trained on the other 80%%) instead of the val split")
+    evaluation.add_argument("--val_on_trainset", action="store_true",
+                            help="run the final test on the training images of the seen classes "
+                            "instead of the val split")
     evaluation.add_argument("--eval_full_image", "--crop_val", dest="eval_full_image",
                             action="store_true",
                             help="evaluate full-resolution images (batch 1) instead of the "
@@ -204,14 +227,10 @@ def _explicit_options(argv: Optional[List[str]]) -> Set[str]:
 def _normalise_method(parser: argparse.ArgumentParser, method: Optional[str]) -> Optional[str]:
     if method is None:
         return None
-    by_lower = {name.lower(): name for name in METHODS}
-    key = method.lower().replace("_", "-")
-    if key in by_lower:
-        return by_lower[key]
-    if key.upper() in NOT_IMPLEMENTED_METHODS:
-        parser.error(f"--method {method}: {key.upper()} is not implemented yet; "
-                     f"available methods: {', '.join(METHODS)}")
-    parser.error(f"--method {method}: unknown method; available methods: {', '.join(METHODS)}")
+    found = find_method(method)
+    if found is None:
+        parser.error(f"--method {method}: unknown method; available methods: {', '.join(METHODS)}")
+    return found.name
 
 
 def _resolve_steps(parser: argparse.ArgumentParser, dataset: str, task: str, step: str) -> List[int]:
@@ -281,12 +300,28 @@ def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> 
     for name in non_negative:
         if getattr(opts, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(opts, name)}")
+    _check_method_options(parser, opts)
     if opts.ckpt is not None and len(opts.steps) > 1:
         parser.error(f"--ckpt belongs to one step, but --step selects steps {opts.steps}")
     if opts.step_ckpt is not None and len(opts.steps) > 1:
         parser.error(f"--step_ckpt belongs to one step, but --step selects steps {opts.steps}")
     if opts.step_ckpt is not None and opts.steps == [0]:
         parser.error("--step_ckpt is the checkpoint of the previous step; step 0 has none")
+
+
+def _check_method_options(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+    if opts.reg_importance < 0:
+        parser.error(f"--reg_importance must be >= 0, got {opts.reg_importance}")
+    if not 0.0 <= opts.reg_alpha <= 1.0:
+        parser.error(f"--reg_alpha must be in [0, 1], got {opts.reg_alpha}")
+    if opts.reg_iterations <= 0:
+        parser.error(f"--reg_iterations must be positive, got {opts.reg_iterations}")
+    if opts.icarl_disjoint and not opts.icarl:
+        parser.error("--icarl_disjoint is a variant of the LwF-MC loss: add --icarl (or --method LWF-MC)")
+    if opts.icarl_bkg and not opts.icarl_disjoint:
+        parser.error("--icarl_bkg only applies to --icarl_disjoint")
+    if opts.dtype == "float64" and opts.amp != "off":
+        parser.error(f"--dtype float64 cannot be combined with --amp {opts.amp}; use one of them")
 
 
 def parse_options(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -300,9 +335,7 @@ def parse_options(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     opts.method = _normalise_method(parser, opts.method)
     if opts.method is not None:
-        preset = dict(PRESETS[opts.method])
-        if opts.method == "MiB" and opts.task in MIB_KD_100_TASKS:
-            preset["loss_kd"] = 100.0
+        preset = method_preset(opts.method, opts.task)
         for name, value in preset.items():
             if name not in explicit:
                 setattr(opts, name, value)

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from segmentation import distributed, tasks
 from segmentation.data import CLASS_NAMES, build_dataset
+from segmentation.data.dataset import held_out_split
 from segmentation.data.palette import colorize
 from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segmentation.engine import checkpoint
@@ -38,6 +39,8 @@ from segmentation.engine.logger import Logger
 from segmentation.engine.methods import build_method_loss
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.engine.trainer import StopSignal, Trainer, build_optimizer, build_scheduler
+from segmentation.methods import build_regularizer, find_method
+from segmentation.methods.regularizer import Regularizer
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
@@ -66,7 +69,13 @@ def setting_dir(root: str, opts: argparse.Namespace) -> Path:
     return Path(checkpoint.run_dir(root, opts.dataset, opts.task, opts.overlap, opts.name))
 
 
+def model_dtype(opts: argparse.Namespace) -> torch.dtype:
+    """``--dtype`` as a torch dtype."""
+    return getattr(torch, opts.dtype)
+
+
 def make_model(opts: argparse.Namespace, classes: List[int], pretrained: Optional[str]) -> nn.Module:
+    """The step model in ``--dtype`` (weights loaded later are cast to it)."""
     return build_model(
         classes,
         backbone=opts.backbone,
@@ -74,7 +83,7 @@ def make_model(opts: argparse.Namespace, classes: List[int], pretrained: Optiona
         norm_act=opts.norm_act,
         pretrained=pretrained,
         pooling_size=opts.pooling,
-    )
+    ).to(model_dtype(opts))
 
 
 def load_new_step_model(model: nn.Module, state: Dict[str, torch.Tensor], step: int, path: Path) -> None:
@@ -155,10 +164,11 @@ class StepRunner:
         return Path(checkpoint.step_checkpoint_path(self.checkpoint_dir, self.step - 1))
 
     def _build_models(self, needs_old_model: bool):
-        """The current model (step t-1 weights loaded at t > 0) and, when needed, the old model."""
+        """The current model (step t-1 weights loaded at t > 0), the old model when needed, and
+        the step t-1 checkpoint (None at step 0)."""
         opts = self.opts
         model = make_model(opts, self.classes, opts.pretrained if self.step == 0 else None)
-        old_model = None
+        old_model = previous = None
         if self.step > 0:
             path = self._previous_checkpoint_path()
             previous = checkpoint.load_checkpoint(path)
@@ -179,7 +189,33 @@ class StepRunner:
             model = model.to(memory_format=torch.channels_last)
         if opts.fix_bn:
             model.fix_bn()
-        return model, old_model
+        return model, old_model, previous
+
+    def _build_regularizer(self, model: nn.Module, previous: Optional[Dict[str, Any]]) -> Optional[Regularizer]:
+        """The ``--regularizer`` of this step, continuing the state of the step t-1 checkpoint."""
+        opts = self.opts
+        if opts.regularizer is None:
+            return None
+        state = weights = None
+        if previous is not None:
+            state = previous.get("regularizer")
+            if state is None or state.get("name") != opts.regularizer:
+                path = self._previous_checkpoint_path()
+                found = "no regularizer state" if state is None else f"{state.get('name')!r} state"
+                method = find_method(opts.regularizer)
+                hint = f"--method {method.name}" if method is not None else f"--regularizer {opts.regularizer}"
+                raise ValueError(
+                    f"{path}: --regularizer {opts.regularizer} needs the importance estimated while "
+                    f"training step {self.step - 1}, but this checkpoint (method {previous.get('method')}) "
+                    f"has {found}. Train step {self.step - 1} with {hint} too (for example "
+                    f"--step 0,{self.step} with the same --name), or pass --step_ckpt pointing at such a "
+                    "checkpoint"
+                )
+            weights = previous["model_state"]
+        return build_regularizer(
+            opts.regularizer, model, state, weights, weight=opts.reg_importance,
+            normalize=not opts.reg_no_normalize, alpha=opts.reg_alpha, iterations=opts.reg_iterations,
+        )
 
     def _dataset(self, split: str, transform):
         opts = self.opts
@@ -193,6 +229,8 @@ class StepRunner:
             transform=transform,
             seed=opts.random_seed,
             split_dir=opts.split_dir,
+            mask_old=not opts.no_mask,
+            images_from="train" if split == "test" and opts.val_on_trainset else None,
         )
 
     def _eval_loader(self, dataset):
@@ -207,10 +245,18 @@ class StepRunner:
         opts = self.opts
         seed_everything(opts.random_seed)
         train_set = self._dataset("train", train_transform(opts.crop_size))
-        val_set = self._dataset("val", self._eval_transform())
+        if opts.cross_val:
+            train_positions, val_positions = held_out_split(len(train_set), opts.random_seed)
+            val_set = train_set.subset(val_positions, self._eval_transform())
+            train_set = train_set.subset(train_positions, train_set.transform)
+            LOGGER.info("step %d: --cross_val: validating on %d held-out training images",
+                        self.step, len(val_set))
+        else:
+            val_set = self._dataset("val", self._eval_transform())
         num_old_channels = sum(self.classes[:-1])
         loss = build_method_loss(opts, num_old_channels)
-        model, old_model = self._build_models(loss.needs_old_model)
+        model, old_model, previous = self._build_models(loss.needs_old_model)
+        regularizer = self._build_regularizer(model, previous)
         optimizer = build_optimizer(model, opts, self.step)
         world_size = distributed.world_size()
         sampler = GlobalBatchSampler(
@@ -272,6 +318,8 @@ class StepRunner:
             print_interval=opts.print_interval,
             on_epoch_end=validate,
             stop_signal=stop_signal,
+            regularizer=regularizer,
+            dtype=model_dtype(opts),
         )
         state = self._resume_state(in_step)
         if state is not None:
@@ -291,7 +339,7 @@ class StepRunner:
                     **meta,
                     "model_state": model.state_dict(),
                     "method": opts.method,
-                    "regularizer": None,
+                    "regularizer": None if regularizer is None else regularizer.step_state(),
                     "train_seconds": trainer.train_seconds,
                     "train_images": trainer.images_seen,
                 },

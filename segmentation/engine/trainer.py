@@ -37,6 +37,7 @@ from segmentation.engine.evaluation import autocast_context
 from segmentation.engine.logger import Logger, Progress
 from segmentation.engine.methods import MethodLoss
 from segmentation.engine.sampler import GlobalBatchSampler
+from segmentation.methods.regularizer import Regularizer
 from segmentation.signals import STOP_SIGNALS, restore_default_stop_handlers
 
 LOGGER = logging.getLogger(__name__)
@@ -175,6 +176,10 @@ class Trainer:
     iterations (0: epoch ends only) and at every epoch end; ``checkpoint_meta`` (dataset, task,
     step, classes, options) is stored with them. ``on_epoch_end(epoch)`` runs after each epoch
     (validation). Call ``resume(state)`` before ``train()`` to continue an interrupted step.
+    ``regularizer`` (EWC, PI, RW) updates its importance from the loss gradients and adds its
+    penalty's gradient after every backward; its state goes into the in-step checkpoints.
+    ``dtype`` is the model's floating-point type (inputs are cast to it; float32 unless
+    ``--dtype float64``).
     """
 
     def __init__(
@@ -201,6 +206,8 @@ class Trainer:
         print_interval: int = 10,
         on_epoch_end: Optional[Callable[[int], None]] = None,
         stop_signal: Optional[StopSignal] = None,
+        regularizer: Optional[Regularizer] = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model = model
         self.old_model = old_model
@@ -222,6 +229,8 @@ class Trainer:
         self.print_interval = max(1, print_interval)
         self.on_epoch_end = on_epoch_end
         self.stop_signal = stop_signal
+        self.regularizer = regularizer
+        self.dtype = dtype
         if loss.needs_old_model and old_model is None:
             raise ValueError("the loss needs the old model's outputs but no old model was given")
 
@@ -251,6 +260,7 @@ class Trainer:
             rng_states=gather_rng_states(self.device),
             train_seconds=self.train_seconds,
             images_seen=self.images_seen,
+            regularizer_state=None if self.regularizer is None else self.regularizer.state_dict(),
         )
         return state
 
@@ -272,6 +282,11 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.images_seen = int(state.get("images_seen", 0))
+        if self.regularizer is not None:
+            if state.get("regularizer_state") is None:
+                raise ValueError("the in-step checkpoint has no regularizer state (written by a run "
+                                 "without --regularizer); pass --no_resume to start the step again")
+            self.regularizer.load_state_dict(state["regularizer_state"])
         if self.batch_in_epoch >= self.iterations_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
@@ -329,12 +344,12 @@ class Trainer:
             else:
                 logits = model(images)
         if features is not None:
-            features = {name: value.float() for name, value in features.items()}
-        return logits.float(), features
+            features = {name: value.to(self.dtype) for name, value in features.items()}
+        return logits.to(self.dtype), features
 
     def run_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One optimisation step on a batch; returns the detached loss components."""
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -347,10 +362,30 @@ class Trainer:
         logits, features = self._forward(self.model, images)
         total, components = self.loss(logits, labels, old_logits, features, old_features)
         self.scaler.scale(total).backward()
+        if self.regularizer is not None:
+            self._regularize(components)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return components
+
+    def _regularize(self, components: Dict[str, torch.Tensor]) -> None:
+        """Importance update from the (unscaled) loss gradients, then the penalty's gradient.
+
+        Under fp16 an overflowing iteration is skipped by the GradScaler; its gradients are not
+        used for the importance either.
+        """
+        self.scaler.unscale_(self.optimizer)
+        gradients_finite = self.amp != "fp16" or all(
+            bool(torch.isfinite(p.grad).all())
+            for p in self.regularizer.parameters.values() if p.grad is not None
+        )
+        if gradients_finite:
+            self.regularizer.update()
+        penalty = self.regularizer.apply_penalty()
+        if penalty is not None:
+            components["loss_reg"] = penalty.detach()
+            components["loss"] = components["loss"] + penalty.detach()
 
     def train(self) -> None:
         """Train from the current position (0, or where ``resume`` left off) to the last epoch."""

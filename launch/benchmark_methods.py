@@ -1,0 +1,363 @@
+"""Benchmark every method of the paper's tables on the synthetic dataset with one command.
+
+    python launch/benchmark_methods.py --out benchmark [--nproc 2] [--methods FT,MiB] ...
+
+Runs the grid methods x settings (tasks 15-5 and 15-1, disjoint and overlapped) plus Joint (the
+``offline`` task) through the normal ``train.py`` command, then writes
+
+- ``<out>/results.md``: the paper's table (old / new / all after the last step), once over the
+  foreground classes only (the MiB paper's convention) and once with the background counted
+  among the old classes and in "all" (PLOP's convention), plus the commands and the wall time;
+- ``<out>/results.png``: mIoU of the old, new and all classes after each step, one line per
+  method (Joint as a dashed line).
+
+Step 0 is trained once per setting for every method whose step 0 is plain cross-entropy (FT, LwF,
+ILT, MiB) and shared with them (its checkpoint is linked into each run's folder); LwF-MC (BCE from
+step 0) and EWC, PI, RW (their importance is estimated during step 0) train their own step 0.
+15-5 and 15-1 share the step-0 models, as the original authors did. Finished runs (their last
+step's results file exists) are skipped, so the script can be stopped and restarted. Progress and
+an ETA are printed after every run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from segmentation import tasks  # noqa: E402
+from segmentation.methods import REGISTRY  # noqa: E402
+
+DATASET = "synthetic"
+STEP0_TASK = "15-5"  # 15-1 starts from the same 15-class step-0 models
+JOINT = "Joint"
+#: Methods whose step 0 is plain cross-entropy without state: they share one step-0 model.
+SHARED_STEP0 = ("FT", "LWF", "ILT", "MiB")
+
+
+@dataclass
+class Job:
+    """One ``train.py`` launch; done when ``results`` exists."""
+
+    label: str
+    args: List[str]
+    results: Path
+    steps: int  # steps it trains (for the ETA)
+    link_step0: Optional[Path] = None  # step-0 checkpoint to link into this run's folder first
+    step0_results: Optional[Path] = None
+
+
+@dataclass
+class Grid:
+    methods: List[str]
+    tasks: List[str]
+    overlaps: List[bool]
+    common: List[str]
+    out: Path
+    jobs: List[Job] = field(default_factory=list)
+
+
+def setting_name(task: str, overlap: bool) -> str:
+    return f"{DATASET}-{task}" + ("-ov" if overlap else "")
+
+
+def step0_group(method: str) -> str:
+    return "shared" if method in SHARED_STEP0 else method
+
+
+def run_paths(out: Path, task: str, overlap: bool, name: str):
+    checkpoints = out / "checkpoints" / setting_name(task, overlap) / name
+    logs = out / "logs" / setting_name(task, overlap) / name
+    return checkpoints, logs
+
+
+def method_flags(method: str) -> List[str]:
+    return [] if method == JOINT else ["--method", method]
+
+
+def build_grid(grid: Grid) -> None:
+    """Step-0 jobs first, then the incremental steps of every (task, setting, method), then Joint."""
+    out = grid.out
+    step0_of: Dict[tuple, tuple] = {}  # (overlap, group) -> (checkpoint, results file)
+    for overlap in grid.overlaps:
+        for group in dict.fromkeys(step0_group(m) for m in grid.methods if m != JOINT):
+            name = f"step0-{group}"
+            checkpoints, logs = run_paths(out, STEP0_TASK, overlap, name)
+            method = "FT" if group == "shared" else group
+            args = ["--task", STEP0_TASK, "--step", "0", "--name", name, *method_flags(method)]
+            if overlap:
+                args.append("--overlap")
+            grid.jobs.append(Job(f"step 0 {group} {setting_name(STEP0_TASK, overlap)}", args,
+                                 logs / "step0.json", 1))
+            step0_of[(overlap, group)] = (checkpoints / "step0.pth", logs / "step0.json")
+    for task in grid.tasks:
+        last = tasks.num_steps(DATASET, task) - 1
+        for overlap in grid.overlaps:
+            for method in grid.methods:
+                if method == JOINT:
+                    continue
+                _, logs = run_paths(out, task, overlap, method)
+                step0, step0_results = step0_of[(overlap, step0_group(method))]
+                args = ["--task", task, "--step", "all", "--name", method, *method_flags(method)]
+                if overlap:
+                    args.append("--overlap")
+                grid.jobs.append(Job(f"{method} {setting_name(task, overlap)}", args, logs / f"step{last}.json",
+                                     last, link_step0=step0, step0_results=step0_results))
+    if JOINT in grid.methods:
+        _, logs = run_paths(out, "offline", False, JOINT)
+        grid.jobs.append(Job("Joint (offline)", ["--task", "offline", "--step", "0", "--name", JOINT,
+                                                "--method", "FT"], logs / "step0.json", 1))
+
+
+def link_step0(job: Job, out: Path) -> None:
+    """Make the shared step-0 checkpoint and results this run's own, so train.py skips step 0."""
+    task = job.args[job.args.index("--task") + 1]
+    overlap = "--overlap" in job.args
+    name = job.args[job.args.index("--name") + 1]
+    checkpoints, logs = run_paths(out, task, overlap, name)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    target = checkpoints / "step0.pth"
+    if not target.exists():
+        os.symlink(os.path.relpath(job.link_step0, checkpoints), target)
+    if not (logs / "step0.json").exists():
+        shutil.copyfile(job.step0_results, logs / "step0.json")
+
+
+def command(job: Job, grid: Grid, nproc: int) -> List[str]:
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*launcher, str(REPO_ROOT / "train.py"), "--dataset", DATASET, *grid.common,
+            "--checkpoint_dir", str(grid.out / "checkpoints"), "--logdir", str(grid.out / "logs"), *job.args]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_grid(grid: Grid, nproc: int, log: Path) -> float:
+    """Run the unfinished jobs in order; returns the wall time of all runs of the grid, over every
+    invocation (kept in ``<out>/timings.json``)."""
+    timings_path = grid.out / "timings.json"
+    timings: Dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    pending = [job for job in grid.jobs if not job.results.is_file()]
+    total_steps = sum(job.steps for job in pending)
+    print(f"{len(grid.jobs)} runs, {len(grid.jobs) - len(pending)} already finished, {len(pending)} to go "
+          f"({total_steps} training steps)", flush=True)
+    start = time.monotonic()
+    steps_done = 0
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for index, job in enumerate(pending, 1):
+        if job.link_step0 is not None:
+            link_step0(job, grid.out)
+        cmd = command(job, grid, nproc)
+        began = time.monotonic()
+        with open(log, "a") as handle:
+            handle.write(f"\n$ {shlex.join(cmd)}\n")
+            handle.flush()
+            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            result = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"run '{job.label}' failed with exit code {result.returncode}; see {log}. "
+                             "Rerun the same command to continue.")
+        timings[job.label] = time.monotonic() - began
+        timings_path.write_text(json.dumps(timings, indent=1))
+        steps_done += job.steps
+        elapsed = time.monotonic() - start
+        eta = elapsed / steps_done * (total_steps - steps_done)
+        print(f"[{index}/{len(pending)}] {job.label}: {time.monotonic() - began:.0f} s | elapsed "
+              f"{_duration(elapsed)} | ETA {_duration(eta)}", flush=True)
+    return sum(timings.get(job.label, 0.0) for job in grid.jobs)
+
+
+# ------------------------------------------------------------------ results
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    valid = [value for value in values if value is not None]
+    return sum(valid) / len(valid) if valid else None
+
+
+def group_scores(result: dict, base_task: str) -> Dict[str, Optional[float]]:
+    """Old / new / all mIoU of a results file, grouped by the labels of ``base_task``'s step 0.
+
+    Grouping by label (not by channel) makes Joint (the offline task, one step) comparable with
+    the incremental runs. ``*_fg`` leave the background out (the MiB paper's convention).
+    """
+    old_labels = set(tasks.labels_of_step(DATASET, base_task, 0))
+    by_label = dict(zip(result["channel_order"], result["class_iou"]))
+    old = [iou for label, iou in by_label.items() if label in old_labels]
+    new = [iou for label, iou in by_label.items() if label not in old_labels]
+    old_fg = [iou for label, iou in by_label.items() if label in old_labels and label != 0]
+    return {"old": _mean(old), "new": _mean(new), "all": _mean(old + new),
+            "old_fg": _mean(old_fg), "new_fg": _mean(new), "all_fg": _mean(old_fg + new)}
+
+
+def load_results(grid: Grid) -> Dict[str, Dict[tuple, List[dict]]]:
+    """Per method, per (task, overlap): the results of every step found, in step order."""
+    found: Dict[str, Dict[tuple, List[dict]]] = {}
+    for method in grid.methods:
+        for task in grid.tasks:
+            for overlap in grid.overlaps:
+                if method == JOINT:
+                    _, logs = run_paths(grid.out, "offline", False, JOINT)
+                    steps = [logs / "step0.json"]
+                else:
+                    _, logs = run_paths(grid.out, task, overlap, method)
+                    steps = [logs / f"step{t}.json" for t in range(tasks.num_steps(DATASET, task))]
+                results = [json.loads(path.read_text()) for path in steps if path.is_file()]
+                found.setdefault(method, {})[(task, overlap)] = results
+    return found
+
+
+def _percent(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(grid: Grid, results, foreground: bool) -> str:
+    suffix = "_fg" if foreground else ""
+    settings = [(task, overlap) for task in grid.tasks for overlap in grid.overlaps]
+    header = ["method"]
+    for task, overlap in settings:
+        name = f"{task} {'ov.' if overlap else 'disj.'}"
+        first_new = len(tasks.labels_of_step(DATASET, task, 0))
+        old = f"{1 if foreground else 0}-{first_new - 1}"
+        header += [f"{name} {old}", f"{first_new}-20", "all"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in grid.methods:
+        row = [REGISTRY[method].paper_row if method in REGISTRY else method]
+        for task, overlap in settings:
+            runs = results[method][(task, overlap)]
+            final = method == JOINT or len(runs) == tasks.num_steps(DATASET, task)
+            if not runs or not final:
+                row += ["–", "–", "–"]
+                continue
+            scores = group_scores(runs[-1], task)
+            row += [_percent(scores[f"{key}{suffix}"]) for key in ("old", "new", "all")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(grid: Grid, results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [(task, overlap) for task in grid.tasks for overlap in grid.overlaps]
+    figure, axes = plt.subplots(len(settings), 3, figsize=(13, 3.2 * len(settings)), squeeze=False)
+    for row, (task, overlap) in enumerate(settings):
+        steps = tasks.num_steps(DATASET, task)
+        for column, group in enumerate(("old", "new", "all")):
+            axis = axes[row][column]
+            for method in grid.methods:
+                runs = results[method][(task, overlap)]
+                if not runs:
+                    continue
+                label = REGISTRY[method].paper_row if method in REGISTRY else method
+                if method == JOINT:
+                    value = group_scores(runs[0], task)[f"{group}_fg"]
+                    if value is not None:
+                        axis.axhline(100 * value, linestyle="--", color="black", label=label)
+                    continue
+                values = [group_scores(result, task)[f"{group}_fg"] for result in runs]
+                points = [(t, 100 * v) for t, v in enumerate(values) if v is not None]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=label)
+            axis.set_xticks(range(steps))
+            axis.set_ylim(0, 100)
+            axis.set_title(f"{task} {'overlapped' if overlap else 'disjoint'}: {group} classes (no bg)")
+            axis.set_xlabel("after step")
+            axis.set_ylabel("mIoU (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=len(labels))
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(settings)))
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def write_report(grid: Grid, results, argv: List[str], wall: float, path: Path) -> None:
+    lines = [
+        "# Method benchmark on the synthetic dataset",
+        "",
+        "Command (from the repository root):",
+        "",
+        "```",
+        "python launch/benchmark_methods.py " + shlex.join(argv),
+        "```",
+        "",
+        f"Wall time of the grid's runs: {_duration(wall)}. Options of every run: "
+        f"`{shlex.join(grid.common)}`.",
+        "",
+        "mIoU (%) after the last step. Foreground only (the MiB paper's convention, Table 1):",
+        "",
+        markdown_table(grid, results, foreground=True),
+        "",
+        "With the background counted among the old classes and in all (PLOP's convention):",
+        "",
+        markdown_table(grid, results, foreground=False),
+        "",
+        f"![mIoU after each step]({path.with_suffix('.png').name})",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="benchmark", help="checkpoints, logs and the report go here")
+    parser.add_argument("--data_root", default="data", help="holds (or receives) SyntheticVOC/")
+    parser.add_argument("--methods", default=",".join([*REGISTRY, JOINT]),
+                        help="comma list of methods (registry names) and Joint")
+    parser.add_argument("--tasks", default="15-5,15-1", help="comma list of synthetic VOC tasks")
+    parser.add_argument("--settings", default="disjoint,overlap", help="disjoint, overlap or both")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun when > 1)")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--crop_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=4, help="per process")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="per step; the default grid is sized for about an hour on 2 cores")
+    parser.add_argument("--lr", type=float, default=0.02, help="step 0")
+    parser.add_argument("--incremental_lr", type=float, default=0.01, help="steps after step 0")
+    parser.add_argument("--extra", default="", help="more train.py options, one quoted string")
+    args = parser.parse_args(argv)
+
+    methods = [method.strip() for method in args.methods.split(",") if method.strip()]
+    unknown = [method for method in methods if method not in REGISTRY and method != JOINT]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; available: {', '.join([*REGISTRY, JOINT])}")
+    settings = [s.strip() for s in args.settings.split(",")]
+    if not set(settings) <= {"disjoint", "overlap"}:
+        parser.error(f"--settings {args.settings}: use disjoint, overlap or both")
+    task_list = [task.strip() for task in args.tasks.split(",")]
+    for task in task_list:
+        if tasks.labels_of_step(DATASET, task, 0) != tasks.labels_of_step(DATASET, STEP0_TASK, 0):
+            parser.error(f"--tasks: {task} does not start from the 15-class step 0 of {STEP0_TASK}")
+    common = ["--data_root", args.data_root, "--backbone", args.backbone, "--crop_size", str(args.crop_size),
+              "--batch_size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", str(args.lr),
+              "--incremental_lr", str(args.incremental_lr), "--val_interval", str(args.epochs),
+              "--no-visualize", *shlex.split(args.extra)]
+    out = Path(args.out).resolve()
+    grid = Grid(methods, task_list, [setting == "overlap" for setting in settings], common, out)
+    build_grid(grid)
+    wall = run_grid(grid, args.nproc, out / "train.log")
+    results = load_results(grid)
+    report = out / "results.md"
+    plot(grid, results, report.with_suffix(".png"))
+    write_report(grid, results, argv, wall, report)
+    print(f"table: {report}\nplot: {report.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

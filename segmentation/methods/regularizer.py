@@ -1,0 +1,172 @@
+"""Weight regularizers of EWC, PI and RW (spec §5.5): importance estimates and the quadratic penalty.
+
+A regularizer watches the trained parameters of the current model during a step:
+
+- after the loss backward of every iteration, :meth:`Regularizer.update` refines this step's
+  importance estimate from the current gradients;
+- :meth:`Regularizer.apply_penalty` then adds the gradient of
+  ``reg_importance * sum_n I_n * (theta_n - theta*_n)^2`` to the parameters' gradients, where
+  ``theta*`` are the step t-1 weights and ``I`` the step t-1 importance (min-max normalised per
+  tensor unless ``normalize=False``). Only parameters of the old model are penalised, so the new
+  classifier is free.
+
+At the end of a step :meth:`Regularizer.step_state` gives the importance that the next step
+penalises with; it is stored in the step checkpoint under ``"regularizer"``. The in-step
+checkpoints carry :meth:`Regularizer.state_dict` so that a resumed step is bit-identical.
+
+Distributed runs: the gradients seen by :meth:`update` are DDP's all-reduced averages and the
+parameters are the same on every rank, so every rank computes the same importance and the same
+penalty gradient locally, with no communication. The original code updated the importance on
+rank 0 only; doing it everywhere keeps every rank's state equal to the state a 1-process run with
+the same global batch computes, and lets any rank's in-step checkpoint stand for all of them.
+The penalty gradient is computed in closed form, ``2 * reg_importance * I * (theta - theta*)``,
+instead of a second backward through the DDP model.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+Tensors = Dict[str, torch.Tensor]
+
+
+def normalize_importance(importance: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation of one tensor to [0, 1]; a constant tensor gives zeros (not 0/0)."""
+    low, high = importance.min(), importance.max()
+    span = high - low
+    if span == 0:
+        return torch.zeros_like(importance)
+    return (importance - low) / span
+
+
+class Regularizer:
+    """Base class: penalty towards the step t-1 weights and state handling.
+
+    ``model`` is the (unwrapped) current model; its parameters that require gradients are
+    watched. ``previous`` is the ``"regularizer"`` entry of the step t-1 checkpoint and
+    ``previous_weights`` its ``model_state``; both are None at step 0 (no penalty then).
+    """
+
+    name = ""
+    #: Names of the tensor dictionaries of the in-step state.
+    state_tensors: tuple = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        previous: Optional[Mapping[str, Any]],
+        previous_weights: Optional[Mapping[str, torch.Tensor]],
+        *,
+        weight: float,
+        normalize: bool = True,
+    ) -> None:
+        self.weight = weight
+        self.normalize = normalize
+        self.parameters: Dict[str, nn.Parameter] = {
+            name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad
+        }
+        self.reference: Tensors = {}
+        self.penalty_importance: Tensors = {}
+        if previous is not None:
+            if previous_weights is None:
+                raise ValueError("previous regularizer state given without the previous weights")
+            importance = self.importance_to_penalize(previous)
+            for name, parameter in self.parameters.items():
+                if name not in previous_weights or name not in importance:
+                    continue  # a new classifier: not penalised
+                reference = previous_weights[name]
+                if reference.shape != parameter.shape:
+                    raise ValueError(f"regularizer: {name} has shape {tuple(reference.shape)} in the "
+                                     f"previous step, {tuple(parameter.shape)} now")
+                self.reference[name] = reference.detach().to(parameter)
+                self.penalty_importance[name] = importance[name].to(parameter)
+
+    # ------------------------------------------------------------- per method
+    def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
+        """The per-parameter importance of step t-1 used by the penalty (normalised if asked)."""
+        raise NotImplementedError
+
+    def update(self) -> None:
+        """Refine this step's importance from the parameters' current gradients."""
+        raise NotImplementedError
+
+    def step_state(self) -> Dict[str, Any]:
+        """What the next step needs, for the step checkpoint (call once, after training)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- shared
+    def _normalized(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+        if not self.normalize:
+            return dict(tensors)
+        return {name: normalize_importance(value) for name, value in tensors.items()}
+
+    def _previous(self, previous: Optional[Mapping[str, Any]], key: str) -> Tensors:
+        return {} if previous is None else dict(previous[key])
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.reference)
+
+    @torch.no_grad()
+    def apply_penalty(self) -> Optional[torch.Tensor]:
+        """Add the penalty's gradient to ``.grad``; returns the penalty value (None at step 0)."""
+        if not self.penalizes:
+            return None
+        total = None
+        for name, reference in self.reference.items():
+            parameter = self.parameters[name]
+            importance = self.penalty_importance[name]
+            difference = parameter - reference
+            value = (importance * difference * difference).sum()
+            total = value if total is None else total + value
+            gradient = (2.0 * self.weight) * importance * difference
+            if parameter.grad is None:
+                parameter.grad = gradient
+            else:
+                parameter.grad.add_(gradient)
+        return self.weight * total
+
+    def state_dict(self) -> Dict[str, Any]:
+        """In-step state (tensors cloned; counters as ints)."""
+        state: Dict[str, Any] = {"name": self.name}
+        for key in self.state_tensors:
+            state[key] = {name: value.clone() for name, value in getattr(self, key).items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"in-step checkpoint holds {state.get('name')!r} regularizer state, "
+                             f"this run uses {self.name!r}")
+        for key in self.state_tensors:
+            current = getattr(self, key)
+            saved = state[key]
+            if saved.keys() != current.keys():
+                raise ValueError(f"in-step regularizer state {key!r} does not fit the model's parameters")
+            for name, value in saved.items():
+                current[name].copy_(value)
+
+
+class FisherEMA:
+    """Running Fisher estimate ``F <- alpha * g^2 + (1 - alpha) * F`` (EWC and RW).
+
+    Starts from the previous step's (unnormalised) Fisher where it exists, from ones elsewhere.
+    """
+
+    def __init__(self, parameters: Mapping[str, nn.Parameter], previous: Mapping[str, torch.Tensor],
+                 alpha: float) -> None:
+        self.alpha = alpha
+        self.values: Tensors = {}
+        for name, parameter in parameters.items():
+            if name in previous:
+                self.values[name] = previous[name].detach().to(parameter).clone()
+            else:
+                self.values[name] = torch.ones_like(parameter, requires_grad=False).detach()
+
+    @torch.no_grad()
+    def update(self, parameters: Mapping[str, nn.Parameter]) -> None:
+        for name, parameter in parameters.items():
+            if parameter.grad is not None:
+                fisher = self.values[name]
+                fisher.mul_(1.0 - self.alpha).addcmul_(parameter.grad, parameter.grad, value=self.alpha)
