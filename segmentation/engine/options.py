@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``train.py`` argument parser (no presets or validation: see :func:`parse_options`)."""
     parser = _Parser(
         prog="train.py",
+        usage="train.py [options], e.g. train.py --dataset voc --task 15-5 --step all --method MiB",
         description="Class-incremental semantic segmentation (MiB and baselines): train and/or "
         "test one or more incremental steps.",
         formatter_class=_HelpFormatter,
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     task = parser.add_argument_group("incremental task")
     task.add_argument("--task", default="19-1", help="task name, e.g. 19-1, 15-5, 15-1, 100-50")
     task.add_argument("--step", nargs="+", default=["0"],
-                      help="steps to run: one step (1), several (0 1 2 or 0,1,2) or 'all'")
+                      help="steps to run: one step (1), several (0 1 2 or 0,1,2) or 'all' (default: 0)")
     task.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true",
                       help="overlapped setting (default: disjoint)")
 
@@ -144,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, nargs="+", default=[0.007],
-                       help="base learning rate, or one per selected step as in PLOP "
-                       "(protocol: 0.01 at step 0, 0.001 later)")
+                       help="base learning rate (default: 0.007), or one per selected step as in "
+                       "PLOP; protocol: 0.01 at step 0, 0.001 later")
     optim.add_argument("--incremental_lr", type=float, default=None,
                        help="base learning rate of the steps after step 0 (default: --lr); the protocol "
                             "in one launch is --step all --lr 0.01 --incremental_lr 0.001")
@@ -237,10 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                       help="accepted for torch.distributed.launch command lines and ignored")
 
-    compat = parser.add_argument_group(
-        "compatibility", "PLOP options accepted and ignored (they change nothing here).")
+    # PLOP options that change nothing here: accepted, noted in the log, not shown in --help.
     for flag in PLOP_IGNORED_OPTIONS:
-        compat.add_argument(flag, dest="ignored_" + flag.strip("-").replace("-", "_"), default=None,
+        parser.add_argument(flag, dest="ignored_" + flag.strip("-").replace("-", "_"), default=None,
                             help=argparse.SUPPRESS)
     return parser
 

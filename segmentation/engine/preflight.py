@@ -186,6 +186,9 @@ class Preflight:
                 ckpt, opts.dataset, opts.task, step, tasks.classes_per_step(opts.dataset, opts.task, step), path)
         except (OSError, ValueError) as error:
             raise SetupError(f"{option} {path}: {error}") from error
+        if option == "--ckpt" and not opts.test and "optimizer_state" not in ckpt:
+            raise UsageError(f"--ckpt {path}: not an in-step checkpoint (no optimizer state), so "
+                             "training cannot resume from it; to test it add --test")
         if converted:
             self.notes.append(f"{option} {path}: a checkpoint of the original MiB/PLOP code, converted "
                               f"(classes per step {ckpt['classes']} match {opts.task} step {step})")
