@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     logging_.add_argument("--name", default="Experiment", help="run name (logs and checkpoints)")
     logging_.add_argument("--logdir", default="logs",
                           help="logs go to <logdir>/<dataset>-<task>[-ov]/<name>/")
-    logging_.add_argument("--no-visualize", "--no_visualize", dest="visualize", action="store_false",
+    logging_.add_argument("--no-visualize", dest="visualize", action="store_false",
                           help="do not write TensorBoard event files (written by rank 0 by default)")
+    logging_.add_argument("--no_visualize", dest="visualize", action="store_false",
+                          help=argparse.SUPPRESS)
     logging_.add_argument("--visualize", dest="visualize_flag", action="store_true",
                           help=argparse.SUPPRESS)
     logging_.add_argument("--debug", action="store_true",
