@@ -430,7 +430,7 @@ def _check_data_root(parser: argparse.ArgumentParser, opts: argparse.Namespace) 
             parser.error(
                 f"--dataset {opts.dataset}: no dataset at {folder}. Put the data there (or point "
                 f"--data_root at the folder holding {DATASET_FOLDERS[opts.dataset]}/; the README's "
-                "'Data' section says how), or run --dataset synthetic, which needs no download")
+                "'Datasets' section says how), or run --dataset synthetic, which needs no download")
         return
     real = [name for key, name in DATASET_FOLDERS.items()
             if key != "synthetic" and os.path.isdir(os.path.join(opts.data_root, name))]

@@ -49,7 +49,9 @@ def step_lr(options: Dict[str, Any], step: int) -> Optional[float]:
 def differing_options(stored: Dict[str, Any], current: Dict[str, Any], step: int) -> List[str]:
     """``--option stored -> current`` for each result-changing option that differs at ``step``."""
     differences = []
-    for name in sorted(set(stored) & set(current) - NOT_RESULT_CHANGING):
+    # ImageNet weights only initialise step 0.
+    ignored = NOT_RESULT_CHANGING | ({"pretrained", "no_pretrained"} if step > 0 else set())
+    for name in sorted(set(stored) & set(current) - ignored):
         if stored[name] != current[name]:
             differences.append(f"--{name} {stored[name]} -> {current[name]}")
     if step_lr(stored, step) != step_lr(current, step):

@@ -40,7 +40,9 @@ from segmentation.engine.options import ADE_BALANCED_SPLITS
 from segmentation.engine.original_checkpoint import adapt_checkpoint
 from segmentation.engine.preflight import remove_created, run_checks
 from segmentation.engine.sampler import GlobalBatchSampler
-from segmentation.engine.trainer import StopSignal, Trainer, build_optimizer, build_scheduler
+from segmentation.engine.trainer import (
+    StopSignal, Trainer, TrainingInterrupted, build_optimizer, build_scheduler,
+)
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
@@ -465,6 +467,8 @@ def main(opts: argparse.Namespace) -> None:
         try:
             for step in opts.steps:
                 StepRunner(opts, step, device).run(stop_signal)
+        except TrainingInterrupted:
+            raise  # its in-step checkpoint and logs are resumed by the next launch
         except Exception:
             if distributed.is_main_process():
                 remove_created(preflight.created)
