@@ -8,7 +8,7 @@ lines keep working, with these fixes:
 - A method preset only fills in the options that were *not* given explicitly, so
   ``--method MiB --loss_kd 100`` really uses 100 (the reference let the preset win).
 - The reference's inverted ``store_false`` flags are replaced by options that say what they do:
-  ``--eval_full_image`` (old ``--crop_val``) and ``--visualize/--no-visualize``.
+  ``--eval_full_image`` (old ``--crop_val``) and ``--no-visualize``.
 - ``--step`` takes one step, several (``0 1`` as in PLOP, or ``0,1``) or ``all``; ``--lr`` takes
   one value, or one value per selected step (PLOP's ``--lr 0.01 0.001``).
 - ``--visualize`` is refused: the reference's flag turned TensorBoard *off*; use ``--no-visualize``.
