@@ -95,6 +95,7 @@ PARSE_ERRORS = [
     (["--pod", "local", "--pod_factor", "0.01"], "--pod"),
     (["--pretrained", "/nonexistent/w.pth"], "--pretrained"),
     (["--lr", "0.01", "0.001"], "--lr"),
+    (["--step", "1", "--step_ckpt", "/nonexistent/step0.pth"], "--step_ckpt /nonexistent/step0.pth"),
 ]
 
 
@@ -112,7 +113,6 @@ CHECKED_BEFORE_TRAINING = [
     (["--batch_size", "1", "--norm_act", "abn"], 2, ["--batch_size", "--norm_act abn"]),
     (["--backbone", "resnet19"], 2, ["--backbone resnet19", "resnet18"]),
     (["--step", "1"], 2, ["step0.pth", "train step 0 first", "--step all", "--step_ckpt"]),
-    (["--step", "1", "--step_ckpt", "{inputs}/missing.pth"], 1, ["--step_ckpt", "missing.pth", "not found"]),
     (["--step", "1", "--step_ckpt", "{inputs}/text.pth"], 1, ["--step_ckpt", "text.pth", "not a checkpoint"]),
     (["--step", "1", "--step_ckpt", "{inputs}/original-two-heads.pth"], 1,
      ["--step_ckpt", "original MiB/PLOP", "[16, 3]", "[16]"]),

@@ -29,8 +29,14 @@ def _workdir(tmp_path, monkeypatch):
 
 
 def _argv(line):
+    """The line's arguments, with our data folder and local stand-ins for its checkpoint files."""
     argv = shlex.split(line["argv"])
     argv[argv.index("--data_root") + 1] = "data"
+    for flag in ("--ckpt", "--step_ckpt"):
+        if flag in argv:
+            stand_in = os.path.basename(argv[argv.index(flag) + 1])
+            open(stand_in, "wb").close()
+            argv[argv.index(flag) + 1] = stand_in
     return argv
 
 

@@ -409,6 +409,10 @@ def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> 
         parser.error(f"--step_ckpt belongs to one step, but --step selects steps {opts.steps}")
     if opts.step_ckpt is not None and opts.steps == [0]:
         parser.error("--step_ckpt is the checkpoint of the previous step; step 0 has none")
+    for option in ("step_ckpt", "ckpt"):
+        path = getattr(opts, option)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"--{option} {path}: file not found")
 
 
 def _check_ade_splits(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
