@@ -110,7 +110,6 @@ def test_usage_errors_found_while_parsing(data_root, good_run, extra, culprit):
 CHECKED_BEFORE_TRAINING = [
     # (extra options, exit code, words the message must hold)
     (["--batch_size", "1"], 2, ["--batch_size"]),
-    (["--batch_size", "1", "--norm_act", "abn"], 2, ["--batch_size", "--norm_act abn"]),
     (["--backbone", "resnet19"], 2, ["--backbone resnet19", "resnet18"]),
     (["--step", "1"], 2, ["step0.pth", "train step 0 first", "--step all", "--step_ckpt"]),
     (["--step", "1", "--step_ckpt", "{inputs}/text.pth"], 1, ["--step_ckpt", "text.pth", "not a checkpoint"]),

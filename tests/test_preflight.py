@@ -1,9 +1,11 @@
 """Pieces of the pre-training checks: option comparison, original checkpoints, cleanup."""
+import argparse
+
 import pytest
 import torch
 
 from segmentation.engine.original_checkpoint import adapt_checkpoint, convert_original_checkpoint, head_widths
-from segmentation.engine.preflight import differing_options, remove_created
+from segmentation.engine.preflight import Preflight, UsageError, differing_options, remove_created, stored_options
 from segmentation.models import build_model
 
 BASE = {"lr": 0.01, "incremental_lr": 0.001, "loss_kd": 10.0, "num_workers": 2, "pretrained": "w.pth",
@@ -67,3 +69,32 @@ def test_remove_created_keeps_folders_with_finished_files(tmp_path):
     (kept / "step0.json").write_text("{}")
     remove_created([tmp_path / "a", kept, tmp_path / "b", removed])
     assert (kept / "step0.json").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("norm_act, batch_size, world_size, refused", [
+    ("iabn_sync", 1, 1, True),   # one image in all
+    ("iabn_sync", 1, 2, False),  # one image per process, two in the synchronised batch
+    ("iabn", 1, 2, True),        # unsynchronised: each process normalises over one image
+    ("abn", 2, 1, False),
+])
+def test_batch_size_against_normalisation(norm_act, batch_size, world_size, refused, tmp_path):
+    opts = argparse.Namespace(backbone="resnet18", test=False, norm_act=norm_act, batch_size=batch_size)
+    preflight = Preflight(opts, tmp_path, tmp_path)
+    if refused:
+        with pytest.raises(UsageError, match="--batch_size 1"):
+            preflight.check_options(world_size)
+    else:
+        preflight.check_options(world_size)
+    opts.test = True  # testing has no training batch
+    preflight.check_options(world_size)
+
+
+def test_stored_options_of_a_half_finished_step(tmp_path):
+    checkpoints, logs = tmp_path / "ck", tmp_path / "logs"
+    checkpoints.mkdir()
+    assert stored_options(checkpoints, logs, 0) is None
+    torch.save({"options": dict(BASE, loss_kd=1.0)}, checkpoints / "step0-iter4.pth")
+    torch.save({"options": dict(BASE, loss_kd=2.0)}, checkpoints / "step0-iter8.pth")
+    assert stored_options(checkpoints, logs, 0)["loss_kd"] == 2.0  # the newest in-step checkpoint
+    torch.save({"options": dict(BASE, loss_kd=3.0)}, checkpoints / "step0.pth")
+    assert stored_options(checkpoints, logs, 0)["loss_kd"] == 3.0  # the step-final one first
