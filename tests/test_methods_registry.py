@@ -3,7 +3,8 @@ import os
 import re
 
 from segmentation.engine.options import METHODS, parse_options
-from segmentation.methods import REGISTRY, REGULARIZERS, find_method, method_preset
+from segmentation.methods import REGISTRY, find_method, method_preset
+from segmentation.methods.regularizer import REGULARIZERS
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -26,7 +27,7 @@ def test_readme_method_table_matches_the_registry():
 def test_command_line_offers_every_registered_method_with_its_preset():
     assert METHODS == tuple(REGISTRY)
     for name, method in REGISTRY.items():
-        opts = parse_options(["--method", name.lower(), "--task", "15-5"])
+        opts = parse_options(["--dataset", "synthetic", "--method", name.lower(), "--task", "15-5"])
         assert opts.method == name
         for option, value in method.options("15-5").items():
             assert getattr(opts, option) == value, (name, option)
@@ -35,7 +36,8 @@ def test_command_line_offers_every_registered_method_with_its_preset():
 def test_regularizer_methods_name_their_regularizer():
     for name in ("EWC", "PI", "RW"):
         preset = method_preset(name, "15-5")
-        assert REGULARIZERS[preset["regularizer"]] is REGISTRY[name].regularizer
+        assert preset["regularizer"] == REGISTRY[name].regularizer
+        assert REGULARIZERS[preset["regularizer"]].name == preset["regularizer"]
 
 
 def test_lookup_accepts_the_original_spellings():

@@ -4,11 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from segmentation.methods import REGULARIZERS, build_regularizer
-from segmentation.methods.ewc import EWC
-from segmentation.methods.pi import PI
-from segmentation.methods.regularizer import normalize_importance
-from segmentation.methods.rw import RW
+from segmentation.methods.regularizer import (
+    EWC, PI, REGULARIZERS, RW, build_regularizer, normalize_importance,
+)
 
 
 class Tiny(nn.Module):

@@ -7,17 +7,29 @@ from segmentation.engine import options
 from segmentation.engine.options import build_parser, parse_options
 
 
+@pytest.fixture(autouse=True)
+def _workdir(tmp_path, monkeypatch):
+    """Run in a folder whose data/ holds (empty) VOC and ADE folders and the default ImageNet file."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("PascalVOC12", "ADEChallengeData2016"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / "resnet101_iabn_sync.pth.tar").write_bytes(b"weights")
+
+
 def _error(argv, capsys) -> str:
-    """Parse ``argv``, expect a usage error, and return its message."""
+    """Parse ``argv``, expect a usage error, and return its message (one line)."""
     with pytest.raises(SystemExit) as exit_info:
         parse_options(argv)
     assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("train.py: error: ")
+    return message
 
 
 def test_reference_defaults():
     opts = parse_options([])
-    assert opts.dataset == "synthetic"
+    assert opts.dataset == "voc"
     assert opts.task == "19-1" and opts.steps == [0] and not opts.overlap
     assert opts.method is None
     assert (opts.lr, opts.epochs, opts.batch_size, opts.crop_size) == (0.007, 30, 4, 512)
@@ -30,7 +42,8 @@ def test_reference_defaults():
     assert opts.amp == "off" and not opts.channels_last and opts.device == "auto"
     assert opts.checkpoint_dir == "checkpoints" and opts.ckpt_interval == 500 and opts.resume
     assert not opts.test and not opts.eval_full_image and opts.visualize
-    assert opts.pretrained is None  # synthetic data trains from scratch by default
+    assert opts.pretrained == os.path.join("pretrained", "resnet101_iabn_sync.pth.tar")
+    assert parse_options(["--dataset", "synthetic", "--data_root", "syn"]).pretrained is None  # from scratch
     assert opts.name == "Experiment" and opts.logdir == "logs" and opts.split_dir is None
 
 
@@ -39,6 +52,7 @@ def test_method_is_case_insensitive(spelling):
     opts = parse_options(["--method", spelling, "--task", "15-5", "--step", "1"])
     assert opts.method == "MiB"
     assert (opts.loss_kd, opts.unce, opts.unkd, opts.init_balanced) == (10.0, True, True, True)
+    assert opts.notes == ["MiB preset filled in: loss_kd=10, unce=True, unkd=True, init_balanced=True"]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +75,10 @@ def test_presets(method, expected):
 
 @pytest.mark.parametrize("task, kd", [("15-5s", 100.0), ("15-1", 100.0), ("15-5", 10.0), ("19-1", 10.0)])
 def test_mib_kd_weight_depends_on_task(task, kd):
-    assert parse_options(["--method", "MiB", "--task", task]).loss_kd == kd
+    opts = parse_options(["--method", "MiB", "--task", task])
+    assert opts.loss_kd == kd
+    # The deviation from the original code's preset is said in the log.
+    assert ("the original code's preset was 10" in opts.notes[0]) == (kd == 100.0)
 
 
 def test_explicit_options_override_the_preset():
@@ -105,7 +122,7 @@ def test_aliases():
     assert parse_options(["--eval_full_image"]).eval_full_image
     assert not parse_options(["--no-visualize"]).visualize
     assert not parse_options(["--no_visualize"]).visualize
-    assert parse_options(["--visualize"]).visualize
+    assert parse_options(["--checkpoint", "ck/step"]).checkpoint_dir == "ck/step"  # PLOP's name
     assert not parse_options(["--no_resume"]).resume
     assert parse_options(["--local_rank", "3"]).steps == [0]
     assert parse_options(["--local-rank=1"]).steps == [0]
@@ -124,9 +141,9 @@ def test_steps():
     assert parse_options(["--task", "15-5", "--step", "ALL"]).steps == [0, 1]
 
 
-@pytest.mark.parametrize("step", ["2", "0,5", "x", "1,0", "-1"])
+@pytest.mark.parametrize("step", ["2", "0,5", "x", "1,0", "1 0", "0 2"])
 def test_invalid_steps(step, capsys):
-    message = _error(["--task", "15-5", "--step", step], capsys)
+    message = _error(["--task", "15-5", "--step", *step.split()], capsys)
     assert f"--step {step}" in message
 
 
@@ -169,7 +186,6 @@ def test_pretrained_default_on_real_datasets(tmp_path, monkeypatch, capsys):
     assert parse_options(["--dataset", "voc", "--pretrained", "torchvision"]).pretrained == "torchvision"
 
     default = tmp_path / "pretrained" / "resnet50_iabn_sync.pth.tar"
-    default.parent.mkdir()
     default.write_bytes(b"weights")
     opts = parse_options(["--dataset", "voc", "--backbone", "resnet50"])
     assert opts.pretrained == os.path.join("pretrained", "resnet50_iabn_sync.pth.tar")
@@ -198,7 +214,7 @@ def test_invalid_values(argv, option, capsys):
 
 def test_old_reference_command_line(tmp_path):
     # A README-style command line (with its typos) is accepted.
-    argv = ["--local_rank", "0", "--data_root", str(tmp_path), "--batch_size", "12", "--dataset", "voc",
+    argv = ["--local_rank", "0", "--data_root", "data", "--batch_size", "12", "--dataset", "voc",
             "--name", "MIB", "--task", "15-5s", "--step", "1", "--lr", "0.001", "--epochs", "30",
             "--method", "MIB", "--overlapped", "--opt_level", "O1", "--crop_val"]
     opts = parse_options(argv)
@@ -238,3 +254,85 @@ def test_incremental_lr_defaults_to_none_and_must_be_positive():
     assert parse_options(["--incremental_lr", "0.001"]).incremental_lr == 0.001
     with pytest.raises(SystemExit):
         parse_options(["--incremental_lr", "0"])
+
+
+def test_steps_and_learning_rates_per_step_as_in_plop():
+    opts = parse_options(["--task", "15-5s", "--step", "0", "1", "2", "--lr", "0.01", "0.001", "0.001"])
+    assert opts.steps == [0, 1, 2] and (opts.lr, opts.incremental_lr) == (0.01, 0.001)
+    opts = parse_options(["--task", "15-5s", "--step", "2", "3", "--lr", "0.001", "0.001"])
+    assert opts.steps == [2, 3] and opts.incremental_lr == 0.001
+    single = parse_options(["--task", "15-5", "--step", "1", "--lr", "0.001"])
+    assert (single.lr, single.incremental_lr) == (0.001, None)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--step", "0", "1", "--lr", "0.01"], None),  # one value: every step
+    (["--step", "0", "1", "--lr", "0.01", "0.001", "0.1"], "one per step"),
+    (["--task", "15-5s", "--step", "1", "2", "--lr", "0.001", "0.002"], "share one learning rate"),
+    (["--step", "0", "1", "--lr", "0.01", "0.001", "--incremental_lr", "0.001"], "drop --incremental_lr"),
+])
+def test_learning_rates_per_step_errors(argv, words, capsys):
+    argv = ["--task", "15-5", *argv] if "--task" not in argv else argv
+    if words is None:
+        assert parse_options(argv).lr == 0.01
+    else:
+        assert words in _error(argv, capsys)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--random_seed", "-1"], "--random_seed"), (["--momentum", "2.7"], "--momentum"),
+    (["--crop_size", "7"], "--crop_size"), (["--crop_size", "24", "--output_stride", "16"], "--output_stride 16"),
+    (["--lr_power", "0"], "--lr_power"),
+])
+def test_ranges(argv, option, capsys):
+    assert option in _error(argv, capsys)
+    assert parse_options(["--crop_size", "16", "--output_stride", "8"]).crop_size == 16
+
+
+def test_visualize_is_refused_with_its_original_meaning(capsys):
+    message = _error(["--visualize"], capsys)
+    assert "turned TensorBoard off" in message and "--no-visualize" in message
+
+
+def test_plop_harmless_options_are_noted(capsys):
+    opts = parse_options(["--date", "2021-01-01", "--code_directory", ".", "--fusion-mode", "mean"])
+    assert [note.split(":")[0] for note in opts.notes] == ["--date 2021-01-01", "--code_directory .",
+                                                           "--fusion-mode mean"]
+    assert not any(name.startswith("ignored_") for name in vars(opts))
+
+
+@pytest.mark.parametrize("argv", [["--pod", "local"], ["--pseudo=entropy"], ["--classif_adaptive_factor"],
+                                  ["--method", "PLOP"]])
+def test_plop_method_options_are_refused(argv, capsys):
+    message = _error(argv, capsys)
+    assert argv[0].split("=")[0] in message or "PLOP" in message
+    assert "not implemented" in message
+
+
+@pytest.mark.parametrize("task", ["50", "50b", "50-50"])
+def test_ade_balanced_splits_need_the_original_files(task, tmp_path, capsys):
+    argv = ["--dataset", "ade", "--task", task, "--step", "1"]
+    message = _error(argv, capsys)
+    assert "--split_dir" in message and "--allow_regenerated_splits" in message and "fcdl94/MiB" in message
+    assert parse_options([*argv, "--allow_regenerated_splits"]).task == task
+    assert parse_options([*argv, "--split_dir", str(tmp_path)]).split_dir == str(tmp_path)
+    assert parse_options([*argv, "--overlap"]).overlap  # overlapped splits are always computed
+    assert parse_options(["--dataset", "ade", "--task", "100-50", "--step", "1"]).task == "100-50"
+
+
+def test_missing_dataset_points_to_synthetic(tmp_path, capsys):
+    message = _error(["--data_root", str(tmp_path / "nowhere")], capsys)
+    assert "PascalVOC12" in message and "--dataset synthetic" in message
+
+
+def test_synthetic_data_is_not_written_next_to_a_real_dataset(tmp_path, capsys):
+    message = _error(["--dataset", "synthetic"], capsys)  # ./data holds PascalVOC12/
+    assert "--data_root" in message and "--allow_synthetic_in_data_root" in message
+    assert parse_options(["--dataset", "synthetic", "--allow_synthetic_in_data_root"]).dataset == "synthetic"
+    assert parse_options(["--dataset", "synthetic", "--data_root", str(tmp_path / "syn")]).dataset == "synthetic"
+
+
+def test_debug_flag_and_environment(monkeypatch):
+    assert options.debug_requested(["--debug"]) and not options.debug_requested([])
+    monkeypatch.setenv(options.DEBUG_ENV, "1")
+    assert options.debug_requested([])

@@ -26,7 +26,8 @@ def data_root(tmp_path_factory):
 def two_step_run(data_root, tmp_path_factory):
     """A 15-5 MiB run of both steps by one command."""
     out = tmp_path_factory.mktemp("e2e")
-    args = train_args(data_root, out, "--step", "all", "--method", "MiB", "--visualize", "--sample_num", "1")
+    args = train_args(data_root, out, "--step", "all", "--method", "MiB", "--sample_num", "1")
+    args.remove("--no-visualize")  # TensorBoard is on by default
     result = run_train(args)
     return out, args, result
 

@@ -6,7 +6,7 @@ import torch
 from segmentation.engine.methods import MethodLoss
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.engine.trainer import Trainer, build_optimizer, build_scheduler
-from segmentation.methods.ewc import EWC
+from segmentation.methods.regularizer import EWC
 from test_train_trainer import AugmentedSet, TinySegmenter, _opts
 
 

@@ -8,23 +8,52 @@ lines keep working, with these fixes:
 - A method preset only fills in the options that were *not* given explicitly, so
   ``--method MiB --loss_kd 100`` really uses 100 (the reference let the preset win).
 - The reference's inverted ``store_false`` flags are replaced by options that say what they do:
-  ``--eval_full_image`` (old ``--crop_val``) and ``--visualize/--no-visualize``.
-- ``--step`` takes one step, a comma-separated list or ``all``.
+  ``--eval_full_image`` (old ``--crop_val``) and ``--no-visualize``.
+- ``--step`` takes one step, several (``0 1`` as in PLOP, or ``0,1``) or ``all``; ``--lr`` takes
+  one value, or one value per selected step (PLOP's ``--lr 0.01 0.001``).
+- ``--visualize`` is refused: the reference's flag turned TensorBoard *off*; use ``--no-visualize``.
+- PLOP's options that do not change results (``--date``, ``--code_directory``, ...) are accepted
+  and ignored with a note; PLOP's method options (``--pod``, ``--pseudo``, ...) are refused.
+
+Parsing never imports torch, so ``--help`` and usage errors answer at once.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Optional, Set
+import sys
+from typing import Dict, List, NoReturn, Optional, Set
 
 from segmentation import tasks
-from segmentation.methods import find_method, method_preset, method_names
+from segmentation.methods import REGISTRY, find_method, method_names, method_preset
 from segmentation.methods.mib import KD_100_TASKS
 
 DATASETS = ("synthetic", "voc", "ade")
 METHODS = tuple(method_names())  # presets: segmentation/methods/
-REGULARIZER_NAMES = ("ewc", "pi", "rw")
+REGULARIZER_NAMES = tuple(method.regularizer for method in REGISTRY.values() if method.regularizer)
 DTYPES = ("float32", "float64")
+
+# ADE tasks whose original training splits came from a balancing notebook whose seed was lost
+# (spec §3.3, B18): the disjoint filter computes other splits. Step sizes of the original files.
+ADE_BALANCED_SPLITS: Dict[str, List[int]] = {
+    "50": [8219, 6384, 5593], "50-50": [8219, 6384, 5593], "50b": [6659, 7483, 6054],
+}
+
+# PLOP options that change nothing here: accepted, ignored with a note.
+PLOP_IGNORED_OPTIONS = ("--date", "--code_directory", "--num_classes", "--fusion-mode")
+# PLOP's own method options: not implemented, refused with one message.
+PLOP_METHOD_OPTIONS = (
+    "--pod", "--pod_factor", "--pod_options", "--pod_logits", "--pod_prepro", "--pod_apply",
+    "--pod_deeplab_mask", "--pod_interpolate_last", "--pod_large_logits", "--no_pod_schedule",
+    "--pseudo", "--threshold", "--step_threshold", "--ce_on_pseudo", "--classif_adaptive_factor",
+    "--classif_adaptive_min_factor", "--pseudo_soft", "--nb_background_modes", "--init_multimodal",
+    "--align_weight", "--kd_new", "--cosine", "--nca", "--spp_scales",
+)
+
+DEBUG_ENV = "SEGMENTATION_DEBUG"
+# Folder of each dataset under --data_root (as segmentation.data.readers.DATASET_DIRS, which
+# imports torch; parsing must not).
+DATASET_FOLDERS = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "synthetic": "SyntheticVOC"}
 
 AMP_MODES = ("off", "fp16", "bf16")
 OPT_LEVEL_TO_AMP = {"O0": "off", "O1": "fp16", "O2": "fp16", "O3": "fp16"}
@@ -45,10 +74,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (no usage block): what is wrong and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (train.py --help lists every option)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``train.py`` argument parser (no presets or validation: see :func:`parse_options`)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="train.py",
+        usage="train.py [options], e.g. train.py --dataset voc --task 15-5 --step all --method MiB",
         description="Class-incremental semantic segmentation (MiB and baselines): train and/or "
         "test one or more incremental steps.",
         formatter_class=_HelpFormatter,
@@ -57,9 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data_root", default="data",
                       help="folder holding PascalVOC12/, ADEChallengeData2016/ or SyntheticVOC/")
-    data.add_argument("--dataset", default="synthetic", choices=DATASETS,
+    data.add_argument("--dataset", default="voc", choices=DATASETS,
                       help="'synthetic' is a small generated VOC-like dataset (written under "
                       "<data_root>/SyntheticVOC on first use) so the quickstart needs no download")
+    data.add_argument("--allow_synthetic_in_data_root", action="store_true",
+                      help="write SyntheticVOC/ even into a --data_root that holds a real dataset")
+    data.add_argument("--allow_regenerated_splits", action="store_true",
+                      help="ADE 50-50 (50, 50b, 50-50) without --split_dir: compute splits that "
+                      "differ from the original's (which cannot be regenerated)")
     data.add_argument("--split_dir", default=None,
                       help="folder of existing split index files, e.g. the original code's data/voc/15-5 "
                            "(default: computed once, cached under <dataset>/incremental-splits/)")
@@ -67,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     task = parser.add_argument_group("incremental task")
     task.add_argument("--task", default="19-1", help="task name, e.g. 19-1, 15-5, 15-1, 100-50")
-    task.add_argument("--step", default="0",
-                      help="step to run: one step (1), a comma list (0,1,2) or 'all'")
+    task.add_argument("--step", nargs="+", default=["0"],
+                      help="steps to run: one step (1), several (0 1 2 or 0,1,2) or 'all' (default: 0)")
     task.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true",
                       help="overlapped setting (default: disjoint)")
     task.add_argument("--no_mask", action="store_true",
@@ -116,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="RW: iterations between score updates")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, default=0.007,
-                       help="base learning rate (protocol: 0.01 at step 0, 0.001 later)")
+    optim.add_argument("--lr", type=float, nargs="+", default=[0.007],
+                       help="base learning rate (default: 0.007), or one per selected step as in "
+                       "PLOP; protocol: 0.01 at step 0, 0.001 later")
     optim.add_argument("--incremental_lr", type=float, default=None,
                        help="base learning rate of the steps after step 0 (default: --lr); the protocol "
                             "in one launch is --step all --lr 0.01 --incremental_lr 0.001")
@@ -166,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto = cuda when available")
 
     ckpt = parser.add_argument_group("checkpoints and resuming")
-    ckpt.add_argument("--checkpoint_dir", default="checkpoints",
+    ckpt.add_argument("--checkpoint_dir", "--checkpoint", dest="checkpoint_dir", default="checkpoints",
                       help="checkpoints go to <checkpoint_dir>/<dataset>-<task>[-ov]/<name>/")
     ckpt.add_argument("--step_ckpt", default=None,
                       help="checkpoint of the previous step (default: step<t-1>.pth of this run)")
@@ -178,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(0 = epoch ends only)")
     ckpt.add_argument("--no_resume", dest="resume", action="store_false",
                       help="ignore in-step checkpoints left by an interrupted run")
+    ckpt.add_argument("--overwrite", action="store_true",
+                      help="replace the files of an earlier run under the same --name whose "
+                      "options differ (default: refuse)")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--test", action="store_true", help="skip training, only test")
@@ -198,10 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     logging_.add_argument("--name", default="Experiment", help="run name (logs and checkpoints)")
     logging_.add_argument("--logdir", default="logs",
                           help="logs go to <logdir>/<dataset>-<task>[-ov]/<name>/")
-    logging_.add_argument("--visualize", action=argparse.BooleanOptionalAction, default=True,
-                          help="write TensorBoard event files (rank 0); on by default")
+    logging_.add_argument("--no-visualize", dest="visualize", action="store_false",
+                          help="do not write TensorBoard event files (written by rank 0 by default)")
     logging_.add_argument("--no_visualize", dest="visualize", action="store_false",
                           help=argparse.SUPPRESS)
+    logging_.add_argument("--visualize", dest="visualize_flag", action="store_true",
+                          help=argparse.SUPPRESS)
+    logging_.add_argument("--debug", action="store_true",
+                          help=f"show the Python traceback of an error (or set {DEBUG_ENV}=1)")
     logging_.add_argument("--sample_num", type=int, default=0,
                           help="validation samples logged as images")
     logging_.add_argument("--print_interval", type=int, default=10,
@@ -212,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Launch with torchrun (or srun under SLURM); the rank comes from the environment.")
     dist.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                       help="accepted for torch.distributed.launch command lines and ignored")
+
+    # PLOP options that change nothing here: accepted, noted in the log, not shown in --help.
+    for flag in PLOP_IGNORED_OPTIONS:
+        parser.add_argument(flag, dest="ignored_" + flag.strip("-").replace("-", "_"), default=None,
+                            help=argparse.SUPPRESS)
     return parser
 
 
@@ -224,33 +279,90 @@ def _explicit_options(argv: Optional[List[str]]) -> Set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+def _refuse_plop_method_options(parser: argparse.ArgumentParser, argv: List[str]) -> None:
+    given = [token.split("=", 1)[0] for token in argv if token.split("=", 1)[0] in PLOP_METHOD_OPTIONS]
+    if given:
+        parser.error(
+            f"{', '.join(dict.fromkeys(given))}: PLOP's method options are not implemented here "
+            f"(methods: {', '.join(METHODS)}); remove them, or run PLOP with its own code")
+
+
 def _normalise_method(parser: argparse.ArgumentParser, method: Optional[str]) -> Optional[str]:
     if method is None:
         return None
     found = find_method(method)
     if found is None:
-        parser.error(f"--method {method}: unknown method; available methods: {', '.join(METHODS)}")
+        what = "PLOP is not implemented" if method.upper() == "PLOP" else "unknown method"
+        parser.error(f"--method {method}: {what}; available methods: {', '.join(METHODS)}")
     return found.name
 
 
-def _resolve_steps(parser: argparse.ArgumentParser, dataset: str, task: str, step: str) -> List[int]:
+def apply_preset(method: Optional[str], task: str, opts: argparse.Namespace,
+                 explicit: Set[str]) -> Dict[str, object]:
+    """Set the preset's options that were not given explicitly; returns what it set."""
+    if method is None:
+        return {}
+    preset = method_preset(method, task)
+    filled = {name: value for name, value in preset.items() if name not in explicit}
+    for name, value in filled.items():
+        setattr(opts, name, value)
+    return filled
+
+
+def preset_note(method: Optional[str], task: str, filled: Dict[str, object]) -> Optional[str]:
+    """One log line saying which values ``--method`` filled in (None when it filled none)."""
+    if not filled:
+        return None
+    parts = []
+    for name, value in filled.items():
+        part = f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+        if method == "MiB" and name == "loss_kd" and task in KD_100_TASKS:
+            part += (f" (paper value on {task}; the original code's preset was 10: "
+                     "pass --loss_kd 10 to match it)")
+        parts.append(part)
+    return f"{method} preset filled in: " + ", ".join(parts)
+
+
+def _resolve_steps(parser: argparse.ArgumentParser, dataset: str, task: str, step_args: List[str]) -> List[int]:
+    step = ",".join(part.strip() for part in step_args)
     try:
         total = tasks.num_steps(dataset, task)
     except ValueError as error:
         parser.error(f"--task {task}: {error}")
     valid = f"valid steps of {dataset} {task}: 0..{total - 1} or 'all'"
-    if step.strip().lower() == "all":
+    if step.lower() == "all":
         return list(range(total))
     try:
         steps = [int(part) for part in step.split(",")]
     except ValueError:
-        parser.error(f"--step {step}: not a step, a comma list of steps or 'all'; {valid}")
+        parser.error(f"--step {' '.join(step_args)}: not a step, a list of steps or 'all'; {valid}")
     for value in steps:
         if not 0 <= value < total:
-            parser.error(f"--step {step}: step {value} does not exist; {valid}")
+            parser.error(f"--step {' '.join(step_args)}: step {value} does not exist; {valid}")
     if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
-        parser.error(f"--step {step}: steps must be given in increasing order")
+        parser.error(f"--step {' '.join(step_args)}: steps must be given in increasing order")
     return steps
+
+
+def _resolve_lr(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+    """``--lr`` with one value per step becomes ``lr`` (step 0) and ``incremental_lr`` (later steps)."""
+    values = opts.lr
+    if len(values) == 1:
+        opts.lr = values[0]
+        return
+    shown = " ".join(f"{value:g}" for value in values)
+    if len(values) != len(opts.steps):
+        parser.error(f"--lr {shown}: give one learning rate, or one per step of --step "
+                     f"({len(opts.steps)} steps: {opts.steps})")
+    if opts.incremental_lr is not None:
+        parser.error(f"--lr {shown} already gives the learning rate of each step; drop --incremental_lr")
+    per_step = dict(zip(opts.steps, values))
+    later = {value for step, value in per_step.items() if step > 0}
+    if len(later) > 1:
+        parser.error(f"--lr {shown}: the steps after step 0 must share one learning rate in one "
+                     "launch; run steps with other learning rates separately")
+    opts.lr = per_step.get(0, values[0])
+    opts.incremental_lr = later.pop() if later else None
 
 
 def _resolve_amp(parser: argparse.ArgumentParser, amp: Optional[str], opt_level: Optional[str]) -> str:
@@ -289,7 +401,7 @@ def _resolve_pretrained(parser: argparse.ArgumentParser, opts: argparse.Namespac
 
 def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
     positive = ("lr", "epochs", "batch_size", "crop_size", "val_interval", "print_interval",
-                "pooling", "lr_decay_step")
+                "pooling", "lr_decay_step", "lr_power", "lr_decay_factor")
     if opts.incremental_lr is not None and opts.incremental_lr <= 0:
         parser.error(f"--incremental_lr must be positive, got {opts.incremental_lr}")
     for name in positive:
@@ -300,6 +412,15 @@ def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> 
     for name in non_negative:
         if getattr(opts, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(opts, name)}")
+    if not 0 <= opts.momentum < 1:
+        parser.error(f"--momentum must be in [0, 1), got {opts.momentum}")
+    if not 0 <= opts.random_seed < 2 ** 32:
+        parser.error(f"--random_seed must be in 0..{2 ** 32 - 1}, got {opts.random_seed}")
+    smallest_crop = 2 * opts.output_stride
+    if opts.crop_size < smallest_crop:
+        parser.error(f"--crop_size {opts.crop_size} is too small for --output_stride "
+                     f"{opts.output_stride}: the feature map would be under 2x2; use at least "
+                     f"{smallest_crop} (the protocol uses 512)")
     _check_method_options(parser, opts)
     if opts.ckpt is not None and len(opts.steps) > 1:
         parser.error(f"--ckpt belongs to one step, but --step selects steps {opts.steps}")
@@ -307,6 +428,61 @@ def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> 
         parser.error(f"--step_ckpt belongs to one step, but --step selects steps {opts.steps}")
     if opts.step_ckpt is not None and opts.steps == [0]:
         parser.error("--step_ckpt is the checkpoint of the previous step; step 0 has none")
+    for option in ("step_ckpt", "ckpt"):
+        path = getattr(opts, option)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"--{option} {path}: file not found")
+
+
+def _check_ade_splits(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+    if (opts.dataset != "ade" or opts.task not in ADE_BALANCED_SPLITS or opts.overlap
+            or opts.split_dir is not None or opts.allow_regenerated_splits):
+        return
+    parser.error(
+        f"--task {opts.task} on ade: the original's training splits of this task were balanced by "
+        "hand (768 of the 8,219 step-0 images hold a class above 100) and cannot be regenerated. "
+        f"Download the folder data/ade/{opts.task.split('-')[0]} of the original MiB repository "
+        "(github.com/fcdl94/MiB) and pass it as --split_dir, or pass --allow_regenerated_splits "
+        "to train on splits computed by the disjoint filter (not the protocol)")
+
+
+def _check_data_root(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+    folder = os.path.join(opts.data_root, DATASET_FOLDERS[opts.dataset])
+    if opts.dataset != "synthetic":
+        if not os.path.isdir(folder):
+            parser.error(
+                f"--dataset {opts.dataset}: no dataset at {folder}. Put the data there (or point "
+                f"--data_root at the folder holding {DATASET_FOLDERS[opts.dataset]}/; the README's "
+                "'Datasets' section says how), or run --dataset synthetic, which needs no download")
+        return
+    real = [name for key, name in DATASET_FOLDERS.items()
+            if key != "synthetic" and os.path.isdir(os.path.join(opts.data_root, name))]
+    if real and not os.path.isdir(folder) and not opts.allow_synthetic_in_data_root:
+        parser.error(
+            f"--dataset synthetic would write {DATASET_FOLDERS['synthetic']}/ (hundreds of files) into "
+            f"--data_root {opts.data_root}, which holds the real dataset {real[0]}/; give the synthetic "
+            "data a folder of its own (e.g. --data_root data/synthetic), or pass "
+            "--allow_synthetic_in_data_root to write it there anyway")
+
+
+def _compatibility_notes(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> List[str]:
+    if opts.visualize_flag:
+        parser.error("--visualize: in the original MiB/PLOP code this flag turned TensorBoard off; "
+                     "TensorBoard is on by default here, pass --no-visualize to turn it off")
+    notes = []
+    for flag in PLOP_IGNORED_OPTIONS:
+        dest = "ignored_" + flag.strip("-").replace("-", "_")
+        if getattr(opts, dest) is not None:
+            notes.append(f"{flag} {getattr(opts, dest)}: a PLOP option that changes nothing here; ignored")
+        delattr(opts, dest)
+    del opts.visualize_flag
+    return notes
+
+
+def debug_requested(argv: Optional[List[str]] = None) -> bool:
+    """Whether tracebacks were asked for (``--debug`` or the environment variable)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def _check_method_options(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
@@ -327,25 +503,30 @@ def _check_method_options(parser: argparse.ArgumentParser, opts: argparse.Namesp
 def parse_options(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``), apply the method preset and validate.
 
-    Errors exit through ``parser.error`` with a message naming the option at fault.
+    Errors exit through ``parser.error`` (exit code 2) with one line naming the option at fault.
+    ``opts.notes`` holds lines to log: the values a preset filled in, ignored PLOP options.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    _refuse_plop_method_options(parser, argv)
     opts = parser.parse_args(argv)
     explicit = _explicit_options(argv)
+    notes = _compatibility_notes(parser, opts)
 
     opts.method = _normalise_method(parser, opts.method)
-    if opts.method is not None:
-        preset = method_preset(opts.method, opts.task)
-        for name, value in preset.items():
-            if name not in explicit:
-                setattr(opts, name, value)
+    filled = apply_preset(opts.method, opts.task, opts, explicit)
 
     opts.steps = _resolve_steps(parser, opts.dataset, opts.task, opts.step)
     del opts.step  # the resolved list replaces it
+    _resolve_lr(parser, opts)
     opts.amp = _resolve_amp(parser, opts.amp, opts.opt_level)
     del opts.opt_level
-    opts.pretrained = _resolve_pretrained(parser, opts)
     _check_ranges(parser, opts)
+    _check_ade_splits(parser, opts)
+    _check_data_root(parser, opts)
+    opts.pretrained = _resolve_pretrained(parser, opts)
     if not opts.visualize:
         opts.sample_num = 0  # images are only logged to TensorBoard
+    note = preset_note(opts.method, opts.task, filled)
+    opts.notes = ([note] if note else []) + notes
     return opts

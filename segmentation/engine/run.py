@@ -37,10 +37,15 @@ from segmentation.files import atomic_write
 from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger
 from segmentation.engine.methods import build_method_loss
+from segmentation.engine.options import ADE_BALANCED_SPLITS
+from segmentation.engine.original_checkpoint import adapt_checkpoint
+from segmentation.engine.preflight import remove_created, run_checks
 from segmentation.engine.sampler import GlobalBatchSampler
-from segmentation.engine.trainer import StopSignal, Trainer, build_optimizer, build_scheduler
-from segmentation.methods import build_regularizer, find_method
-from segmentation.methods.regularizer import Regularizer
+from segmentation.engine.trainer import (
+    StopSignal, Trainer, TrainingInterrupted, build_optimizer, build_scheduler,
+)
+from segmentation.methods import find_method
+from segmentation.methods.regularizer import Regularizer, build_regularizer
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
@@ -171,7 +176,7 @@ class StepRunner:
         old_model = previous = None
         if self.step > 0:
             path = self._previous_checkpoint_path()
-            previous = checkpoint.load_checkpoint(path)
+            previous = self._load_step_checkpoint(path, self.step - 1)
             checkpoint.check_step_checkpoint(
                 previous, opts.dataset, opts.task, self.step - 1, self.classes[:-1], path
             )
@@ -217,6 +222,14 @@ class StepRunner:
             normalize=not opts.reg_no_normalize, alpha=opts.reg_alpha, iterations=opts.reg_iterations,
         )
 
+    def _load_step_checkpoint(self, path: Path, step: int) -> Dict[str, Any]:
+        """A step checkpoint of this code, or one of the original code converted to it (the
+        pre-training checks logged the conversion)."""
+        opts = self.opts
+        loaded, _ = adapt_checkpoint(
+            checkpoint.load_checkpoint(path), opts.dataset, opts.task, step, opts.norm_act, path)
+        return loaded
+
     def _dataset(self, split: str, transform):
         opts = self.opts
         return build_dataset(
@@ -245,6 +258,12 @@ class StepRunner:
         opts = self.opts
         seed_everything(opts.random_seed)
         train_set = self._dataset("train", train_transform(opts.crop_size))
+        if opts.dataset == "ade" and opts.task in ADE_BALANCED_SPLITS and opts.split_dir is None \
+                and not opts.overlap:
+            LOGGER.warning(
+                "step %d: regenerated %s split of %d training images; the original's has %d "
+                "(--allow_regenerated_splits: not the protocol)",
+                self.step, opts.task, len(train_set), ADE_BALANCED_SPLITS[opts.task][self.step])
         if opts.cross_val:
             train_positions, val_positions = held_out_split(len(train_set), opts.random_seed)
             val_set = train_set.subset(val_positions, self._eval_transform())
@@ -414,7 +433,7 @@ class StepRunner:
         ``report_training``: include the training time and speed stored in the checkpoint.
         """
         opts = self.opts
-        saved = checkpoint.load_checkpoint(path)
+        saved = self._load_step_checkpoint(path, self.step)
         checkpoint.check_step_checkpoint(saved, opts.dataset, opts.task, self.step, self.classes, path)
         model = make_model(opts, self.classes, None)
         model.load_state_dict(saved["model_state"], strict=True)
@@ -485,13 +504,23 @@ def main(opts: argparse.Namespace) -> None:
     stop_signal = StopSignal()
     stop_signal.install()
     try:
+        preflight = run_checks(opts, setting_dir(opts.checkpoint_dir, opts), setting_dir(opts.logdir, opts))
         LOGGER.info(
             "%s %s%s, steps %s, method %s, device %s, %d process(es)",
             opts.dataset, opts.task, " overlapped" if opts.overlap else "", opts.steps,
             opts.method, device, distributed.world_size(),
         )
-        for step in opts.steps:
-            StepRunner(opts, step, device).run(stop_signal)
+        for note in [*getattr(opts, "notes", []), *preflight.notes]:
+            LOGGER.info("%s", note)
+        try:
+            for step in opts.steps:
+                StepRunner(opts, step, device).run(stop_signal)
+        except TrainingInterrupted:
+            raise  # its in-step checkpoint and logs are resumed by the next launch
+        except Exception:
+            if distributed.is_main_process():
+                remove_created(preflight.created)
+            raise
     finally:
         stop_signal.uninstall()
         distributed.cleanup()

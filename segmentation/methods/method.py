@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional
 
 Preset = Dict[str, object]
 
@@ -12,8 +12,8 @@ class Method:
     """One row of the paper's tables.
 
     ``preset``: the options ``--method`` fills in (explicit flags win); ``task_preset(task)``
-    returns task-specific changes on top of it. ``regularizer``: the weight regularizer class
-    (EWC, PI, RW) that ``--regularizer`` selects, for methods that have one.
+    returns task-specific changes on top of it. ``regularizer``: the ``--regularizer`` name of the
+    weight regularizer (EWC, PI, RW; classes in ``segmentation.methods.regularizer``).
     """
 
     name: str
@@ -21,7 +21,7 @@ class Method:
     summary: str
     preset: Preset = field(default_factory=dict)
     task_preset: Optional[Callable[[str], Preset]] = None
-    regularizer: Optional[Type] = None
+    regularizer: Optional[str] = None
 
     def options(self, task: str) -> Preset:
         """The preset of this method on ``task``."""

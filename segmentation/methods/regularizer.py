@@ -170,3 +170,155 @@ class FisherEMA:
             if parameter.grad is not None:
                 fisher = self.values[name]
                 fisher.mul_(1.0 - self.alpha).addcmul_(parameter.grad, parameter.grad, value=self.alpha)
+
+
+class EWC(Regularizer):
+    """EWC (Kirkpatrick et al.) as in the paper's tables: CE + 500 * Fisher-weighted L2 to step t-1.
+
+    The Fisher is an exponential moving average of squared gradients (alpha = ``--reg_alpha``, 0.9),
+    updated every iteration and continued from step to step (spec §5.5).
+    """
+    name = "ewc"
+    state_tensors = ("fisher",)
+
+    def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
+                 previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
+                 normalize: bool = True, alpha: float = 0.9, iterations: int = 10) -> None:
+        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize)
+        self._fisher = FisherEMA(self.parameters, self._previous(previous, "fisher"), alpha)
+        self.fisher = self._fisher.values
+
+    def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
+        return self._normalized(previous["fisher"])
+
+    def update(self) -> None:
+        self._fisher.update(self.parameters)
+
+    def step_state(self) -> Dict[str, Any]:
+        return {"name": self.name, "fisher": {name: value.clone() for name, value in self.fisher.items()}}
+
+
+PI_EPSILON = 1e-20
+
+
+class PI(Regularizer):
+    """PI, path integral (Zenke et al.) as in the paper's tables: CE + 500 * score-weighted L2 to step t-1.
+
+    Every iteration ``delta += g * (theta_prev - theta_now)``; at the end of the step the score is
+    ``max(0, delta / ((theta_end - theta_start)^2 + 1e-20)) + score_{t-1}`` (spec §5.5).
+    """
+    name = "pi"
+    state_tensors = ("delta", "previous_params", "start_params")
+
+    def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
+                 previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
+                 normalize: bool = True, alpha: float = 0.9, iterations: int = 10) -> None:
+        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize)
+        self.previous_score = self._previous(previous, "score")
+        self.delta: Tensors = {name: torch.zeros_like(p).detach() for name, p in self.parameters.items()}
+        self.previous_params: Tensors = {name: p.detach().clone() for name, p in self.parameters.items()}
+        self.start_params: Tensors = {name: p.detach().clone() for name, p in self.parameters.items()}
+
+    def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
+        return self._normalized(previous["score"])
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, parameter in self.parameters.items():
+            if parameter.grad is not None:
+                previous = self.previous_params[name]
+                self.delta[name].add_(parameter.grad * (previous - parameter))
+                previous.copy_(parameter)
+
+    @torch.no_grad()
+    def step_state(self) -> Dict[str, Any]:
+        score: Tensors = {}
+        for name, parameter in self.parameters.items():
+            moved = (parameter - self.start_params[name]) ** 2
+            value = (self.delta[name] / (moved + PI_EPSILON)).clamp(min=0)
+            if name in self.previous_score:
+                value = value + self.previous_score[name].to(value)
+            score[name] = value
+        return {"name": self.name, "score": score}
+
+
+RW_EPSILON = 1e-8
+
+
+class RW(Regularizer):
+    """RW, Riemannian Walk (Chaudhry et al.) as in the paper's tables: CE + 100 * (Fisher + score)-weighted L2.
+
+    Fisher EMA as in EWC every iteration; every ``--reg_iterations`` (10) iterations
+    ``s += g * (theta_k - theta) / (0.5 * F * (theta - theta_k)^2 + 1e-8)`` with ``theta_k`` the
+    weights at the previous score update; the saved score is ``0.5 * (max(s, 0) + score_{t-1})``
+    (spec §5.5).
+    """
+    name = "rw"
+    state_tensors = ("fisher", "score", "previous_params")
+
+    def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
+                 previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
+                 normalize: bool = True, alpha: float = 0.9, iterations: int = 10) -> None:
+        if iterations <= 0:
+            raise ValueError(f"RW: the score update period must be positive, got {iterations}")
+        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize)
+        self.iterations = iterations
+        self.count = 0
+        self._fisher = FisherEMA(self.parameters, self._previous(previous, "fisher"), alpha)
+        self.fisher = self._fisher.values
+        self.previous_score = self._previous(previous, "score")
+        self.score: Tensors = {name: torch.zeros_like(p).detach() for name, p in self.parameters.items()}
+        self.previous_params: Tensors = {name: p.detach().clone() for name, p in self.parameters.items()}
+
+    def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
+        fisher = self._normalized(previous["fisher"])
+        score = self._normalized(previous["score"])
+        return {name: fisher[name] + score[name] for name in fisher if name in score}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self._fisher.update(self.parameters)
+        self.count += 1
+        if self.count % self.iterations != 0:
+            return
+        for name, parameter in self.parameters.items():
+            if parameter.grad is not None:
+                previous = self.previous_params[name]
+                moved = parameter - previous
+                self.score[name].add_(
+                    parameter.grad * (-moved) / (0.5 * self.fisher[name] * moved * moved + RW_EPSILON))
+                previous.copy_(parameter)
+
+    @torch.no_grad()
+    def step_state(self) -> Dict[str, Any]:
+        score: Tensors = {}
+        for name, value in self.score.items():
+            value = value.clamp(min=0)
+            if name in self.previous_score:
+                value = value + self.previous_score[name].to(value)
+            score[name] = 0.5 * value
+        return {"name": self.name, "fisher": {name: value.clone() for name, value in self.fisher.items()},
+                "score": score}
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["count"] = self.count
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.count = int(state["count"])
+
+
+#: ``--regularizer`` choices.
+REGULARIZERS: Dict[str, type] = {cls.name: cls for cls in (EWC, PI, RW)}
+
+
+def build_regularizer(name: str, model: nn.Module, previous: Optional[Mapping[str, Any]],
+                      previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
+                      normalize: bool, alpha: float, iterations: int) -> Regularizer:
+    """The ``--regularizer name`` regularizer of ``model`` (see :class:`Regularizer`)."""
+    if name not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {name!r}; available: {', '.join(REGULARIZERS)}")
+    return REGULARIZERS[name](model, previous, previous_weights, weight=weight, normalize=normalize,
+                              alpha=alpha, iterations=iterations)

@@ -1,0 +1,208 @@
+"""Mistakes on the command line, run through ``train.py`` as a user would.
+
+Each case checks the exit code (2: usage, 1: the rest), that the error is one paragraph (one
+"train.py: error:" line, the last one, naming the option or file at fault, no traceback), that it
+came before any training iteration, that the files of an earlier good run are unchanged and
+that the failed run left no folder behind.
+"""
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from train_cli_worker import run_train, synthetic_root, train_args
+
+SETTING = "synthetic-15-5"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return synthetic_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def good_run(data_root, tmp_path_factory):
+    """A finished step 0 under --name good; the failing runs share its folders."""
+    out = tmp_path_factory.mktemp("good")
+    run_train(train_args(data_root, out, "--step", "0", name="good"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, good_run):
+    """Bad inputs: a text file, a file where a folder should be, original-code checkpoints."""
+    folder = tmp_path_factory.mktemp("inputs")
+    (folder / "text.pth").write_text("not a checkpoint\n")
+    (folder / "a_file").write_text("")
+    state = torch.load(good_run / "checkpoints" / SETTING / "good" / "step0.pth", weights_only=False)["model_state"]
+    original = {"module." + key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    torch.save({"epoch": 1, "model_state": original, "optimizer_state": {}}, folder / "original-step0.pth")
+    wider = dict(original, **{"module.cls.1.weight": torch.zeros(3, 256, 1, 1), "module.cls.1.bias": torch.zeros(3)})
+    torch.save({"epoch": 1, "model_state": wider}, folder / "original-two-heads.pth")
+    return folder
+
+
+def _checksums(folder: Path) -> dict:
+    return {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.rglob("*") if path.is_file()}
+
+
+def _data_copy(data_root: str, tmp_path: Path) -> Path:
+    """A copy of the synthetic data without cached splits (so the split scan reads every file)."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    for cache in root.rglob("incremental-splits"):
+        shutil.rmtree(cache)
+    return root
+
+
+def _first_train_files(root: Path):
+    image, label = (root / "SyntheticVOC" / "splits" / "train_aug.txt").read_text().split("\n")[0].split()
+    return root / "SyntheticVOC" / image.lstrip("/"), root / "SyntheticVOC" / label.lstrip("/")
+
+
+def _assert_refused(result, code: int, *culprits: str) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    assert "Traceback" not in output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("train.py: error: "), output
+    assert sum(line.startswith("train.py: error") for line in lines) == 1, output
+    for culprit in culprits:
+        assert culprit in lines[-1], lines[-1]
+    # Before any training iteration: no iteration count logged, no progress line.
+    assert "iterations per epoch" not in output and " loss=" not in output
+    return lines[-1]
+
+
+def _run_bad(data_root, out, *extra, name="bad", data=None):
+    args = train_args(str(data or data_root), out, *extra, name=name)
+    return run_train(args, check=False)
+
+
+PARSE_ERRORS = [
+    (["--dataset", "cityscapes"], "--dataset"),
+    (["--task", "16-4"], "16-4"),
+    (["--method", "SDR"], "SDR"),
+    (["--method", "EWC"], "not implemented"),
+    (["--step", "5"], "--step 5"),
+    (["--random_seed", "-1"], "--random_seed"),
+    (["--crop_size", "7"], "--crop_size"),
+    (["--momentum", "2.7"], "--momentum"),
+    (["--visualize"], "--visualize"),
+    (["--pod", "local", "--pod_factor", "0.01"], "--pod"),
+    (["--pretrained", "/nonexistent/w.pth"], "--pretrained"),
+    (["--lr", "0.01", "0.001"], "--lr"),
+    (["--step", "1", "--step_ckpt", "/nonexistent/step0.pth"], "--step_ckpt /nonexistent/step0.pth"),
+]
+
+
+@pytest.mark.parametrize("extra, culprit", PARSE_ERRORS, ids=[case[1] for case in PARSE_ERRORS])
+def test_usage_errors_found_while_parsing(data_root, good_run, extra, culprit):
+    before = _checksums(good_run)
+    _assert_refused(_run_bad(data_root, good_run, *extra), 2, culprit)
+    assert _checksums(good_run) == before
+    assert not (good_run / "checkpoints" / SETTING / "bad").exists()
+
+
+CHECKED_BEFORE_TRAINING = [
+    # (extra options, exit code, words the message must hold)
+    (["--batch_size", "1"], 2, ["--batch_size"]),
+    (["--backbone", "resnet19"], 2, ["--backbone resnet19", "resnet18"]),
+    (["--step", "1"], 2, ["step0.pth", "train step 0 first", "--step all", "--step_ckpt"]),
+    (["--step", "1", "--step_ckpt", "{inputs}/text.pth"], 1, ["--step_ckpt", "text.pth", "not a checkpoint"]),
+    (["--step", "1", "--step_ckpt", "{inputs}/original-two-heads.pth"], 1,
+     ["--step_ckpt", "original MiB/PLOP", "[16, 3]", "[16]"]),
+    (["--step", "1", "--test", "--ckpt", "{inputs}/original-step0.pth"], 1, ["--ckpt", "[16]", "[16, 5]"]),
+    (["--pretrained", "{inputs}/text.pth"], 1, ["--pretrained", "text.pth"]),
+    (["--checkpoint_dir", "{inputs}/a_file"], 1, ["--checkpoint_dir", "a_file"]),
+    (["--logdir", "{inputs}/a_file/logs"], 1, ["--logdir", "a_file"]),
+    (["--step", "1", "--test"], 1, ["--test", "step1.pth", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("extra, code, words", CHECKED_BEFORE_TRAINING,
+                         ids=[" ".join(case[0][-2:]) for case in CHECKED_BEFORE_TRAINING])
+def test_errors_found_before_training(data_root, good_run, files, extra, code, words):
+    # A later --checkpoint_dir/--logdir replaces the one train_args gives.
+    extra = [value.replace("{inputs}", str(files)) for value in extra]
+    before = _checksums(good_run)
+    _assert_refused(_run_bad(data_root, good_run, *extra), code, *words)
+    assert _checksums(good_run) == before
+    assert not (good_run / "checkpoints" / SETTING / "bad").exists()
+    assert not (good_run / "logs" / SETTING / "bad").exists()
+
+
+def test_same_name_with_other_options_is_refused(data_root, good_run):
+    before = _checksums(good_run)
+    args = train_args(data_root, good_run, "--step", "0", "--weight_decay", "0.001", name="good")
+    args[args.index("--lr") + 1] = "0.02"
+    message = _assert_refused(run_train(args, check=False), 2, "--name good", "--weight_decay",
+                              "learning rate of step 0 0.01 -> 0.02", "another --name", "--overwrite")
+    assert "--num_workers" not in message
+    assert _checksums(good_run) == before
+    # Options that do not change the result may differ: the finished step is skipped.
+    result = run_train(train_args(data_root, good_run, "--step", "0", "--print_interval", "5", name="good"))
+    assert "step 0 already finished" in result.stdout
+    assert _checksums(good_run) == before
+
+
+def test_overwrite_replaces_the_earlier_run(data_root, good_run, tmp_path):
+    shutil.copytree(good_run, tmp_path / "out")
+    out = tmp_path / "out"
+    args = train_args(data_root, out, "--step", "0", "--weight_decay", "0.001", "--overwrite", name="good")
+    result = run_train(args)
+    assert "--overwrite: removed the files of step 0" in result.stdout
+    saved = torch.load(out / "checkpoints" / SETTING / "good" / "step0.pth", weights_only=False)
+    assert saved["options"]["weight_decay"] == 0.001
+
+
+@pytest.mark.parametrize("damage, culprit", [("label", ".png"), ("image", ".jpg")])
+def test_bad_data_files_are_named(data_root, good_run, tmp_path, damage, culprit):
+    root = _data_copy(data_root, tmp_path)
+    image, label = _first_train_files(root)
+    if damage == "label":
+        with Image.open(label) as opened:
+            broken = opened.copy()
+        broken.putpixel((0, 0), 50)  # not a VOC class
+        broken.save(label)
+    else:
+        image.write_bytes(b"\xff\xd8 truncated")
+    before = _checksums(good_run)
+    message = _assert_refused(_run_bad(data_root, good_run, data=root), 1, culprit)
+    assert (label.name if damage == "label" else image.name) in message
+    assert _checksums(good_run) == before
+    assert not (good_run / "checkpoints" / SETTING / "bad").exists()
+    assert not (good_run / "logs" / SETTING / "bad").exists()
+
+
+def test_real_dataset_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = train_args(str(empty), tmp_path, "--step", "0")
+    args[args.index("--dataset") + 1] = "voc"
+    _assert_refused(run_train(args, check=False), 2, "PascalVOC12", "--dataset synthetic")
+    (empty / "PascalVOC12").mkdir()
+    args[args.index("--dataset") + 1] = "synthetic"
+    _assert_refused(run_train(args, check=False), 2, "--allow_synthetic_in_data_root")
+    assert not (empty / "SyntheticVOC").exists()
+    (empty / "ADEChallengeData2016").mkdir()
+    args = train_args(str(empty), tmp_path, "--step", "1", "--no_pretrained", task="50")
+    args[args.index("--dataset") + 1] = "ade"
+    _assert_refused(run_train(args, check=False), 2, "--split_dir", "--allow_regenerated_splits")
+
+
+def test_debug_shows_the_traceback(data_root, tmp_path):
+    result = run_train(train_args(data_root, tmp_path, "--backbone", "resnet19", "--debug"), check=False)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "resnet19" in result.stderr
+
+
+def test_original_checkpoint_continues_as_step_ckpt(data_root, good_run, files, tmp_path):
+    args = train_args(data_root, tmp_path, "--step", "1", "--method", "MiB",
+                      "--step_ckpt", str(files / "original-step0.pth"))
+    result = run_train(args)
+    assert "a checkpoint of the original MiB/PLOP code, converted" in result.stdout
+    step1 = torch.load(tmp_path / "checkpoints" / SETTING / "run" / "step1.pth", weights_only=False)
+    assert step1["classes"] == [16, 5]
