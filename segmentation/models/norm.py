@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import norm_kernels
+
 ACTIVATIONS = ("leaky_relu", "identity")
 
 
@@ -95,7 +97,7 @@ def _effective_shift(
 
 
 def _batch_stats(
-    x: torch.Tensor, dtype: torch.dtype, group: Optional[dist.ProcessGroup]
+    x: torch.Tensor, dtype: torch.dtype, group: Optional[dist.ProcessGroup], fused: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, Count]:
     """Per-channel mean, biased variance and element count of ``x`` over every dim but 1,
     pooled over the processes of ``group`` (local only when ``group`` is None).
@@ -107,7 +109,8 @@ def _batch_stats(
     num_channels = x.shape[1]
     count = x.numel() // num_channels
     if count > 0:
-        var, mean = torch.var_mean(x.to(dtype), dim=_reduce_dims(x), correction=0)
+        moments = norm_kernels.fused("batch_moments") if fused else norm_kernels.batch_moments
+        mean, var = moments(x, dtype)
     else:
         mean = var = torch.zeros(num_channels, dtype=dtype, device=x.device)
     if group is None:
@@ -122,6 +125,11 @@ def _batch_stats(
     return pooled_mean.to(dtype), (squared_deviations / total).to(dtype), total
 
 
+def _slope(activation: str, activation_param: float) -> float:
+    """The leaky ReLU slope that computes ``activation`` (1 for the identity)."""
+    return activation_param if activation == "leaky_relu" else 1.0
+
+
 class InPlaceABNFunction(torch.autograd.Function):
     """``act(BN(x))`` in training mode, written into ``x``; saves only the output and per-channel tensors.
 
@@ -130,7 +138,9 @@ class InPlaceABNFunction(torch.autograd.Function):
     and ``bias`` may be None (no affine). With a process ``group`` the batch statistics and the
     backward reductions are all-reduced over it; the weight and bias gradients stay local (the
     data-parallel wrapper sums or averages them like any other parameter gradient).
-    Statistics are computed in float32 (float64 for float64 inputs).
+    Statistics are computed in float32 (float64 for float64 inputs). On CUDA the elementwise
+    work runs in the fused kernels of ``norm_kernels``; the separate operations below are the
+    reference and the CPU path.
     """
 
     @staticmethod
@@ -146,15 +156,20 @@ class InPlaceABNFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
         num_channels = x.shape[1]
-        mean, var, count = _batch_stats(x, stat_dtype, group)
+        fused = norm_kernels.use_fused(x)
+        mean, var, count = _batch_stats(x, stat_dtype, group, fused)
         invstd = torch.rsqrt(var + eps)
         scale = _effective_scale(weight, eps, num_channels, stat_dtype, x.device)
         shift = _effective_shift(bias, num_channels, stat_dtype, x.device)
 
-        shape = _channel_shape(x)
-        x.sub_(mean.view(shape)).mul_((scale * invstd).view(shape)).add_(shift.view(shape))
-        if activation == "leaky_relu":
-            F.leaky_relu_(x, activation_param)
+        if fused:
+            slope = _slope(activation, activation_param)
+            norm_kernels.fused("normalize_activate_")(x, mean, scale * invstd, shift, slope)
+        else:
+            shape = _channel_shape(x)
+            x.sub_(mean.view(shape)).mul_((scale * invstd).view(shape)).add_(shift.view(shape))
+            if activation == "leaky_relu":
+                F.leaky_relu_(x, activation_param)
 
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, weight, bias, invstd)
@@ -163,6 +178,7 @@ class InPlaceABNFunction(torch.autograd.Function):
         ctx.activation_param = activation_param
         ctx.group = group
         ctx.count = count
+        ctx.fused = fused
 
         var_unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, var_unbiased)
@@ -176,23 +192,28 @@ class InPlaceABNFunction(torch.autograd.Function):
         shape = _channel_shape(y)
         dims = _reduce_dims(y)
 
-        # Undo the activation: z = BN(x) and dL/dz.
-        y_stat, grad_y_stat = y.to(stat_dtype), grad_y.to(stat_dtype)
-        if ctx.activation == "leaky_relu":
-            negative = y_stat < 0
-            slope = ctx.activation_param
-            z = torch.where(negative, y_stat / slope, y_stat)
-            grad_z = torch.where(negative, grad_y_stat * slope, grad_y_stat)
-        else:
-            z, grad_z = y_stat, grad_y_stat
-
-        # Undo the affine map: x_hat = (z - bias) / (|weight| + eps).
         scale = _effective_scale(weight, ctx.eps, num_channels, stat_dtype, y.device)
         shift = _effective_shift(bias, num_channels, stat_dtype, y.device)
-        x_hat = (z - shift.view(shape)) / scale.view(shape)
+        if ctx.fused:
+            slope = _slope(ctx.activation, ctx.activation_param)
+            inv_scale = scale.reciprocal()
+            sum_grad_z, sum_grad_z_x_hat = norm_kernels.fused("backward_sums")(y, grad_y, inv_scale, shift, slope)
+        else:
+            # Undo the activation: z = BN(x) and dL/dz.
+            y_stat, grad_y_stat = y.to(stat_dtype), grad_y.to(stat_dtype)
+            if ctx.activation == "leaky_relu":
+                negative = y_stat < 0
+                slope = ctx.activation_param
+                z = torch.where(negative, y_stat / slope, y_stat)
+                grad_z = torch.where(negative, grad_y_stat * slope, grad_y_stat)
+            else:
+                z, grad_z = y_stat, grad_y_stat
 
-        sum_grad_z = grad_z.sum(dims)
-        sum_grad_z_x_hat = (grad_z * x_hat).sum(dims)
+            # Undo the affine map: x_hat = (z - bias) / (|weight| + eps).
+            x_hat = (z - shift.view(shape)) / scale.view(shape)
+
+            sum_grad_z = grad_z.sum(dims)
+            sum_grad_z_x_hat = (grad_z * x_hat).sum(dims)
 
         grad_x = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -205,10 +226,15 @@ class InPlaceABNFunction(torch.autograd.Function):
                 sums = torch.cat([sum_grad_z, sum_grad_z_x_hat])
                 dist.all_reduce(sums, group=ctx.group)
                 sum_grad_z, sum_grad_z_x_hat = sums.split(num_channels)
-            mean_grad_z = (sum_grad_z / ctx.count).view(shape)
-            mean_grad_z_x_hat = (sum_grad_z_x_hat / ctx.count).view(shape)
-            grad_x = torch.addcmul(grad_z - mean_grad_z, x_hat, mean_grad_z_x_hat, value=-1)
-            grad_x = grad_x.mul_((scale * invstd).view(shape)).to(y.dtype)
+            mean_grad_z = sum_grad_z / ctx.count
+            mean_grad_z_x_hat = sum_grad_z_x_hat / ctx.count
+            if ctx.fused:
+                grad_x = norm_kernels.fused("input_grad")(
+                    y, grad_y, inv_scale, shift, slope, mean_grad_z, mean_grad_z_x_hat, scale * invstd
+                )
+            else:
+                grad_x = torch.addcmul(grad_z - mean_grad_z.view(shape), x_hat, mean_grad_z_x_hat.view(shape), value=-1)
+                grad_x = grad_x.mul_((scale * invstd).view(shape)).to(y.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
