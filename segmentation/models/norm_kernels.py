@@ -15,7 +15,7 @@ inductor CPU backend); "never" uses the reference operations everywhere.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -56,7 +56,8 @@ def _reduce_dims(ndim: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the mathematics
-# ``slope`` is the leaky ReLU's negative slope; the identity activation passes 1.0.
+# ``slope`` is the leaky ReLU's negative slope; the identity activation passes 1.0. ``residual``
+# (or None) is added after the affine map, before the activation.
 
 
 def batch_moments(x: torch.Tensor, stat_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,33 +67,55 @@ def batch_moments(x: torch.Tensor, stat_dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def normalize_activate_(
-    x: torch.Tensor, mean: torch.Tensor, scale_invstd: torch.Tensor, shift: torch.Tensor, slope: float
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    scale_invstd: torch.Tensor,
+    shift: torch.Tensor,
+    slope: float,
+    residual: Optional[torch.Tensor],
 ) -> None:
-    """``x <- leaky_relu((x - mean) * scale_invstd + shift, slope)``, computed in the statistics' dtype."""
+    """``x <- leaky_relu((x - mean) * scale_invstd + shift [+ residual], slope)``, in the statistics' dtype."""
     ndim = x.dim()
     z = (x.to(mean.dtype) - _channel_view(mean, ndim)) * _channel_view(scale_invstd, ndim) + _channel_view(shift, ndim)
+    if residual is not None:
+        z = z + residual.to(mean.dtype)
     x.copy_(torch.where(z < 0, z * slope, z))
 
 
 def _invert(
-    y: torch.Tensor, grad_y: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor, slope: float
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    inv_scale: torch.Tensor,
+    shift: torch.Tensor,
+    slope: float,
+    residual: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_hat, dL/dz) from the output and its gradient: undo the activation, then the affine map."""
+    """(x_hat, dL/dz) from the output and its gradient: undo the activation, the residual and the affine map.
+
+    dL/dz is also the residual's gradient.
+    """
     ndim = y.dim()
     y_stat = y.to(inv_scale.dtype)
     grad_stat = grad_y.to(inv_scale.dtype)
     negative = y_stat < 0
     z = torch.where(negative, y_stat / slope, y_stat)
+    if residual is not None:
+        z = z - residual.to(inv_scale.dtype)
     grad_z = torch.where(negative, grad_stat * slope, grad_stat)
     x_hat = (z - _channel_view(shift, ndim)) * _channel_view(inv_scale, ndim)
     return x_hat, grad_z
 
 
 def backward_sums(
-    y: torch.Tensor, grad_y: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor, slope: float
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    inv_scale: torch.Tensor,
+    shift: torch.Tensor,
+    slope: float,
+    residual: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sums of dL/dz and of dL/dz * x_hat."""
-    x_hat, grad_z = _invert(y, grad_y, inv_scale, shift, slope)
+    x_hat, grad_z = _invert(y, grad_y, inv_scale, shift, slope, residual)
     dims = _reduce_dims(y.dim())
     return grad_z.sum(dims), (grad_z * x_hat).sum(dims)
 
@@ -103,17 +126,20 @@ def input_grad(
     inv_scale: torch.Tensor,
     shift: torch.Tensor,
     slope: float,
+    residual: Optional[torch.Tensor],
     mean_grad_z: torch.Tensor,
     mean_grad_z_x_hat: torch.Tensor,
     scale_invstd: torch.Tensor,
-) -> torch.Tensor:
-    """dL/dx = (dL/dz - mean(dL/dz) - x_hat * mean(dL/dz * x_hat)) * scale * invstd, in ``y``'s dtype."""
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """dL/dx = (dL/dz - mean(dL/dz) - x_hat * mean(dL/dz * x_hat)) * scale * invstd in ``y``'s dtype,
+    and dL/dresidual = dL/dz in the residual's dtype (None without a residual)."""
     ndim = y.dim()
-    x_hat, grad_z = _invert(y, grad_y, inv_scale, shift, slope)
+    x_hat, grad_z = _invert(y, grad_y, inv_scale, shift, slope, residual)
     grad_x = (grad_z - _channel_view(mean_grad_z, ndim) - x_hat * _channel_view(mean_grad_z_x_hat, ndim)) * (
         _channel_view(scale_invstd, ndim)
     )
-    return grad_x.to(y.dtype)
+    grad_residual = None if residual is None else grad_z.to(residual.dtype)
+    return grad_x.to(y.dtype), grad_residual
 
 
 # ---------------------------------------------------------------------------- compiled versions
