@@ -30,9 +30,9 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
-def apply_activation(x: torch.Tensor, activation: str, activation_param: float) -> torch.Tensor:
+def apply_activation(x: torch.Tensor, activation: str, activation_param: float, inplace: bool = False) -> torch.Tensor:
     if activation == "leaky_relu":
-        return F.leaky_relu(x, negative_slope=activation_param)
+        return F.leaky_relu(x, negative_slope=activation_param, inplace=inplace)
     return x
 
 
@@ -59,13 +59,17 @@ class _BatchNormAct(nn.BatchNorm2d):
 
 
 class ABN(_BatchNormAct):
-    """Batch norm followed by an activation, with autograd's usual memory use (no in-place trick)."""
+    """Batch norm followed by an activation, with autograd's usual memory use (no in-place trick).
+
+    Like InPlace-ABN's ``ABN``, the activation runs in place on the fresh batch-norm output (or sum),
+    so autograd keeps the norm's input and the activation's output.
+    """
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = super().forward(x)
         if residual is not None:
             out = out + residual
-        return apply_activation(out, self.activation, self.activation_param)
+        return apply_activation(out, self.activation, self.activation_param, inplace=True)
 
 
 # --------------------------------------------------------------------------------------------
