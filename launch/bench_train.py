@@ -306,7 +306,7 @@ def profile(variant: Variant, args: argparse.Namespace, device: torch.device, pa
         for _ in range(3):
             trainer.run_step(images, labels)
         synchronize(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with open(path, "w") as handle:
         handle.write(f"{variant.name}, batch {variant.batch or args.batch}, 3 iterations\n")
         handle.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
