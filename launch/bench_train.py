@@ -373,7 +373,7 @@ def markdown(info: Dict[str, str], args: argparse.Namespace, command: str, rows:
     flops = sorted({(r["variant"].split("/")[0], r["output_stride"], r["step"], r["flops_per_image"])
                     for r in rows if r.get("flops_per_image")}, key=str)
     lines = [
-        f"### Training step, {info['device']}, {info['date']}",
+        f"#### Training step, {info['device']}, {info['date']}",
         "",
         f"`{command}`: {args.backbone} (ours), torchvision {args.tv_backbone}, {args.crop_size}x{args.crop_size} crops, "
         f"VOC {TASK} (step 1 = old-model forward + UnCE + UnKD), median of {args.iterations} iterations after "

@@ -44,7 +44,7 @@ def test_quick_run_writes_one_row_per_variant(tmp_path):
 
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n")
-    assert "### Training step, CPU" in text and "torch " in text
+    assert "#### Training step, CPU" in text and "torch " in text
     table = [line for line in text.splitlines() if line.startswith("| ") and "/step" in line]
     assert [line.split("|")[1].strip() for line in table] == names
     assert (out / "table.md").read_text().strip() in text

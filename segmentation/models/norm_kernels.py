@@ -156,6 +156,7 @@ def fused(name: str) -> Callable:
             "input_grad": input_grad,
         }
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(config, limit, max(getattr(config, limit), _RECOMPILE_LIMIT))
         _compiled[name] = torch.compile(functions[name], dynamic=True, fullgraph=True)
     return _compiled[name]
