@@ -375,7 +375,8 @@ def markdown(info: Dict[str, str], args: argparse.Namespace, command: str, rows:
     lines = [
         f"#### Training step, {info['device']}, {info['date']}",
         "",
-        f"`{command}`: {args.backbone} (ours), torchvision {args.tv_backbone}, {args.crop_size}x{args.crop_size} crops, "
+        f"`{command}`: {args.backbone} (ours), torchvision {args.tv_backbone}, "
+        f"{args.crop_size}x{args.crop_size} crops, "
         f"VOC {TASK} (step 1 = old-model forward + UnCE + UnKD), median of {args.iterations} iterations after "
         f"{args.warmup} warm-up ({args.warmup + args.compile_warmup} with torch.compile); {versions}, "
         f"Python {info['python']}.",

@@ -6,8 +6,8 @@ operations (``norm_kernels.set_kernel_mode``). Both are compared with the same c
 float64 (reference operations on the float64 copies of the same inputs): the fused kernels pass
 when their largest relative error is at most twice the reference's plus sqrt(n) units in the last
 place of the dtype, n the number of values summed per channel (inductor sums in another order
-than ATen, and the rounding of a sum grows with its length). A float64 gradcheck of the fused kernels runs on the device too. Then both
-implementations are timed (median forward+backward) on a ResNet-sized map.
+than ATen, and the rounding of a sum grows with its length). A float64 gradcheck of the fused
+kernels runs on the device too. Then both implementations are timed (median forward+backward) on a ResNet-sized map.
 
 Exits with status 1 when a check fails.
 
@@ -32,7 +32,9 @@ from segmentation.models.norm import InPlaceABN, InPlaceABNFunction  # noqa: E40
 EPS = 1e-5
 
 
-def run(layer: InPlaceABN, x: torch.Tensor, residual: Optional[torch.Tensor], grad_out: torch.Tensor) -> List[torch.Tensor]:
+def run(
+    layer: InPlaceABN, x: torch.Tensor, residual: Optional[torch.Tensor], grad_out: torch.Tensor
+) -> List[torch.Tensor]:
     """Output, running statistics and the gradients of x, residual, weight and bias."""
     layer.weight.grad = layer.bias.grad = None
     inp = x.detach().clone().requires_grad_(True)
