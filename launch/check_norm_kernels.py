@@ -7,7 +7,8 @@ float64 (reference operations on the float64 copies of the same inputs): the fus
 when their largest relative error is at most twice the reference's plus sqrt(n) units in the last
 place of the dtype, n the number of values summed per channel (inductor sums in another order
 than ATen, and the rounding of a sum grows with its length). A float64 gradcheck of the fused
-kernels runs on the device too. Then both implementations are timed (median forward+backward) on a ResNet-sized map.
+kernels runs on the device too. Then both implementations are timed (median forward+backward) on
+a ResNet-sized map.
 
 Exits with status 1 when a check fails.
 
