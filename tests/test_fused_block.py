@@ -11,14 +11,13 @@ from segmentation.models.norm import ABN, InPlaceABN, InPlaceABNFunction
 from segmentation.models.resnet import ResidualBlock
 
 EPS = 1e-5
-KERNEL_NAMES = ("batch_moments", "normalize_activate_", "backward_sums", "input_grad")
 
 
 @pytest.fixture(params=["reference", "fused"])
 def kernels(request, monkeypatch):
     """Both In-Place ABN implementations; the fused one eagerly (test_norm_kernels compiles it)."""
     if request.param == "fused":
-        compiled = {name: getattr(norm_kernels, name) for name in KERNEL_NAMES}
+        compiled = {function.__name__: function for function in norm_kernels.FUSED_FUNCTIONS}
         monkeypatch.setattr(norm_kernels, "_compiled", compiled)
         norm_kernels.set_kernel_mode("always")
     else:

@@ -11,7 +11,6 @@ from segmentation.models import norm_kernels
 from segmentation.models.norm import InPlaceABN, InPlaceABNFunction
 
 EPS = 1e-5
-NAMES = ("batch_moments", "normalize_activate_", "backward_sums", "input_grad")
 
 
 @pytest.fixture
@@ -24,7 +23,7 @@ def kernel_mode():
 @pytest.fixture
 def eager_fused(monkeypatch, kernel_mode):
     """The fused formulation without compiling it."""
-    monkeypatch.setattr(norm_kernels, "_compiled", {name: getattr(norm_kernels, name) for name in NAMES})
+    monkeypatch.setattr(norm_kernels, "_compiled", {f.__name__: f for f in norm_kernels.FUSED_FUNCTIONS})
     kernel_mode("always")
 
 
@@ -78,7 +77,7 @@ def test_fused_matches_reference(kernel_mode, monkeypatch, dtype, channels_last)
 
     kernel_mode("never")
     reference = run_layer(*args)
-    monkeypatch.setattr(norm_kernels, "_compiled", {name: getattr(norm_kernels, name) for name in NAMES})
+    monkeypatch.setattr(norm_kernels, "_compiled", {f.__name__: f for f in norm_kernels.FUSED_FUNCTIONS})
     kernel_mode("always")
     fused = run_layer(*args)
 
@@ -113,4 +112,35 @@ def test_compiled_kernels_match_reference_on_cpu(kernel_mode, with_residual):
     kernel_mode("always")
     compiled = run()
     for expected, actual in zip(reference, compiled):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def single_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_kernels_with_a_process_group(eager_fused, single_process_group, with_residual):
+    """The split fused functions (statistics pooled over a group between them) equal the one-graph ones."""
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2 + 0.5
+    residual = torch.randn(3, 4, 5, 5, dtype=torch.float64) if with_residual else None
+    grad_out = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    weight = torch.tensor([0.8, -1.3, 0.1, 2.0], dtype=torch.float64)
+    bias = torch.tensor([0.2, -0.1, 0.0, 0.5], dtype=torch.float64)
+
+    def run(group):
+        inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        res = residual.clone().requires_grad_(True) if with_residual else None
+        y, mean, var = InPlaceABNFunction.apply(inputs[0] * 1, inputs[1], inputs[2], EPS, "leaky_relu", 0.1, group, res)
+        y.backward(grad_out)
+        return [y.detach(), mean, var] + [t.grad for t in inputs] + ([res.grad] if with_residual else [])
+
+    local = run(None)
+    pooled = run(single_process_group)
+    for expected, actual in zip(local, pooled):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)

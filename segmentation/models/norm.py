@@ -138,6 +138,23 @@ def _slope(activation: str, activation_param: float) -> float:
     return activation_param if activation == "leaky_relu" else 1.0
 
 
+def _affine_grads(
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    sum_grad_z: torch.Tensor,
+    sum_grad_z_x_hat: torch.Tensor,
+    ctx,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of weight and bias (None where not needed) from the per-channel backward sums."""
+    grad_weight = grad_bias = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        # d|w|/dw = sign(w), with +1 at w = 0.
+        grad_weight = torch.where(weight < 0, -sum_grad_z_x_hat, sum_grad_z_x_hat).to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[2]:
+        grad_bias = sum_grad_z.to(bias.dtype)
+    return grad_weight, grad_bias
+
+
 class InPlaceABNFunction(torch.autograd.Function):
     """``act(BN(x) [+ residual])`` in training mode, written into ``x``; saves only the output, the
     residual (which its producer keeps anyway: the block input, or the projection norm's output)
@@ -168,21 +185,24 @@ class InPlaceABNFunction(torch.autograd.Function):
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
         num_channels = x.shape[1]
         fused = norm_kernels.use_fused(x)
-        mean, var, count = _batch_stats(x, stat_dtype, group, fused)
-        invstd = torch.rsqrt(var + eps)
-        scale = _effective_scale(weight, eps, num_channels, stat_dtype, x.device)
-        shift = _effective_shift(bias, num_channels, stat_dtype, x.device)
-
-        if fused:
-            slope = _slope(activation, activation_param)
-            norm_kernels.fused("normalize_activate_")(x, mean, scale * invstd, shift, slope, residual)
+        slope = _slope(activation, activation_param)
+        if fused and group is None:
+            count = x.numel() // num_channels
+            mean, var, invstd = norm_kernels.fused("forward_local")(x, weight, bias, eps, slope, residual)
         else:
-            shape = _channel_shape(x)
-            x.sub_(mean.view(shape)).mul_((scale * invstd).view(shape)).add_(shift.view(shape))
-            if residual is not None:
-                x.add_(residual)
-            if activation == "leaky_relu":
-                F.leaky_relu_(x, activation_param)
+            mean, var, count = _batch_stats(x, stat_dtype, group, fused)
+            invstd = torch.rsqrt(var + eps)
+            scale = _effective_scale(weight, eps, num_channels, stat_dtype, x.device)
+            shift = _effective_shift(bias, num_channels, stat_dtype, x.device)
+            if fused:
+                norm_kernels.fused("normalize_activate_")(x, mean, scale * invstd, shift, slope, residual)
+            else:
+                shape = _channel_shape(x)
+                x.sub_(mean.view(shape)).mul_((scale * invstd).view(shape)).add_(shift.view(shape))
+                if residual is not None:
+                    x.add_(residual)
+                if activation == "leaky_relu":
+                    F.leaky_relu_(x, activation_param)
 
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, weight, bias, invstd, residual)
@@ -205,10 +225,18 @@ class InPlaceABNFunction(torch.autograd.Function):
         shape = _channel_shape(y)
         dims = _reduce_dims(y)
 
+        slope = _slope(ctx.activation, ctx.activation_param)
+        needs_input_grads = ctx.needs_input_grad[0] or (residual is not None and ctx.needs_input_grad[7])
+        if ctx.fused and ctx.group is None and needs_input_grads:
+            sum_grad_z, sum_grad_z_x_hat, grad_x, grad_residual = norm_kernels.fused("backward_local")(
+                y, grad_y, weight, bias, ctx.eps, invstd, slope, residual, ctx.count
+            )
+            grad_weight, grad_bias = _affine_grads(weight, bias, sum_grad_z, sum_grad_z_x_hat, ctx)
+            return grad_x, grad_weight, grad_bias, None, None, None, None, grad_residual
+
         scale = _effective_scale(weight, ctx.eps, num_channels, stat_dtype, y.device)
         shift = _effective_shift(bias, num_channels, stat_dtype, y.device)
         if ctx.fused:
-            slope = _slope(ctx.activation, ctx.activation_param)
             inv_scale = scale.reciprocal()
             sum_grad_z, sum_grad_z_x_hat = norm_kernels.fused("backward_sums")(
                 y, grad_y, inv_scale, shift, slope, residual
@@ -218,7 +246,6 @@ class InPlaceABNFunction(torch.autograd.Function):
             y_stat, grad_y_stat = y.to(stat_dtype), grad_y.to(stat_dtype)
             if ctx.activation == "leaky_relu":
                 negative = y_stat < 0
-                slope = ctx.activation_param
                 z = torch.where(negative, y_stat / slope, y_stat)
                 grad_z = torch.where(negative, grad_y_stat * slope, grad_y_stat)
             else:
@@ -232,13 +259,9 @@ class InPlaceABNFunction(torch.autograd.Function):
             sum_grad_z = grad_z.sum(dims)
             sum_grad_z_x_hat = (grad_z * x_hat).sum(dims)
 
-        grad_x = grad_weight = grad_bias = grad_residual = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            # d|w|/dw = sign(w), with +1 at w = 0.
-            grad_weight = torch.where(weight < 0, -sum_grad_z_x_hat, sum_grad_z_x_hat).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = sum_grad_z.to(bias.dtype)
-        if ctx.needs_input_grad[0] or (residual is not None and ctx.needs_input_grad[7]):
+        grad_x = grad_residual = None
+        grad_weight, grad_bias = _affine_grads(weight, bias, sum_grad_z, sum_grad_z_x_hat, ctx)
+        if needs_input_grads:
             if ctx.group is not None:
                 sums = torch.cat([sum_grad_z, sum_grad_z_x_hat])
                 dist.all_reduce(sums, group=ctx.group)

@@ -142,19 +142,67 @@ def input_grad(
     return grad_x.to(y.dtype), grad_residual
 
 
+# Without a process group the whole forward and the whole backward are one graph each (two
+# kernels: the reduction, then the map), so a layer costs two compiled calls, not four.
+
+
+def _affine(
+    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, x: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Effective scale ``|weight| + eps`` and shift of In-Place ABN (1 and 0 without affine parameters)."""
+    channels = x.shape[1]
+    scale = (weight.abs() + eps).to(dtype) if weight is not None else x.new_ones(channels, dtype=dtype)
+    shift = bias.to(dtype) if bias is not None else x.new_zeros(channels, dtype=dtype)
+    return scale, shift
+
+
+def forward_local(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    slope: float,
+    residual: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch statistics of ``x``, then ``normalize_activate_``; returns (mean, biased variance, invstd)."""
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean, var = batch_moments(x, stat_dtype)
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = _affine(weight, bias, eps, x, stat_dtype)
+    normalize_activate_(x, mean, scale * invstd, shift, slope, residual)
+    return mean, var, invstd
+
+
+def backward_local(
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    invstd: torch.Tensor,
+    slope: float,
+    residual: Optional[torch.Tensor],
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``backward_sums`` then ``input_grad``: (sum dL/dz, sum dL/dz * x_hat, dL/dx, dL/dresidual)."""
+    scale, shift = _affine(weight, bias, eps, y, invstd.dtype)
+    inv_scale = scale.reciprocal()
+    sum_grad_z, sum_grad_z_x_hat = backward_sums(y, grad_y, inv_scale, shift, slope, residual)
+    grad_x, grad_residual = input_grad(
+        y, grad_y, inv_scale, shift, slope, residual, sum_grad_z / count, sum_grad_z_x_hat / count, scale * invstd
+    )
+    return sum_grad_z, sum_grad_z_x_hat, grad_x, grad_residual
+
+
 # ---------------------------------------------------------------------------- compiled versions
+FUSED_FUNCTIONS = (batch_moments, normalize_activate_, backward_sums, input_grad, forward_local, backward_local)
 _compiled: Dict[str, Callable] = {}
 
 
 def fused(name: str) -> Callable:
-    """The compiled version of ``batch_moments``, ``normalize_activate_``, ``backward_sums`` or ``input_grad``."""
+    """The compiled version of one of ``FUSED_FUNCTIONS``."""
     if name not in _compiled:
-        functions = {
-            "batch_moments": batch_moments,
-            "normalize_activate_": normalize_activate_,
-            "backward_sums": backward_sums,
-            "input_grad": input_grad,
-        }
+        functions = {function.__name__: function for function in FUSED_FUNCTIONS}
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
         setattr(config, limit, max(getattr(config, limit), _RECOMPILE_LIMIT))
