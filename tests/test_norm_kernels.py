@@ -144,3 +144,32 @@ def test_fused_kernels_with_a_process_group(eager_fused, single_process_group, w
     pooled = run(single_process_group)
     for expected, actual in zip(local, pooled):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_in_place_abn_inside_a_compiled_model():
+    """torch.compile traces the layer (reference operations, no graph break) and matches eager in float64."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False).double()
+    norm = InPlaceABN(4).double()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = conv, norm
+
+        def forward(self, x):
+            return self.norm(self.conv(x), residual=x)
+
+    block = Block()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    explanation = torch._dynamo.explain(block)(x.clone())
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+    results = []
+    for module in (block, torch.compile(block)):
+        inp = x.clone().requires_grad_(True)
+        module(inp).sum().backward()
+        results.append([inp.grad, conv.weight.grad.clone(), norm.weight.grad.clone()])
+        conv.weight.grad = norm.weight.grad = None
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-10)
