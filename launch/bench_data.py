@@ -15,7 +15,13 @@ be shared):
 
 and, once, the split computation (every label file read by parallel worker processes).
 
-Usage: ``python launch/bench_data.py [--num_images 200 --width 500 --height 375 --crop_size 512]``
+With ``--workers 1,2,4``: training images/s of a DataLoader with that many worker processes
+(batches of ``--batch_size``, pinned memory when CUDA is available, the first batch excluded so
+that worker start-up does not count), and with ``--step_rate R`` (the training step's images/s
+per GPU, from ``launch/bench_train.py``) the CPU cores one GPU needs to be fed at that rate.
+
+Usage: ``python launch/bench_data.py [--num_images 200 --width 500 --height 375 --crop_size 512]
+[--workers 1,2,4,8 --step_rate 200]``
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Callable, List
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +46,7 @@ from segmentation.data.readers import read_base_list, read_image, read_label  # 
 from segmentation.data.splits import compute_split_indices, default_num_workers  # noqa: E402
 from segmentation.data.synthetic import generate_synthetic_voc  # noqa: E402
 from segmentation.data.transforms import train_transform  # noqa: E402
+from segmentation.engine.trainer import seed_worker  # noqa: E402
 from segmentation.tasks import channel_order, labels_of_step  # noqa: E402
 
 TASK, STEP = "15-5", 0
@@ -76,6 +84,24 @@ def timed(run: Callable[[int], object], count: int, repeats: int) -> float:
     return best
 
 
+def loader_images_per_second(dataset: Dataset, workers: int, batch_size: int, total: int) -> float:
+    """Training images/s through a DataLoader with ``workers`` processes, over ``total`` items."""
+    indices = [i % len(dataset) for i in range(total)]
+    batches = [indices[i : i + batch_size] for i in range(0, total - batch_size + 1, batch_size)]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=seed_worker,
+    )
+    iterator = iter(loader)
+    next(iterator)  # worker start-up and the first batch
+    start = time.perf_counter()
+    images = sum(batch[0].shape[0] for batch in iterator)
+    return images / (time.perf_counter() - start)
+
+
 def main(argv: List[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=200)
@@ -83,7 +109,13 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--crop_size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", default="", help="comma-separated DataLoader worker counts to time")
+    parser.add_argument("--batch_size", type=int, default=12, help="per-GPU batch of the DataLoader runs")
+    parser.add_argument("--loader_images", type=int, default=600, help="images per DataLoader run")
+    parser.add_argument("--step_rate", type=float, default=None,
+                        help="training images/s per GPU to feed: prints the CPU cores it needs")
     args = parser.parse_args(argv)
+    worker_counts = [int(n) for n in args.workers.split(",") if n]
     torch.set_num_threads(1)  # as in a DataLoader worker
 
     with tempfile.TemporaryDirectory() as root:
@@ -137,6 +169,10 @@ def main(argv: List[str] | None = None) -> None:
                 timed(item_with_pixel_remap, slow, args.repeats),
             ),
         ]
+        loader_rates = [
+            (workers, loader_images_per_second(dataset, workers, args.batch_size, args.loader_images))
+            for workers in worker_counts
+        ]
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process")
     print(
@@ -152,6 +188,22 @@ def main(argv: List[str] | None = None) -> None:
     print("|---|---:|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds * 1000:.2f} | {1 / seconds:.0f} |")
+    if loader_rates:
+        print()
+        print(f"| DataLoader workers (batch {args.batch_size}, {args.loader_images} images) | images / s "
+              "| images / s per worker |")
+        print("|---:|---:|---:|")
+        for workers, rate in loader_rates:
+            print(f"| {workers} | {rate:.0f} | {rate / max(workers, 1):.0f} |")
+    if args.step_rate:
+        per_process = 1 / dict(rows)["full item, LUT remap"]
+        per_worker = max(rate / max(workers, 1) for workers, rate in loader_rates) if loader_rates else per_process
+        print()
+        print(
+            f"cores per GPU for {args.step_rate:.0f} training images/s: {args.step_rate / per_process:.1f} at the "
+            f"single-process rate ({per_process:.0f} images/s), {args.step_rate / per_worker:.1f} at the best "
+            f"DataLoader rate per worker ({per_worker:.0f} images/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ PARSE_ERRORS = [
     (["--dataset", "cityscapes"], "--dataset"),
     (["--task", "16-4"], "16-4"),
     (["--method", "SDR"], "SDR"),
-    (["--method", "EWC"], "not implemented"),
+    (["--method", "PLOP"], "PLOP is not implemented"),
     (["--step", "5"], "--step 5"),
     (["--random_seed", "-1"], "--random_seed"),
     (["--crop_size", "7"], "--crop_size"),

@@ -78,7 +78,8 @@ def test_resnet_bottleneck_layout_and_key_names():
     assert all(not k.endswith(".bias") or ".bn" in k or "_bn" in k for k in keys), "convs have no bias"
     block = body.mod3.block2.convs
     activations = [block.bn1.activation, block.bn2.activation, block.bn3.activation]
-    assert activations == ["leaky_relu", "leaky_relu", "identity"]
+    # The last norm activates after adding the shortcut it is given (act(BN(x) + shortcut)).
+    assert activations == ["leaky_relu", "leaky_relu", "leaky_relu"]
     assert body.mod3.block1.proj_bn.activation == "identity"
     assert all(m.activation_param == 0.01 for m in body.modules() if isinstance(m, ABN))
 
@@ -89,7 +90,7 @@ def test_resnet_basic_block_layout():
     assert body.mod3.block1.proj_conv.weight.shape == (128, 64, 1, 1)
     assert list(dict(body.mod3.block2.convs.named_children())) == ["conv1", "bn1", "conv2", "bn2"]
     assert body.mod3.block2.convs.conv1.weight.shape == (128, 128, 3, 3)
-    assert body.mod3.block2.convs.bn2.activation == "identity"
+    assert body.mod3.block2.convs.bn2.activation == "leaky_relu"
 
 
 def test_resnet_block_matches_manual_computation():

@@ -1,8 +1,9 @@
 """Normalisation + activation layers: ABN, In-Place ABN and synchronised In-Place ABN.
 
 Every layer here computes ``act(BN(x))`` with ``act`` a leaky ReLU (default slope 0.01) or
-the identity, and exposes ``activation`` and ``activation_param`` so that blocks that add
-a residual before activating can apply the same non-linearity themselves.
+the identity, or ``act(BN(x) + residual)`` when called as ``layer(x, residual=r)``: a residual
+block hands its shortcut to its last norm, so that In-Place ABN keeps only the block's output
+(the norm's output and the sum are never stored separately).
 
 In-Place ABN (Rota Bulo et al., CVPR 2018) overwrites its input with the output in training
 mode and keeps only the output for the backward pass: the normalised input is recovered by
@@ -19,6 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import norm_kernels
+
 ACTIVATIONS = ("leaky_relu", "identity")
 
 
@@ -27,9 +30,9 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
-def apply_activation(x: torch.Tensor, activation: str, activation_param: float) -> torch.Tensor:
+def apply_activation(x: torch.Tensor, activation: str, activation_param: float, inplace: bool = False) -> torch.Tensor:
     if activation == "leaky_relu":
-        return F.leaky_relu(x, negative_slope=activation_param)
+        return F.leaky_relu(x, negative_slope=activation_param, inplace=inplace)
     return x
 
 
@@ -56,10 +59,17 @@ class _BatchNormAct(nn.BatchNorm2d):
 
 
 class ABN(_BatchNormAct):
-    """Batch norm followed by an activation, with autograd's usual memory use (no in-place trick)."""
+    """Batch norm followed by an activation, with autograd's usual memory use (no in-place trick).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_activation(super().forward(x), self.activation, self.activation_param)
+    Like InPlace-ABN's ``ABN``, the activation runs in place on the fresh batch-norm output (or sum),
+    so autograd keeps the norm's input and the activation's output.
+    """
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = super().forward(x)
+        if residual is not None:
+            out = out + residual
+        return apply_activation(out, self.activation, self.activation_param, inplace=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +105,7 @@ def _effective_shift(
 
 
 def _batch_stats(
-    x: torch.Tensor, dtype: torch.dtype, group: Optional[dist.ProcessGroup]
+    x: torch.Tensor, dtype: torch.dtype, group: Optional[dist.ProcessGroup], fused: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, Count]:
     """Per-channel mean, biased variance and element count of ``x`` over every dim but 1,
     pooled over the processes of ``group`` (local only when ``group`` is None).
@@ -107,7 +117,8 @@ def _batch_stats(
     num_channels = x.shape[1]
     count = x.numel() // num_channels
     if count > 0:
-        var, mean = torch.var_mean(x.to(dtype), dim=_reduce_dims(x), correction=0)
+        moments = norm_kernels.fused("batch_moments") if fused else norm_kernels.batch_moments
+        mean, var = moments(x, dtype)
     else:
         mean = var = torch.zeros(num_channels, dtype=dtype, device=x.device)
     if group is None:
@@ -122,15 +133,41 @@ def _batch_stats(
     return pooled_mean.to(dtype), (squared_deviations / total).to(dtype), total
 
 
-class InPlaceABNFunction(torch.autograd.Function):
-    """``act(BN(x))`` in training mode, written into ``x``; saves only the output and per-channel tensors.
+def _slope(activation: str, activation_param: float) -> float:
+    """The leaky ReLU slope that computes ``activation`` (1 for the identity)."""
+    return activation_param if activation == "leaky_relu" else 1.0
 
-    ``apply(x, weight, bias, eps, activation, activation_param, group)`` returns
+
+def _affine_grads(
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    sum_grad_z: torch.Tensor,
+    sum_grad_z_x_hat: torch.Tensor,
+    ctx,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of weight and bias (None where not needed) from the per-channel backward sums."""
+    grad_weight = grad_bias = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        # d|w|/dw = sign(w), with +1 at w = 0.
+        grad_weight = torch.where(weight < 0, -sum_grad_z_x_hat, sum_grad_z_x_hat).to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[2]:
+        grad_bias = sum_grad_z.to(bias.dtype)
+    return grad_weight, grad_bias
+
+
+class InPlaceABNFunction(torch.autograd.Function):
+    """``act(BN(x) [+ residual])`` in training mode, written into ``x``; saves only the output, the
+    residual (which its producer keeps anyway: the block input, or the projection norm's output)
+    and per-channel tensors.
+
+    ``apply(x, weight, bias, eps, activation, activation_param, group[, residual])`` returns
     ``(y, batch_mean, batch_var_unbiased)`` where ``y`` is ``x`` itself, overwritten. ``weight``
     and ``bias`` may be None (no affine). With a process ``group`` the batch statistics and the
     backward reductions are all-reduced over it; the weight and bias gradients stay local (the
     data-parallel wrapper sums or averages them like any other parameter gradient).
-    Statistics are computed in float32 (float64 for float64 inputs).
+    Statistics are computed in float32 (float64 for float64 inputs). On CUDA the elementwise
+    work runs in the fused kernels of ``norm_kernels``; the separate operations below are the
+    reference and the CPU path.
     """
 
     @staticmethod
@@ -143,26 +180,38 @@ class InPlaceABNFunction(torch.autograd.Function):
         activation: str,
         activation_param: float,
         group: Optional[dist.ProcessGroup],
+        residual: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
         num_channels = x.shape[1]
-        mean, var, count = _batch_stats(x, stat_dtype, group)
-        invstd = torch.rsqrt(var + eps)
-        scale = _effective_scale(weight, eps, num_channels, stat_dtype, x.device)
-        shift = _effective_shift(bias, num_channels, stat_dtype, x.device)
-
-        shape = _channel_shape(x)
-        x.sub_(mean.view(shape)).mul_((scale * invstd).view(shape)).add_(shift.view(shape))
-        if activation == "leaky_relu":
-            F.leaky_relu_(x, activation_param)
+        fused = norm_kernels.use_fused(x)
+        slope = _slope(activation, activation_param)
+        if fused and group is None:
+            count = x.numel() // num_channels
+            mean, var, invstd = norm_kernels.fused("forward_local")(x, weight, bias, eps, slope, residual)
+        else:
+            mean, var, count = _batch_stats(x, stat_dtype, group, fused)
+            invstd = torch.rsqrt(var + eps)
+            scale = _effective_scale(weight, eps, num_channels, stat_dtype, x.device)
+            shift = _effective_shift(bias, num_channels, stat_dtype, x.device)
+            if fused:
+                norm_kernels.fused("normalize_activate_")(x, mean, scale * invstd, shift, slope, residual)
+            else:
+                shape = _channel_shape(x)
+                x.sub_(mean.view(shape)).mul_((scale * invstd).view(shape)).add_(shift.view(shape))
+                if residual is not None:
+                    x.add_(residual)
+                if activation == "leaky_relu":
+                    F.leaky_relu_(x, activation_param)
 
         ctx.mark_dirty(x)
-        ctx.save_for_backward(x, weight, bias, invstd)
+        ctx.save_for_backward(x, weight, bias, invstd, residual)
         ctx.eps = eps
         ctx.activation = activation
         ctx.activation_param = activation_param
         ctx.group = group
         ctx.count = count
+        ctx.fused = fused
 
         var_unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, var_unbiased)
@@ -170,46 +219,65 @@ class InPlaceABNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
-        y, weight, bias, invstd = ctx.saved_tensors
+        y, weight, bias, invstd, residual = ctx.saved_tensors
         stat_dtype = invstd.dtype
         num_channels = y.shape[1]
         shape = _channel_shape(y)
         dims = _reduce_dims(y)
 
-        # Undo the activation: z = BN(x) and dL/dz.
-        y_stat, grad_y_stat = y.to(stat_dtype), grad_y.to(stat_dtype)
-        if ctx.activation == "leaky_relu":
-            negative = y_stat < 0
-            slope = ctx.activation_param
-            z = torch.where(negative, y_stat / slope, y_stat)
-            grad_z = torch.where(negative, grad_y_stat * slope, grad_y_stat)
-        else:
-            z, grad_z = y_stat, grad_y_stat
+        slope = _slope(ctx.activation, ctx.activation_param)
+        needs_input_grads = ctx.needs_input_grad[0] or (residual is not None and ctx.needs_input_grad[7])
+        if ctx.fused and ctx.group is None and needs_input_grads:
+            sum_grad_z, sum_grad_z_x_hat, grad_x, grad_residual = norm_kernels.fused("backward_local")(
+                y, grad_y, weight, bias, ctx.eps, invstd, slope, residual, ctx.count
+            )
+            grad_weight, grad_bias = _affine_grads(weight, bias, sum_grad_z, sum_grad_z_x_hat, ctx)
+            return grad_x, grad_weight, grad_bias, None, None, None, None, grad_residual
 
-        # Undo the affine map: x_hat = (z - bias) / (|weight| + eps).
         scale = _effective_scale(weight, ctx.eps, num_channels, stat_dtype, y.device)
         shift = _effective_shift(bias, num_channels, stat_dtype, y.device)
-        x_hat = (z - shift.view(shape)) / scale.view(shape)
+        if ctx.fused:
+            inv_scale = scale.reciprocal()
+            sum_grad_z, sum_grad_z_x_hat = norm_kernels.fused("backward_sums")(
+                y, grad_y, inv_scale, shift, slope, residual
+            )
+        else:
+            # Undo the activation: z = BN(x) and dL/dz.
+            y_stat, grad_y_stat = y.to(stat_dtype), grad_y.to(stat_dtype)
+            if ctx.activation == "leaky_relu":
+                negative = y_stat < 0
+                z = torch.where(negative, y_stat / slope, y_stat)
+                grad_z = torch.where(negative, grad_y_stat * slope, grad_y_stat)
+            else:
+                z, grad_z = y_stat, grad_y_stat
+            if residual is not None:
+                z = z - residual.to(stat_dtype)
 
-        sum_grad_z = grad_z.sum(dims)
-        sum_grad_z_x_hat = (grad_z * x_hat).sum(dims)
+            # Undo the affine map: x_hat = (z - bias) / (|weight| + eps).
+            x_hat = (z - shift.view(shape)) / scale.view(shape)
 
-        grad_x = grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            # d|w|/dw = sign(w), with +1 at w = 0.
-            grad_weight = torch.where(weight < 0, -sum_grad_z_x_hat, sum_grad_z_x_hat).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = sum_grad_z.to(bias.dtype)
-        if ctx.needs_input_grad[0]:
+            sum_grad_z = grad_z.sum(dims)
+            sum_grad_z_x_hat = (grad_z * x_hat).sum(dims)
+
+        grad_x = grad_residual = None
+        grad_weight, grad_bias = _affine_grads(weight, bias, sum_grad_z, sum_grad_z_x_hat, ctx)
+        if needs_input_grads:
             if ctx.group is not None:
                 sums = torch.cat([sum_grad_z, sum_grad_z_x_hat])
                 dist.all_reduce(sums, group=ctx.group)
                 sum_grad_z, sum_grad_z_x_hat = sums.split(num_channels)
-            mean_grad_z = (sum_grad_z / ctx.count).view(shape)
-            mean_grad_z_x_hat = (sum_grad_z_x_hat / ctx.count).view(shape)
-            grad_x = torch.addcmul(grad_z - mean_grad_z, x_hat, mean_grad_z_x_hat, value=-1)
-            grad_x = grad_x.mul_((scale * invstd).view(shape)).to(y.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+            mean_grad_z = sum_grad_z / ctx.count
+            mean_grad_z_x_hat = sum_grad_z_x_hat / ctx.count
+            if ctx.fused:
+                grad_x, grad_residual = norm_kernels.fused("input_grad")(
+                    y, grad_y, inv_scale, shift, slope, residual, mean_grad_z, mean_grad_z_x_hat, scale * invstd
+                )
+            else:
+                if residual is not None:
+                    grad_residual = grad_z.to(residual.dtype)
+                grad_x = torch.addcmul(grad_z - mean_grad_z.view(shape), x_hat, mean_grad_z_x_hat.view(shape), value=-1)
+                grad_x = grad_x.mul_((scale * invstd).view(shape)).to(y.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, grad_residual
 
 
 class InPlaceABN(_BatchNormAct):
@@ -243,20 +311,25 @@ class InPlaceABN(_BatchNormAct):
         """The process group to pool batch statistics over, or None for local statistics."""
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expects an (N, {self.num_features}, ...) input, "
                 f"got shape {tuple(x.shape)}"
             )
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(
+                f"{type(self).__name__}: the residual's shape {tuple(residual.shape)} differs from the input's "
+                f"{tuple(x.shape)}"
+            )
         if not self.training:
-            return self._forward_eval(x)
+            return self._forward_eval(x, residual)
 
         group = self._sync_group()
         if group is None and x.numel() // x.shape[1] <= 1:
             raise ValueError(f"expected more than 1 value per channel when training, got input shape {tuple(x.shape)}")
         y, batch_mean, batch_var = InPlaceABNFunction.apply(
-            x, self.weight, self.bias, self.eps, self.activation, self.activation_param, group
+            x, self.weight, self.bias, self.eps, self.activation, self.activation_param, group, residual
         )
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
@@ -268,9 +341,11 @@ class InPlaceABN(_BatchNormAct):
             self.running_var.mul_(1 - factor).add_(batch_var.to(self.running_var.dtype), alpha=factor)
         return y
 
-    def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_eval(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         weight = self.weight.abs() + self.eps if self.weight is not None else None
         out = F.batch_norm(x, self.running_mean, self.running_var, weight, self.bias, False, 0.0, self.eps)
+        if residual is not None:
+            out = out + residual
         return apply_activation(out, self.activation, self.activation_param)
 
 

@@ -6,9 +6,11 @@ Layout (state-dict names in brackets)::
     mod2 .. mod5  [block1 .. blockN]
         block  [convs (conv1, bn1, conv2, bn2[, conv3, bn3]), proj_conv, proj_bn]
 
-The 3x3 conv of a block carries its stride and dilation ("ResNet v1.5"). The last norm of
-``convs`` and ``proj_bn`` have identity activation; the leaky ReLU is applied after the
-residual sum. Norm+activation layers are In-Place-safe: each is fed a fresh conv output.
+The 3x3 conv of a block carries its stride and dilation ("ResNet v1.5"). ``proj_bn`` has the
+identity activation; the last norm of ``convs`` is called with the shortcut as its residual and
+computes ``leaky_relu(BN(conv) + shortcut)`` in one layer, so that In-Place ABN keeps only the
+block's output for backward. Norm+activation layers are In-Place-safe: each is fed a fresh conv
+output.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 LEAKY_RELU_SLOPE = 0.01
 
@@ -61,7 +62,7 @@ class ResidualBlock(nn.Module):
                 ("conv1", _conv(in_channels, channels[0], 3, stride, dilation)),
                 ("bn1", _norm(norm_act, channels[0])),
                 ("conv2", _conv(channels[0], channels[1], 3, 1, dilation)),
-                ("bn2", _norm(norm_act, channels[1], "identity")),
+                ("bn2", _norm(norm_act, channels[1])),
             ]
         elif len(channels) == 3:
             layers = [
@@ -70,7 +71,7 @@ class ResidualBlock(nn.Module):
                 ("conv2", _conv(channels[0], channels[1], 3, stride, dilation)),
                 ("bn2", _norm(norm_act, channels[1])),
                 ("conv3", _conv(channels[1], channels[2], 1)),
-                ("bn3", _norm(norm_act, channels[2], "identity")),
+                ("bn3", _norm(norm_act, channels[2])),
             ]
         else:
             raise ValueError(f"a residual block has 2 or 3 convs, got channels={channels}")
@@ -85,9 +86,11 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.proj_conv is None else self.proj_bn(self.proj_conv(x))
-        out = self.convs(x) + shortcut
-        # The sum is a fresh tensor, so activating it in place is safe.
-        return F.leaky_relu(out, negative_slope=LEAKY_RELU_SLOPE, inplace=True)
+        *layers, last_norm = self.convs
+        out = x
+        for layer in layers:
+            out = layer(out)
+        return last_norm(out, residual=shortcut)
 
 
 class ResNet(nn.Module):

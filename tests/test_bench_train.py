@@ -1,0 +1,72 @@
+"""Smoke test of the training-step benchmark (launch/bench_train.py) in its CPU --quick mode."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = os.path.join(REPO_ROOT, "launch", "bench_train.py")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_one_row_per_variant(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--output_dir", str(out), "--append_docs", str(docs)],
+        check=True, cwd=tmp_path, env=env, timeout=600,
+    )
+    bench = load_bench()
+    names = [variant.name for variant in bench.quick_plan()]
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["variant"] for row in rows] == names
+    for row in rows:
+        assert "error" not in row, row
+        assert row["images_per_s"] > 0 and row["flops_per_image"] > 0
+        assert row["torch"] and row["date"]
+    # Step 1 adds the old model's forward: more FLOPs per image than step 0.
+    by_name = {row["variant"]: row for row in rows}
+    assert by_name["ours-iabn/os16/fp32/nchw/step1"]["flops_per_image"] > by_name["ours-iabn/os16/fp32/nchw/step0"][
+        "flops_per_image"
+    ]
+
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert "#### Training step, CPU" in text and "torch " in text
+    table = [line for line in text.splitlines() if line.startswith("| ") and "/step" in line]
+    assert [line.split("|")[1].strip() for line in table] == names
+    assert (out / "table.md").read_text().strip() in text
+
+
+def test_failing_variant_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    bench = load_bench()
+    failing = bench.Variant(precision="fp8")
+    working = bench.Variant(norm="abn")
+    monkeypatch.setattr(bench, "quick_plan", lambda: [failing, working])
+    bench.main(["--quick", "--output_dir", str(tmp_path)])
+
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["variant"] for row in rows] == [failing.name, working.name]
+    assert "unknown precision 'fp8'" in rows[0]["error"] and "images_per_s" not in rows[0]
+    assert rows[1]["images_per_s"] > 0 and "error" not in rows[1]
+    assert "ValueError: unknown precision" in (tmp_path / "table.md").read_text()
+
+
+def test_time_budget_skips_the_remaining_variants(tmp_path, monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "quick_plan", lambda: [bench.Variant(norm="abn"), bench.Variant()])
+    bench.main(["--quick", "--output_dir", str(tmp_path), "--time_budget", "0"])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(row["error"] == "skipped: time budget spent" for row in rows)

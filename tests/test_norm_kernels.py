@@ -1,0 +1,175 @@
+"""The fused In-Place ABN formulation (norm_kernels) against the reference operations of norm.py.
+
+The fused functions run in two ways: eagerly (the same mathematics, fast, every case) and through
+``torch.compile`` with the inductor CPU backend (what runs on CUDA, one small case because
+compiling takes a while on CPU).
+"""
+import pytest
+import torch
+
+from segmentation.models import norm_kernels
+from segmentation.models.norm import InPlaceABN, InPlaceABNFunction
+
+EPS = 1e-5
+
+
+@pytest.fixture
+def kernel_mode():
+    """Restore the automatic selection after the test."""
+    yield norm_kernels.set_kernel_mode
+    norm_kernels.set_kernel_mode("auto")
+
+
+@pytest.fixture
+def eager_fused(monkeypatch, kernel_mode):
+    """The fused formulation without compiling it."""
+    monkeypatch.setattr(norm_kernels, "_compiled", {f.__name__: f for f in norm_kernels.FUSED_FUNCTIONS})
+    kernel_mode("always")
+
+
+def run_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, grad_out: torch.Tensor):
+    """Output, running statistics and the gradients of x, weight and bias of one training call."""
+    layer = InPlaceABN(x.shape[1], activation=activation, activation_param=0.1).to(weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x * 1)  # a non-leaf the layer may overwrite
+    out.backward(grad_out)
+    return out.detach(), layer.running_mean, layer.running_var, x.grad, layer.weight.grad, layer.bias.grad
+
+
+def test_selection(kernel_mode):
+    cpu = torch.zeros(2, 3)
+    assert not norm_kernels.use_fused(cpu)  # auto: CUDA only
+    kernel_mode("always")
+    assert norm_kernels.use_fused(cpu)
+    kernel_mode("never")
+    assert not norm_kernels.use_fused(cpu)
+    with pytest.raises(ValueError, match="kernel mode"):
+        kernel_mode("fast")
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+@pytest.mark.parametrize("shape", [(3, 2, 3, 3), (6, 2)])
+def test_fused_gradcheck(eager_fused, activation, shape):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
+    weight = torch.tensor([0.8, -1.3], dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([0.2, -0.1], dtype=torch.float64, requires_grad=True)
+
+    def function(x, weight, bias):
+        return InPlaceABNFunction.apply(x.clone(), weight, bias, EPS, activation, 0.1, None)[0]
+
+    assert torch.autograd.gradcheck(function, (x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_matches_reference(kernel_mode, monkeypatch, dtype, channels_last):
+    x = torch.randn(4, 5, 6, 7, dtype=torch.float64) * 3 + 1
+    grad_out = torch.randn(4, 5, 6, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        grad_out = grad_out.to(memory_format=torch.channels_last)
+    weight = torch.linspace(-1.5, 2.0, 5, dtype=torch.float64)
+    bias = torch.linspace(0.3, -0.4, 5, dtype=torch.float64)
+    args = (x.to(dtype), weight, bias, "leaky_relu", grad_out.to(dtype))
+
+    kernel_mode("never")
+    reference = run_layer(*args)
+    monkeypatch.setattr(norm_kernels, "_compiled", {f.__name__: f for f in norm_kernels.FUSED_FUNCTIONS})
+    kernel_mode("always")
+    fused = run_layer(*args)
+
+    # The reference rounds to the input dtype after every in-place step, the fused path once.
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    for expected, actual in zip(reference, fused):
+        assert actual.dtype == expected.dtype
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=tolerance, atol=tolerance)
+    if channels_last:
+        assert fused[0].is_contiguous(memory_format=torch.channels_last)
+        assert fused[3].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_compiled_kernels_match_reference_on_cpu(kernel_mode, with_residual):
+    """The kernels torch.compile generates (inductor, CPU) equal the reference in float64."""
+    x = (torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2 + 0.5).to(memory_format=torch.channels_last)
+    residual = torch.randn(3, 4, 5, 5, dtype=torch.float64) if with_residual else None
+    grad_out = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    weight = torch.tensor([0.8, -1.3, 0.1, 2.0], dtype=torch.float64)
+    bias = torch.tensor([0.2, -0.1, 0.0, 0.5], dtype=torch.float64)
+
+    def run():
+        inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        res = residual.clone().requires_grad_(True) if with_residual else None
+        y, mean, var = InPlaceABNFunction.apply(inputs[0] * 1, inputs[1], inputs[2], EPS, "leaky_relu", 0.1, None, res)
+        y.backward(grad_out)
+        return [y.detach(), mean, var] + [t.grad for t in inputs] + ([res.grad] if with_residual else [])
+
+    kernel_mode("never")
+    reference = run()
+    kernel_mode("always")
+    compiled = run()
+    for expected, actual in zip(reference, compiled):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def single_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_kernels_with_a_process_group(eager_fused, single_process_group, with_residual):
+    """The split fused functions (statistics pooled over a group between them) equal the one-graph ones."""
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2 + 0.5
+    residual = torch.randn(3, 4, 5, 5, dtype=torch.float64) if with_residual else None
+    grad_out = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    weight = torch.tensor([0.8, -1.3, 0.1, 2.0], dtype=torch.float64)
+    bias = torch.tensor([0.2, -0.1, 0.0, 0.5], dtype=torch.float64)
+
+    def run(group):
+        inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        res = residual.clone().requires_grad_(True) if with_residual else None
+        y, mean, var = InPlaceABNFunction.apply(inputs[0] * 1, inputs[1], inputs[2], EPS, "leaky_relu", 0.1, group, res)
+        y.backward(grad_out)
+        return [y.detach(), mean, var] + [t.grad for t in inputs] + ([res.grad] if with_residual else [])
+
+    local = run(None)
+    pooled = run(single_process_group)
+    for expected, actual in zip(local, pooled):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_in_place_abn_inside_a_compiled_model():
+    """torch.compile traces the layer (reference operations, no graph break) and matches eager in float64."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False).double()
+    norm = InPlaceABN(4).double()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = conv, norm
+
+        def forward(self, x):
+            return self.norm(self.conv(x), residual=x)
+
+    block = Block()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    explanation = torch._dynamo.explain(block)(x.clone())
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+    results = []
+    for module in (block, torch.compile(block)):
+        inp = x.clone().requires_grad_(True)
+        module(inp).sum().backward()
+        results.append([inp.grad, conv.weight.grad.clone(), norm.weight.grad.clone()])
+        conv.weight.grad = norm.weight.grad = None
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-10)
