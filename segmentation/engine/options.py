@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(0 = epoch ends only)")
     ckpt.add_argument("--no_resume", dest="resume", action="store_false",
                       help="ignore in-step checkpoints left by an interrupted run")
+    ckpt.add_argument("--max_bad_iterations", type=int, default=0,
+                      help="skip up to N iterations whose loss or gradient is NaN/Inf (with a "
+                      "warning each) instead of stopping at the first")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--test", action="store_true", help="skip training, only test")
@@ -189,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Launch with torchrun (or srun under SLURM); the rank comes from the environment.")
     dist.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                       help="accepted for torch.distributed.launch command lines and ignored")
+    dist.add_argument("--collective_timeout", type=float, default=300.0,
+                      help="seconds a process waits for the others (or for a data-loader worker) "
+                      "before the run stops with an error naming what it waited for")
     return parser
 
 
@@ -270,14 +276,14 @@ def _resolve_pretrained(parser: argparse.ArgumentParser, opts: argparse.Namespac
 
 def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
     positive = ("lr", "epochs", "batch_size", "crop_size", "val_interval", "print_interval",
-                "pooling", "lr_decay_step")
+                "pooling", "lr_decay_step", "collective_timeout")
     if opts.incremental_lr is not None and opts.incremental_lr <= 0:
         parser.error(f"--incremental_lr must be positive, got {opts.incremental_lr}")
     for name in positive:
         if getattr(opts, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(opts, name)}")
     non_negative = ("num_workers", "ckpt_interval", "sample_num", "loss_kd", "loss_de",
-                    "icarl_importance", "weight_decay")
+                    "icarl_importance", "weight_decay", "max_bad_iterations")
     for name in non_negative:
         if getattr(opts, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(opts, name)}")

@@ -13,8 +13,17 @@ Bit-identity holds where the kernels are deterministic (CPU). On CUDA some kerne
 backward of bilinear upsampling) accumulate atomically, so two uninterrupted runs already differ
 at float-rounding level and a resumed run is equivalent to the same degree.
 
-Stop signals: SIGTERM/SIGUSR1 set a flag; after every iteration the ranks all-reduce it, so they
-all stop after the same iteration, write an in-step checkpoint and raise ``TrainingInterrupted``.
+Host checks: the loop does not wait for the device after each iteration. Every
+``check_interval`` iterations (at most ``MAX_CHECK_INTERVAL``, and before every checkpoint) the
+ranks combine in one all-reduce the stop flag and the non-finite state that accumulated on the
+device since the last check:
+- SIGTERM/SIGUSR1 set a flag; all ranks see it at the same check, stop after the same
+  iteration, write an in-step checkpoint and raise ``TrainingInterrupted``;
+- a NaN/Inf loss term (or gradient, without fp16's GradScaler, which skips those steps itself)
+  is recorded on the device with the first iteration where it happened; the check raises
+  ``NonFiniteLossError`` naming it, and no checkpoint is written after it. With
+  ``max_bad_iterations`` > 0 every iteration is checked instead and a bad one is skipped (no
+  update) with a warning, up to that many times.
 """
 from __future__ import annotations
 
@@ -34,15 +43,20 @@ from torch.utils.data import DataLoader, Dataset
 from segmentation import distributed
 from segmentation.engine.checkpoint import InStepCheckpoints
 from segmentation.engine.evaluation import autocast_context
+from segmentation.engine.loader_watch import DataLoaderFailure, SampleTracker
 from segmentation.engine.logger import Logger, Progress
 from segmentation.engine.methods import MethodLoss
 from segmentation.engine.sampler import GlobalBatchSampler
+from segmentation.faults import fault_point
 from segmentation.signals import STOP_SIGNALS, restore_default_stop_handlers
 
 LOGGER = logging.getLogger(__name__)
 
 # Offset that separates DataLoader worker seeds from the sampler's seeds.
 _WORKER_SEED_OFFSET = 7919
+# Longest run of iterations without a host check (stop flag, NaN/Inf state).
+MAX_CHECK_INTERVAL = 10
+_NO_BAD_ITERATION = -1
 
 
 class TrainingInterrupted(Exception):
@@ -52,6 +66,22 @@ class TrainingInterrupted(Exception):
         super().__init__(f"training of step {step} stopped by a signal after iteration {iteration}")
         self.step = step
         self.iteration = iteration
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or the gradient became NaN/Inf (more often than ``max_bad_iterations`` allows)."""
+
+    def __init__(self, step: int, iteration: int, terms: List[str], last_checkpoint: Optional[int]) -> None:
+        kept = (f"the last in-step checkpoint (iteration {last_checkpoint}) is kept"
+                if last_checkpoint is not None else "no in-step checkpoint was written yet")
+        super().__init__(
+            f"step {step}: non-finite value (NaN or Inf) in {', '.join(terms)} at iteration {iteration}; "
+            f"training stopped and {kept}. Lower --lr, train in float32 or bf16 (--amp), or pass "
+            "--max_bad_iterations N to skip such iterations, then rerun the same command to resume"
+        )
+        self.step = step
+        self.iteration = iteration
+        self.terms = terms
 
 
 class StopSignal:
@@ -201,6 +231,8 @@ class Trainer:
         print_interval: int = 10,
         on_epoch_end: Optional[Callable[[int], None]] = None,
         stop_signal: Optional[StopSignal] = None,
+        max_bad_iterations: int = 0,
+        loader_timeout: float = 0.0,
     ) -> None:
         self.model = model
         self.old_model = old_model
@@ -222,6 +254,9 @@ class Trainer:
         self.print_interval = max(1, print_interval)
         self.on_epoch_end = on_epoch_end
         self.stop_signal = stop_signal
+        self.max_bad_iterations = max_bad_iterations
+        self.loader_timeout = loader_timeout
+        self.check_interval = min(self.print_interval, MAX_CHECK_INTERVAL)
         if loss.needs_old_model and old_model is None:
             raise ValueError("the loss needs the old model's outputs but no old model was given")
 
@@ -235,6 +270,13 @@ class Trainer:
         self.iteration = 0
         self.train_seconds = 0.0
         self.images_seen = 0
+        self.bad_iterations = 0
+        self.last_checkpoint: Optional[int] = None
+        # Device-side record of the first non-finite iteration since the last host check and
+        # which values were non-finite then (the loss terms, then the gradient).
+        self._term_names: List[str] = []
+        self._first_bad = torch.full((), _NO_BAD_ITERATION, dtype=torch.int64, device=device)
+        self._bad_terms: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -251,6 +293,7 @@ class Trainer:
             rng_states=gather_rng_states(self.device),
             train_seconds=self.train_seconds,
             images_seen=self.images_seen,
+            bad_iterations=self.bad_iterations,
         )
         return state
 
@@ -272,18 +315,23 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.images_seen = int(state.get("images_seen", 0))
+        self.bad_iterations = int(state.get("bad_iterations", 0))
         if self.batch_in_epoch >= self.iterations_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
         set_rng_state(rng_states[distributed.rank()], self.device)
 
     def save_checkpoint(self) -> None:
-        """Write an in-step checkpoint (collective; rank 0 writes)."""
+        """Write an in-step checkpoint (collective; rank 0 writes). Call after a host check."""
         if self.checkpoints is None:
             return
+        if not all(torch.isfinite(value).all() for value in unwrap(self.model).state_dict().values()
+                   if value.is_floating_point()):
+            raise NonFiniteLossError(self._step(), self.iteration, ["the model weights"], self.last_checkpoint)
         state = self.state_dict()
         if distributed.is_main_process():
             self.checkpoints.save(state, self.iteration)
+        self.last_checkpoint = self.iteration
 
     # ---------------------------------------------------------------- loop
     def train_mode(self) -> None:
@@ -292,14 +340,77 @@ class Trainer:
         if self.fix_bn:
             unwrap(self.model).fix_bn()
 
-    def _stop_requested(self) -> bool:
-        """Whether any rank received a stop signal (collective, once per iteration)."""
-        local = 1.0 if self.stop_signal is not None and self.stop_signal.received else 0.0
-        if not distributed.is_initialized():
-            return local > 0
-        flag = torch.tensor([local], device=self.device)
-        distributed.all_reduce_sum(flag)
-        return bool(flag.item() > 0)
+    def _step(self) -> int:
+        return int(self.checkpoint_meta.get("step", -1))
+
+    def _stop_received(self) -> bool:
+        return self.stop_signal is not None and self.stop_signal.received is not None
+
+    def _check(self) -> bool:
+        """Host check (collective): raise ``NonFiniteLossError`` if a non-finite value was recorded
+        on any rank since the last check; return whether any rank received a stop signal."""
+        stop = 1 if self._stop_received() else 0
+        flags = torch.stack([torch.tensor(stop, device=self.device), self._first_bad])
+        if distributed.is_initialized():
+            # Max over ranks of (stop, -first bad iteration); no bad iteration counts as -inf.
+            encoded = torch.where(flags[1] == _NO_BAD_ITERATION, torch.iinfo(torch.int64).min, -flags[1])
+            flags = torch.stack([flags[0], encoded])
+            distributed.all_reduce_max(flags, what=f"the check after iteration {self.iteration}")
+            stop_any, encoded = flags.tolist()
+            first_bad = _NO_BAD_ITERATION if encoded == torch.iinfo(torch.int64).min else -encoded
+        else:
+            stop_any, first_bad = flags.tolist()
+        if first_bad != _NO_BAD_ITERATION:
+            raise NonFiniteLossError(self._step(), first_bad, self._bad_term_names(first_bad),
+                                     self.last_checkpoint)
+        return stop_any > 0
+
+    def _bad_term_names(self, iteration: int) -> List[str]:
+        """The values that were non-finite at ``iteration`` on the ranks where it happened."""
+        local = []
+        if self._bad_terms is not None and int(self._first_bad) == iteration:
+            names = [*self._term_names, "the gradient"]
+            local = [name for name, bad in zip(names, self._bad_terms.tolist()) if bad]
+        gathered = distributed.all_gather_object(local, what="the report of a non-finite loss")
+        terms = [name for names in gathered for name in names]
+        return sorted(set(terms), key=terms.index) or ["the loss"]
+
+    def _record_health(self, total: torch.Tensor, components: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Record on the device whether this iteration's loss terms or gradient are non-finite;
+        returns that flag (a device tensor, no synchronisation)."""
+        self._term_names = [name for name in components if name != "loss"] or ["loss"]
+        values = [components[name] if name in components else total for name in self._term_names]
+        finite = torch.isfinite(torch.stack([value.detach().float() for value in values]))
+        if not self.scaler.is_enabled():  # fp16's GradScaler skips non-finite gradients itself
+            gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+            finite = torch.cat([finite, torch.isfinite(norm).reshape(1)])
+        else:
+            finite = torch.cat([finite, torch.ones(1, dtype=torch.bool, device=self.device)])
+        bad = ~finite.all()
+        first = bad & (self._first_bad == _NO_BAD_ITERATION)
+        self._first_bad = torch.where(first, self.iteration + 1, self._first_bad)
+        self._bad_terms = ~finite if self._bad_terms is None else torch.where(first, ~finite, self._bad_terms)
+        return bad
+
+    def _skip_bad_iteration(self, bad: torch.Tensor) -> bool:
+        """With ``max_bad_iterations``: whether this iteration is non-finite on any rank (then it
+        is counted, reported and must be skipped); raises once the allowance is used up."""
+        flag = bad.to(torch.int64).reshape(1)
+        distributed.all_reduce_max(flag, what=f"the non-finite check of iteration {self.iteration + 1}")
+        if not flag.item():
+            return False
+        iteration = self.iteration + 1
+        terms = self._bad_term_names(iteration)
+        self.bad_iterations += 1
+        if self.bad_iterations > self.max_bad_iterations:
+            raise NonFiniteLossError(self._step(), iteration, terms, self.last_checkpoint)
+        LOGGER.warning(
+            "step %d: non-finite value in %s at iteration %d: iteration skipped (%d of at most %d)",
+            self._step(), ", ".join(terms), iteration, self.bad_iterations, self.max_bad_iterations,
+        )
+        self._first_bad.fill_(_NO_BAD_ITERATION)
+        return True
 
     def _loader(self, epoch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
@@ -310,13 +421,28 @@ class Trainer:
         generator = torch.Generator()
         generator.manual_seed(self.seed * 100003 + epoch + _WORKER_SEED_OFFSET)
         return DataLoader(
-            self.train_set,
+            SampleTracker(self.train_set, self.num_workers),
             batch_sampler=self.sampler,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=seed_worker,
             generator=generator,
+            timeout=self.loader_timeout if self.num_workers > 0 else 0,
         )
+
+    def _batches(self, loader: DataLoader):
+        """The loader's batches; a dead or stalled worker is reported with the sample it read."""
+        iterator = iter(loader)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as error:
+                if "DataLoader" not in str(error):
+                    raise
+                raise DataLoaderFailure(loader.dataset.describe_failure(error)) from error
+            yield batch
 
     def _forward(
         self, model: nn.Module, images: torch.Tensor
@@ -347,8 +473,12 @@ class Trainer:
         logits, features = self._forward(self.model, images)
         total, components = self.loss(logits, labels, old_logits, features, old_features)
         self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        bad = self._record_health(total, components)
+        if self.max_bad_iterations > 0 and self._skip_bad_iteration(bad):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         return components
 
@@ -368,9 +498,11 @@ class Trainer:
             epoch_sums: Dict[str, torch.Tensor] = {}
             epoch_count = 0
             start = time.perf_counter()
-            for images, labels in loader:
+            for images, labels in self._batches(loader):
                 global_batch = images.shape[0] * distributed.world_size()
-                components = self.run_step(images, labels)
+                with distributed.waiting_for(f"iteration {self.iteration + 1} of step {self._step()}"):
+                    components = self.run_step(images, labels)
+                fault_point("train-iteration")
                 self.iteration += 1
                 self.batch_in_epoch += 1
                 self.images_seen += global_batch
@@ -384,19 +516,22 @@ class Trainer:
                     postfix = self._log_running(running, running_count)
                     running, running_count = {}, 0
                 progress.update(global_batch, **postfix)
-                stop = self._stop_requested()
                 end_of_epoch = self.batch_in_epoch == self.iterations_per_epoch
-                if stop or (
-                    self.ckpt_interval > 0
-                    and self.iteration % self.ckpt_interval == 0
-                    and not end_of_epoch
-                ):
+                checkpoint_due = (self.ckpt_interval > 0 and self.iteration % self.ckpt_interval == 0
+                                  and not end_of_epoch)
+                # One process reads its own stop flag for free: it stops at the next iteration.
+                stop_seen_alone = distributed.world_size() == 1 and self._stop_received()
+                if not (checkpoint_due or end_of_epoch or stop_seen_alone
+                        or self.iteration % self.check_interval == 0):
+                    continue
+                stop = self._check()
+                if stop or checkpoint_due:
                     self.train_seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     self.save_checkpoint()
                 if stop:
                     progress.close()
-                    raise TrainingInterrupted(int(self.checkpoint_meta.get("step", -1)), self.iteration)
+                    raise TrainingInterrupted(self._step(), self.iteration)
             self.train_seconds += time.perf_counter() - start
             self._log_epoch(epoch_sums, epoch_count)
             if self.on_epoch_end is not None:
@@ -406,6 +541,9 @@ class Trainer:
             self.save_checkpoint()
             self.epoch += 1
             self.batch_in_epoch = 0
+            if self._check():  # a stop signal during validation: the epoch's checkpoint is written
+                progress.close()
+                raise TrainingInterrupted(self._step(), self.iteration)
         progress.close()
 
     # ---------------------------------------------------------------- logging
