@@ -5,7 +5,7 @@ omitted) ``kill`` itself with SIGKILL or ``hang`` (sleep for ever, as a rank stu
 collective does) the first time it reaches ``fault_point(<point>)``. Unset (the normal case),
 ``fault_point`` does nothing but read the variable.
 
-Points: ``train-iteration`` (after an optimisation step), ``validation`` and ``test`` (during an
+Points: ``train-iteration:<k>`` (after the k-th optimisation step of a step), ``validation`` and ``test`` (during an
 evaluation), ``write:<file name>`` (a file written, not yet renamed into place) and
 ``after-step-checkpoint`` (``step<t>.pth`` written, results not yet).
 """

@@ -38,10 +38,23 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[IO[Any]], None]
     except BaseException as error:
         if os.path.exists(tmp_name):
             os.remove(tmp_name)
-        if isinstance(error, OSError) and not isinstance(error, WriteError):
-            raise _write_error(path, error) from error
+        os_error = _os_error_in(error)
+        if os_error is not None and not isinstance(error, WriteError):
+            raise _write_error(path, os_error) from error
         raise
     _fsync_dir(path.parent)
+
+
+def _os_error_in(error: BaseException) -> "OSError | None":
+    """The OSError behind ``error`` (torch.save reports a failed write as a RuntimeError whose
+    context is the OSError), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _write_error(path: Path, error: OSError) -> WriteError:

@@ -36,15 +36,21 @@ from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_trans
 from segmentation.engine import checkpoint
 from segmentation.engine.run_lock import RunLock, RunLockedError
 from segmentation.faults import fault_point
-from segmentation.files import atomic_write, remove_stale_temporaries
+from segmentation.files import WriteError, atomic_write, remove_stale_temporaries
 from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger
 from segmentation.engine.methods import build_method_loss
 from segmentation.engine.sampler import GlobalBatchSampler
-from segmentation.engine.trainer import StopSignal, Trainer, build_optimizer, build_scheduler
+from segmentation.engine.loader_watch import DataLoaderFailure
+from segmentation.engine.trainer import NonFiniteLossError, StopSignal, Trainer, build_optimizer, build_scheduler
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
+
+# Failures a long run meets (a corrupt checkpoint, a second launch, a full disk, a diverged loss,
+# a hung or dead process): their messages say what happened and what to do, without a traceback.
+RUN_FAILURES = (checkpoint.CheckpointError, RunLockedError, WriteError, NonFiniteLossError,
+                distributed.CollectiveError, DataLoaderFailure)
 
 
 def select_device(requested: str, local_rank: int) -> torch.device:

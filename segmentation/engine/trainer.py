@@ -32,7 +32,7 @@ import logging
 import random
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -272,6 +272,8 @@ class Trainer:
         self.images_seen = 0
         self.bad_iterations = 0
         self.last_checkpoint: Optional[int] = None
+        self._tracker: Optional[SampleTracker] = None
+        self._batches: Optional[Any] = None  # the running epoch's loader iterator
         # Device-side record of the first non-finite iteration since the last host check and
         # which values were non-finite then (the loss terms, then the gradient).
         self._term_names: List[str] = []
@@ -384,7 +386,9 @@ class Trainer:
         if not self.scaler.is_enabled():  # fp16's GradScaler skips non-finite gradients itself
             gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
-            finite = torch.cat([finite, torch.isfinite(norm).reshape(1)])
+            # A non-finite loss makes the gradient non-finite too: only a finite loss blames it.
+            gradient_finite = torch.isfinite(norm) | ~finite.all()
+            finite = torch.cat([finite, gradient_finite.reshape(1)])
         else:
             finite = torch.cat([finite, torch.ones(1, dtype=torch.bool, device=self.device)])
         bad = ~finite.all()
@@ -420,8 +424,9 @@ class Trainer:
             self.train_set.set_epoch(epoch)
         generator = torch.Generator()
         generator.manual_seed(self.seed * 100003 + epoch + _WORKER_SEED_OFFSET)
+        self._tracker = SampleTracker(self.train_set, self.num_workers)
         return DataLoader(
-            SampleTracker(self.train_set, self.num_workers),
+            self._tracker,
             batch_sampler=self.sampler,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -429,20 +434,6 @@ class Trainer:
             generator=generator,
             timeout=self.loader_timeout if self.num_workers > 0 else 0,
         )
-
-    def _batches(self, loader: DataLoader):
-        """The loader's batches; a dead or stalled worker is reported with the sample it read."""
-        iterator = iter(loader)
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except RuntimeError as error:
-                if "DataLoader" not in str(error):
-                    raise
-                raise DataLoaderFailure(loader.dataset.describe_failure(error)) from error
-            yield batch
 
     def _forward(
         self, model: nn.Module, images: torch.Tensor
@@ -483,7 +474,44 @@ class Trainer:
         return components
 
     def train(self) -> None:
-        """Train from the current position (0, or where ``resume`` left off) to the last epoch."""
+        """Train from the current position (0, or where ``resume`` left off) to the last epoch.
+
+        A data-loader worker that dies or stalls raises ``DataLoaderFailure`` naming the samples
+        being read.
+        """
+        try:
+            self._train()
+            return
+        except DataLoaderFailure as failure:  # from fetching a batch
+            message = str(failure)
+        except RuntimeError as error:  # from the loader's SIGCHLD handler, anywhere in the loop
+            if "DataLoader worker" not in str(error) or self._tracker is None:
+                raise
+            message = self._tracker.describe_failure(error)
+        # Stop the failed iterator's workers now, and with them the SIGCHLD check that would
+        # raise the same error again at the next child process exit.
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._batches = None
+        raise DataLoaderFailure(message)
+
+    def _epoch_batches(self, loader: DataLoader) -> Iterator[Any]:
+        """The loader's batches; a failure to fetch one raises ``DataLoaderFailure``."""
+        self._batches = iter(loader)
+        while True:
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                return
+            except (RuntimeError, OSError) as error:  # a dead, stalled or failing worker
+                message = loader.dataset.describe_failure(error)
+            else:
+                yield batch
+                continue
+            raise DataLoaderFailure(message)
+
+    def _train(self) -> None:
         progress = Progress(
             self.total_iterations - self.iteration,
             desc=f"step {self.checkpoint_meta.get('step', '')}",
@@ -498,12 +526,12 @@ class Trainer:
             epoch_sums: Dict[str, torch.Tensor] = {}
             epoch_count = 0
             start = time.perf_counter()
-            for images, labels in self._batches(loader):
+            for images, labels in self._epoch_batches(loader):
                 global_batch = images.shape[0] * distributed.world_size()
                 with distributed.waiting_for(f"iteration {self.iteration + 1} of step {self._step()}"):
                     components = self.run_step(images, labels)
-                fault_point("train-iteration")
                 self.iteration += 1
+                fault_point(f"train-iteration:{self.iteration}")
                 self.batch_in_epoch += 1
                 self.images_seen += global_batch
                 epoch_count += 1
