@@ -318,6 +318,7 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.images_seen = int(state.get("images_seen", 0))
         self.bad_iterations = int(state.get("bad_iterations", 0))
+        self.last_checkpoint = self.iteration
         if self.batch_in_epoch >= self.iterations_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
