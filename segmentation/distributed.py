@@ -8,11 +8,13 @@ code runs with and without a launcher.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import re
 from dataclasses import dataclass
 from itertools import product
-from typing import Any, List, Mapping, Optional
+from typing import Any, Iterator, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,13 @@ DEFAULT_MASTER_PORT = 29500
 # a node do not collide: SLURM_PORT_BASE + job_id % SLURM_PORT_RANGE.
 SLURM_PORT_BASE = 15000
 SLURM_PORT_RANGE = 20000
+# How long a process waits for the others in a collective before it gives up (a hung or dead
+# rank), unless ``init_distributed`` is given another timeout.
+DEFAULT_TIMEOUT_SECONDS = 300.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another process hung past the timeout, died or closed its connection."""
 
 
 @dataclass
@@ -107,8 +116,17 @@ def local_device(env: DistEnv, device_type: str) -> torch.device:
     return torch.device(device_type)
 
 
-def init_distributed(env: DistEnv, device_type: str) -> None:
-    """Join the process group (NCCL for cuda, gloo otherwise); nothing to do for one process."""
+_timeout_seconds = DEFAULT_TIMEOUT_SECONDS
+
+
+def init_distributed(env: DistEnv, device_type: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+    """Join the process group (NCCL for cuda, gloo otherwise); nothing to do for one process.
+
+    A collective that waits more than ``timeout_seconds`` for another process fails (with NCCL
+    its watchdog ends the process) instead of hanging until the cluster's time limit.
+    """
+    global _timeout_seconds
+    _timeout_seconds = timeout_seconds
     if env.world_size == 1:
         return
     if device_type == "cuda":
@@ -118,7 +136,34 @@ def init_distributed(env: DistEnv, device_type: str) -> None:
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_seconds),
     )
+
+
+def is_communication_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from the process group (a timeout, a dead or disconnected peer)."""
+    if isinstance(error, CollectiveError) or isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in message for marker in ("Timed out", "timed out", "Connection closed", "Connection reset")
+    )
+
+
+@contextlib.contextmanager
+def waiting_for(what: str) -> Iterator[None]:
+    """Turn a failed collective inside the block into a ``CollectiveError`` that says ``what``
+    this process waited for."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_initialized() or isinstance(error, CollectiveError) or not is_communication_error(error):
+            raise
+        raise CollectiveError(
+            f"rank {rank()} of {world_size()}: gave up waiting for the other processes at {what} "
+            f"(timeout {_timeout_seconds:g} s): another process hung or died; see its log. "
+            f"Rerun the same command to resume from the last checkpoint ({error})"
+        ) from error
 
 
 def is_initialized() -> bool:
@@ -137,33 +182,45 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
+def barrier(what: str = "a barrier") -> None:
     if is_initialized():
-        dist.barrier()
+        with waiting_for(what):
+            dist.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, what: str = "a sum over processes") -> torch.Tensor:
     """Sum ``tensor`` over all processes, in place; returns it."""
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with waiting_for(what):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def all_reduce_max(tensor: torch.Tensor, what: str = "a maximum over processes") -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over all processes, in place; returns it."""
+    if is_initialized():
+        with waiting_for(what):
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0, what: str = "a broadcast") -> Any:
     """Rank ``src``'s ``obj`` on every process (must be picklable)."""
     if not is_initialized():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    with waiting_for(what):
+        dist.broadcast_object_list(holder, src=src)
     return holder[0]
 
 
-def all_gather_object(obj: Any) -> List[Any]:
+def all_gather_object(obj: Any, what: str = "a gather over processes") -> List[Any]:
     """Every process's ``obj``, in rank order, on every process."""
     if not is_initialized():
         return [obj]
     gathered: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    with waiting_for(what):
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 

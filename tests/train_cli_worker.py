@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -39,8 +39,9 @@ def train_args(data_root: str, out: Path, *extra: str, task: str = "15-5", name:
     ]
 
 
-def _env() -> dict:
+def _env(extra: Optional[Dict[str, str]] = None) -> dict:
     env = dict(os.environ)
+    env.update(extra or {})
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -52,10 +53,14 @@ def command(args: List[str], nproc: int = 1) -> List[str]:
     return [*TORCHRUN, "--nproc_per_node", str(nproc), TRAIN, *args]
 
 
-def run_train(args: List[str], nproc: int = 1, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``train.py`` (under torchrun when ``nproc`` > 1) to completion."""
-    result = subprocess.run(command(args, nproc), cwd=REPO_ROOT, env=_env(), capture_output=True,
-                            text=True, timeout=timeout)
+def run_train(args: List[str], nproc: int = 1, check: bool = True, timeout: float = 600,
+              env: Optional[Dict[str, str]] = None, launcher: Optional[List[str]] = None,
+              preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.CompletedProcess:
+    """Run ``train.py`` (under torchrun when ``nproc`` > 1, or under ``launcher``) to completion,
+    with ``env`` added to the environment."""
+    cmd = [*launcher, TRAIN, *args] if launcher else command(args, nproc)
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(env), capture_output=True,
+                            text=True, timeout=timeout, preexec_fn=preexec_fn)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -7,6 +7,10 @@ resuming an interrupted step; the last two are kept and removed when the step co
 These functions write unconditionally: in a multi-process run the caller writes on rank 0 only
 (``segmentation.distributed.is_main_process()``), like it enables the ``Logger`` on rank 0 only.
 
+Every checkpoint is read through ``load_checkpoint``: a file that does not load, is not a dict
+or whose tensors do not match the checksum stored at save time raises ``CheckpointError``
+naming the file and what to do, never an unpickling traceback.
+
 Checkpoints are read with ``torch.load(weights_only=False)`` because they hold options and RNG
 states; load only files you trust.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -28,8 +33,37 @@ PathLike = Union[str, "os.PathLike[str]"]
 _log = logging.getLogger(__name__)
 
 
+CHECKSUM_KEY = "checksum"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or not a checkpoint of this code."""
+
+
+def tensor_checksum(obj: Any) -> int:
+    """CRC-32 of the bytes of every tensor in ``obj`` (nested dicts, lists, tuples), in order."""
+    crc = 0
+    pending = [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            data = item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            crc = zlib.crc32(str(item.dtype).encode(), crc)
+            crc = zlib.crc32(memoryview(data), crc)
+        elif isinstance(item, dict):
+            pending.extend(reversed([item[key] for key in item if key != CHECKSUM_KEY]))
+        elif isinstance(item, (list, tuple)):
+            pending.extend(reversed(item))
+    return crc
+
+
 def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to ``path`` so that ``path`` is either the old file or the complete new one."""
+    """``torch.save`` to ``path`` so that ``path`` is either the old file or the complete new one.
+
+    A dict gets the checksum of its tensors, which ``load_checkpoint`` verifies.
+    """
+    if isinstance(obj, dict):
+        obj = {**obj, CHECKSUM_KEY: tensor_checksum(obj)}
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
@@ -44,23 +78,35 @@ def step_checkpoint_path(run_dir: PathLike, step: int) -> Path:
     return Path(run_dir) / f"step{step}.pth"
 
 
-def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint dict on the CPU; clear errors for a missing or unreadable file."""
+def load_checkpoint(path: PathLike, remedy: str = "") -> Dict[str, Any]:
+    """Load and verify a checkpoint dict on the CPU.
+
+    Raises ``FileNotFoundError`` when the file is missing and ``CheckpointError`` naming ``path``
+    when it does not load, is not a dict or fails its checksum; ``remedy`` (what the user should do) is appended to the message.
+    """
     path = Path(path)
+    suffix = f"; {remedy}" if remedy else ""
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}{suffix}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"cannot read checkpoint {path} (truncated or not a checkpoint): {error}") from error
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated, corrupt or not a checkpoint: "
+            f"{type(error).__name__}: {error}){suffix}"
+        ) from error
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict{suffix}"
+        )
+    if CHECKSUM_KEY in checkpoint and tensor_checksum(checkpoint) != checkpoint.pop(CHECKSUM_KEY):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match its checksum{suffix}")
     return checkpoint
 
 
 def check_step_checkpoint(ckpt: Dict[str, Any], dataset: str, task: str, step: int,
                           classes: Sequence[int], path: PathLike) -> None:
-    """Raise ValueError naming ``path`` unless ``ckpt`` is a step-``step`` model of this task's classes.
+    """Raise CheckpointError naming ``path`` unless ``ckpt`` is a step-``step`` model of this task's classes.
 
     What must match is what the weights mean: dataset, step, channels per step and the label of
     every channel. The task name may differ, so the 15-5 step-0 model can start a 15-1 run, as
@@ -74,10 +120,10 @@ def check_step_checkpoint(ckpt: Dict[str, Any], dataset: str, task: str, step: i
     }
     for key, value in expected.items():
         if key not in ckpt:
-            raise ValueError(f"checkpoint {path} has no {key!r} entry: not a step checkpoint of this code")
+            raise CheckpointError(f"checkpoint {path} has no {key!r} entry: not a step checkpoint of this code")
         found = list(ckpt[key]) if isinstance(value, list) else ckpt[key]
         if found != value:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} (task {ckpt.get('task')!r}) is for {key} {found!r}, "
                 f"expected {key} {value!r} of task {task!r} step {step}"
             )
@@ -121,7 +167,7 @@ class InStepCheckpoints:
         for candidate in reversed(self.paths()):
             try:
                 return load_checkpoint(candidate)
-            except (OSError, ValueError) as error:
+            except (OSError, CheckpointError) as error:
                 _log.warning("skipping in-step checkpoint %s: %s", candidate, error)
         return None
 

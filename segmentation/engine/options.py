@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--overwrite", action="store_true",
                       help="replace the files of an earlier run under the same --name whose "
                       "options differ (default: refuse)")
+    ckpt.add_argument("--max_bad_iterations", type=int, default=0,
+                      help="skip up to N iterations whose loss or gradient is NaN/Inf (with a "
+                      "warning each) instead of stopping at the first")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--test", action="store_true", help="skip training, only test")
@@ -262,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Launch with torchrun (or srun under SLURM); the rank comes from the environment.")
     dist.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                       help="accepted for torch.distributed.launch command lines and ignored")
+    dist.add_argument("--collective_timeout", type=float, default=300.0,
+                      help="seconds a process waits for the others (or for a data-loader worker) "
+                      "before the run stops with an error naming what it waited for")
 
     # PLOP options that change nothing here: accepted, noted in the log, not shown in --help.
     for flag in PLOP_IGNORED_OPTIONS:
@@ -401,14 +407,14 @@ def _resolve_pretrained(parser: argparse.ArgumentParser, opts: argparse.Namespac
 
 def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
     positive = ("lr", "epochs", "batch_size", "crop_size", "val_interval", "print_interval",
-                "pooling", "lr_decay_step", "lr_power", "lr_decay_factor")
+                "pooling", "lr_decay_step", "lr_power", "lr_decay_factor", "collective_timeout")
     if opts.incremental_lr is not None and opts.incremental_lr <= 0:
         parser.error(f"--incremental_lr must be positive, got {opts.incremental_lr}")
     for name in positive:
         if getattr(opts, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(opts, name)}")
     non_negative = ("num_workers", "ckpt_interval", "sample_num", "loss_kd", "loss_de",
-                    "icarl_importance", "weight_decay")
+                    "icarl_importance", "weight_decay", "max_bad_iterations")
     for name in non_negative:
         if getattr(opts, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(opts, name)}")

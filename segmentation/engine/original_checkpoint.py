@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from segmentation import tasks
+from segmentation.engine.checkpoint import CheckpointError
 
 _HEAD_WEIGHT = re.compile(r"cls\.(\d+)\.weight")
 # In-Place ABN's effective scale is |gamma| + eps; plain BN ("abn") needs gamma itself.
@@ -38,14 +39,14 @@ def head_widths(state: Dict[str, torch.Tensor]) -> List[int]:
 
 def convert_original_checkpoint(ckpt: Dict[str, Any], dataset: str, task: str, step: int,
                                 norm_act: str, path: Path) -> Dict[str, Any]:
-    """A step checkpoint of this code from an original MiB/PLOP one; ValueError naming ``path``
+    """A step checkpoint of this code from an original MiB/PLOP one; ``CheckpointError`` naming ``path``
     when its classifier heads are not the classes of ``task`` up to ``step``."""
     state = {key[len("module."):] if key.startswith("module.") else key: value
              for key, value in ckpt["model_state"].items()}
     widths = head_widths(state)
     expected = tasks.classes_per_step(dataset, task, step)
     if widths != expected:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is a checkpoint of the original MiB/PLOP code whose classifier heads have "
             f"{widths} classes per step, but {dataset} {task} step {step} has {expected}; "
             "give the checkpoint of that step of that task")
@@ -69,7 +70,7 @@ def adapt_checkpoint(ckpt: Dict[str, Any], dataset: str, task: str, step: int, n
                      path: Path) -> Tuple[Dict[str, Any], bool]:
     """``ckpt`` as a checkpoint of this code, and whether it was converted from the original's."""
     if "classes" not in ckpt and "model_state" not in ckpt:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is neither a step checkpoint of this code nor a model checkpoint of the original "
             f"MiB/PLOP code (no 'model_state'; keys: {', '.join(map(str, list(ckpt)[:5]))})")
     if not is_original_checkpoint(ckpt):

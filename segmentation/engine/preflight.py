@@ -28,6 +28,7 @@ NOT_RESULT_CHANGING = frozenset({
     "logdir", "checkpoint_dir", "data_root", "name", "resume", "local_rank", "steps", "step_ckpt",
     "ckpt", "test", "notes", "debug", "overwrite", "device", "channels_last",
     "allow_synthetic_in_data_root", "allow_regenerated_splits", "lr", "incremental_lr",
+    "collective_timeout", "max_bad_iterations",
 })
 
 

@@ -1,16 +1,18 @@
 """Run a chain of incremental steps from parsed options: train, checkpoint, test, report.
 
 For each step t of ``opts.steps``:
-1. If the step-final checkpoint ``step<t>.pth`` exists, the step is not trained again (only
-   tested if its results file is missing).
+1. If the step-final checkpoint ``step<t>.pth`` exists and loads, the step is not trained again
+   (only tested if its results file is missing). A corrupt one is set aside and the step is
+   retrained from its latest in-step checkpoint when there is one; otherwise the run stops.
 2. Otherwise the datasets and models are built; at t > 0 the step t-1 checkpoint is checked
    against the task and loaded (the new head is the only missing part), the old model is built
    from it when a distillation loss needs it. Training resumes from the latest in-step
    checkpoint when one exists (unless ``--no_resume``).
-3. Rank 0 writes ``step<t>.pth`` atomically; the model is then rebuilt from that file (never the
+3. Rank 0 writes ``step<t>.pth`` atomically and reads it back; the model is then rebuilt from that file (never the
    weights in memory, spec §8 B6), tested on the test split, and the results are written to
    ``<logdir>/<dataset>-<task>[-ov]/<name>/step<t>.json``.
-With ``--test`` only the test runs, on ``--ckpt`` or the step-final checkpoint, and the results go
+A run holds the lock of its checkpoint folder (a second launch of the same run is refused) and
+first removes the temporary files a killed write left there. With ``--test`` only the test runs, on ``--ckpt`` or the step-final checkpoint, and the results go
 to ``eval-step<t>.json`` so that the training results are kept.
 """
 from __future__ import annotations
@@ -33,7 +35,9 @@ from segmentation.data.dataset import held_out_split
 from segmentation.data.palette import colorize
 from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segmentation.engine import checkpoint
-from segmentation.files import atomic_write
+from segmentation.engine.run_lock import RunLock, RunLockedError
+from segmentation.faults import fault_point
+from segmentation.files import WriteError, atomic_write, remove_stale_temporaries
 from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger
 from segmentation.engine.methods import build_method_loss
@@ -41,14 +45,20 @@ from segmentation.engine.options import ADE_BALANCED_SPLITS
 from segmentation.engine.original_checkpoint import adapt_checkpoint
 from segmentation.engine.preflight import remove_created, run_checks
 from segmentation.engine.sampler import GlobalBatchSampler
+from segmentation.engine.loader_watch import DataLoaderFailure
 from segmentation.engine.trainer import (
-    StopSignal, Trainer, TrainingInterrupted, build_optimizer, build_scheduler,
+    NonFiniteLossError, StopSignal, Trainer, TrainingInterrupted, build_optimizer, build_scheduler,
 )
 from segmentation.methods import find_method
 from segmentation.methods.regularizer import Regularizer, build_regularizer
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
+
+# Failures a long run meets (a corrupt checkpoint, a second launch, a full disk, a diverged loss,
+# a hung or dead process): their messages say what happened and what to do, without a traceback.
+RUN_FAILURES = (checkpoint.CheckpointError, RunLockedError, WriteError, NonFiniteLossError,
+                distributed.CollectiveError, DataLoaderFailure)
 
 
 def select_device(requested: str, local_rank: int) -> torch.device:
@@ -150,16 +160,63 @@ class StepRunner:
                     f"--test: checkpoint {path} of step {self.step} does not exist; train the step "
                     "first or pass --ckpt <file>"
                 )
-            self.test(path, self.log_dir / f"eval-step{self.step}.json", report_training=False)
+            remedy = "pass another --ckpt" if opts.ckpt else "train the step again (delete the file first)"
+            self.test(path, self.log_dir / f"eval-step{self.step}.json", report_training=False,
+                      saved=self._load_step_checkpoint(path, self.step, remedy))
             return
-        if self.final_path.is_file():
+        saved = self._finished_step_checkpoint()
+        if saved is not None:
             if self.results_path.is_file():
                 LOGGER.info("step %d already finished (%s exists): skipped", self.step, self.final_path)
                 return
             LOGGER.info("step %d already trained (%s exists): testing it", self.step, self.final_path)
         else:
             self.train(stop_signal)
-        self.test(self.final_path, self.results_path, report_training=True)
+        self.test(self.final_path, self.results_path, report_training=True, saved=saved)
+
+    def _load_step_checkpoint(self, path: Path, step: int, remedy: str) -> Dict[str, Any]:
+        """The verified checkpoint of ``step`` at ``path``, one of the original code converted to
+        this code's layout (the pre-training checks logged that); ``CheckpointError`` with
+        ``remedy`` if it is unreadable or does not fit the task."""
+        opts = self.opts
+        saved, _ = adapt_checkpoint(
+            checkpoint.load_checkpoint(path, remedy), opts.dataset, opts.task, step, opts.norm_act, path)
+        classes = tasks.classes_per_step(opts.dataset, opts.task, step)
+        checkpoint.check_step_checkpoint(saved, opts.dataset, opts.task, step, classes, path)
+        return saved
+
+    def _finished_step_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The verified ``step<t>.pth`` of a finished step, or None when the step must be trained.
+
+        A corrupt file is renamed ``step<t>.pth.corrupt`` when the step's in-step checkpoints can
+        train it again; without them the run stops with a ``CheckpointError``.
+        """
+        if not self.final_path.is_file():
+            return None
+        in_step = checkpoint.InStepCheckpoints(self.checkpoint_dir, self.step)
+        error: Optional[str] = None
+        saved: Optional[Dict[str, Any]] = None
+        try:
+            saved = self._load_step_checkpoint(
+                self.final_path, self.step,
+                f"delete it (or restore it from a backup) and rerun the same command to train step "
+                f"{self.step} again",
+            )
+        except checkpoint.CheckpointError as failure:
+            error = str(failure)
+        # Every rank read the file; rank 0's verdict decides for all.
+        error = distributed.broadcast_object(error, what="the check of the step checkpoint")
+        if error is None:
+            if self.main:
+                in_step.clear()  # left by a run killed just after writing step<t>.pth
+            return saved
+        if not (self.opts.resume and in_step.paths()):
+            raise checkpoint.CheckpointError(error)
+        LOGGER.warning("%s; step %d is trained again from its latest in-step checkpoint", error, self.step)
+        if self.main:
+            self.final_path.replace(self.final_path.with_name(self.final_path.name + ".corrupt"))
+        distributed.barrier("the removal of the corrupt step checkpoint")
+        return None
 
     # ---------------------------------------------------------------- models
     def _previous_checkpoint_path(self) -> Path:
@@ -167,6 +224,12 @@ class StepRunner:
         if opts.step_ckpt and self.step == opts.steps[0]:
             return Path(opts.step_ckpt)
         return Path(checkpoint.step_checkpoint_path(self.checkpoint_dir, self.step - 1))
+
+    def _previous_checkpoint_remedy(self) -> str:
+        if self.opts.step_ckpt and self.step == self.opts.steps[0]:
+            return "pass another --step_ckpt"
+        return (f"delete it (or restore it from a backup) and rerun with --step {self.step - 1} "
+                f"(or --step all) to train step {self.step - 1} again")
 
     def _build_models(self, needs_old_model: bool):
         """The current model (step t-1 weights loaded at t > 0), the old model when needed, and
@@ -176,10 +239,7 @@ class StepRunner:
         old_model = previous = None
         if self.step > 0:
             path = self._previous_checkpoint_path()
-            previous = self._load_step_checkpoint(path, self.step - 1)
-            checkpoint.check_step_checkpoint(
-                previous, opts.dataset, opts.task, self.step - 1, self.classes[:-1], path
-            )
+            previous = self._load_step_checkpoint(path, self.step - 1, self._previous_checkpoint_remedy())
             load_new_step_model(model, previous["model_state"], self.step, path)
             if opts.init_balanced:
                 model.init_new_classifier()
@@ -221,14 +281,6 @@ class StepRunner:
             opts.regularizer, model, state, weights, weight=opts.reg_importance,
             normalize=not opts.reg_no_normalize, alpha=opts.reg_alpha, iterations=opts.reg_iterations,
         )
-
-    def _load_step_checkpoint(self, path: Path, step: int) -> Dict[str, Any]:
-        """A step checkpoint of this code, or one of the original code converted to it (the
-        pre-training checks logged the conversion)."""
-        opts = self.opts
-        loaded, _ = adapt_checkpoint(
-            checkpoint.load_checkpoint(path), opts.dataset, opts.task, step, opts.norm_act, path)
-        return loaded
 
     def _dataset(self, split: str, transform):
         opts = self.opts
@@ -313,7 +365,8 @@ class StepRunner:
             last = epoch + 1 == opts.epochs
             if (epoch + 1) % opts.val_interval != 0 and not last:
                 return
-            self._validate(model, val_loader, logger, epoch + 1)
+            with distributed.waiting_for(f"the validation of step {self.step} epoch {epoch + 1}"):
+                self._validate(model, val_loader, logger, epoch + 1)
 
         trainer = Trainer(
             train_model,
@@ -339,6 +392,8 @@ class StepRunner:
             stop_signal=stop_signal,
             regularizer=regularizer,
             dtype=model_dtype(opts),
+            max_bad_iterations=opts.max_bad_iterations,
+            loader_timeout=opts.collective_timeout,
         )
         state = self._resume_state(in_step)
         if state is not None:
@@ -364,8 +419,11 @@ class StepRunner:
                 },
                 self.final_path,
             )
+            # Read it back before the in-step checkpoints that could rebuild it are deleted.
+            self._load_step_checkpoint(self.final_path, self.step, "the disk may be failing")
             LOGGER.info("step %d: saved %s", self.step, self.final_path)
-        distributed.barrier()
+            fault_point("after-step-checkpoint")
+        distributed.barrier(f"rank 0 writing {self.final_path}")
         if self.main:
             in_step.clear()
         logger.close()
@@ -373,7 +431,7 @@ class StepRunner:
     def _resume_state(self, in_step: checkpoint.InStepCheckpoints) -> Optional[Dict[str, Any]]:
         opts = self.opts
         if opts.ckpt:
-            state = checkpoint.load_checkpoint(opts.ckpt)
+            state = checkpoint.load_checkpoint(opts.ckpt, "pass another --ckpt")
             source = Path(opts.ckpt)
             if "optimizer_state" not in state:
                 raise ValueError(
@@ -384,7 +442,9 @@ class StepRunner:
             state = in_step.latest()
             source = self.checkpoint_dir / f"step{self.step}-iter*.pth"
             # Every rank reads the files itself; they must have picked the same one.
-            picked = distributed.all_gather_object(None if state is None else state["iteration"])
+            picked = distributed.all_gather_object(
+                None if state is None else state["iteration"], what="the choice of the in-step checkpoint"
+            )
             if len(set(picked)) > 1:
                 raise RuntimeError(
                     f"the processes found different in-step checkpoints in {self.checkpoint_dir} "
@@ -404,6 +464,7 @@ class StepRunner:
         samples: List[torch.Tensor] = []
 
         def keep_samples(index: int, images, labels, predictions) -> None:
+            fault_point("validation")
             if self.main and index < opts.sample_num:
                 samples.append(sample_image(images[0], labels[0], predictions[0]))
 
@@ -427,24 +488,28 @@ class StepRunner:
         names = CLASS_NAMES[self.opts.dataset]
         return [names[label] for label in self.channel_order]
 
-    def test(self, path: Path, results_path: Path, report_training: bool) -> Dict[str, Any]:
-        """Evaluate the checkpoint at ``path`` on the test split and write ``results_path``.
+    def test(self, path: Path, results_path: Path, report_training: bool,
+             saved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Evaluate the checkpoint at ``path`` (already loaded: ``saved``) on the test split and
+        write ``results_path``.
 
         ``report_training``: include the training time and speed stored in the checkpoint.
         """
         opts = self.opts
-        saved = self._load_step_checkpoint(path, self.step)
-        checkpoint.check_step_checkpoint(saved, opts.dataset, opts.task, self.step, self.classes, path)
+        if saved is None:
+            saved = self._load_step_checkpoint(path, self.step, "train the step again (delete the file first)")
         model = make_model(opts, self.classes, None)
         model.load_state_dict(saved["model_state"], strict=True)
         model = model.to(self.device)
         if opts.channels_last:
             model = model.to(memory_format=torch.channels_last)
         test_set = self._dataset("test", self._eval_transform())
-        scores = evaluate(
-            model, self._eval_loader(test_set), self.num_channels, self.device, opts.amp,
-            num_old_channels=self.classes[0], channels_last=opts.channels_last,
-        )
+        with distributed.waiting_for(f"the test of step {self.step}"):
+            scores = evaluate(
+                model, self._eval_loader(test_set), self.num_channels, self.device, opts.amp,
+                num_old_channels=self.classes[0], channels_last=opts.channels_last,
+                on_batch=lambda *batch: fault_point("test"),
+            )
         results = {
             "dataset": opts.dataset,
             "task": opts.task,
@@ -481,7 +546,7 @@ class StepRunner:
                     "miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg")),
             )
             LOGGER.info("step %d results written to %s", self.step, results_path)
-        distributed.barrier()
+        distributed.barrier(f"rank 0 writing {results_path}")
         return results
 
 
@@ -493,6 +558,25 @@ def _class_table(class_iou: List[Optional[float]], names: List[str]) -> str:
     return "\n".join(f"{name}: {_percent(iou)}" for name, iou in zip(names, class_iou))
 
 
+def lock_run(folder: Path, log_folder: Path) -> Optional[RunLock]:
+    """Rank 0 takes the lock of the run's checkpoint folder (every rank raises ``RunLockedError``
+    if it is held) and removes the temporary files of writes that a killed run left there and in
+    its log folder. Returns rank 0's lock, None on the other ranks."""
+    lock = RunLock(folder) if distributed.is_main_process() else None
+    failure: Optional[str] = None
+    if lock is not None:
+        try:
+            lock.acquire()
+            for stale in [*remove_stale_temporaries(folder), *remove_stale_temporaries(log_folder)]:
+                LOGGER.info("removed %s, left by a write that was interrupted", stale)
+        except RunLockedError as error:
+            failure = str(error)
+    failure = distributed.broadcast_object(failure, what=f"rank 0 locking {folder}")
+    if failure is not None:
+        raise RunLockedError(failure)
+    return lock
+
+
 def main(opts: argparse.Namespace) -> None:
     """Run every step of ``opts.steps`` in this process (one rank of a distributed job).
 
@@ -500,11 +584,15 @@ def main(opts: argparse.Namespace) -> None:
     """
     env = distributed.read_env()
     device = select_device(opts.device, env.local_rank)
-    distributed.init_distributed(env, device.type)
+    distributed.init_distributed(env, device.type, opts.collective_timeout)
     stop_signal = StopSignal()
     stop_signal.install()
+    lock = None
     try:
         preflight = run_checks(opts, setting_dir(opts.checkpoint_dir, opts), setting_dir(opts.logdir, opts))
+        if not opts.test:
+            # Outside the cleanup below: a refused lock means the folders belong to another launch.
+            lock = lock_run(setting_dir(opts.checkpoint_dir, opts), setting_dir(opts.logdir, opts))
         LOGGER.info(
             "%s %s%s, steps %s, method %s, device %s, %d process(es)",
             opts.dataset, opts.task, " overlapped" if opts.overlap else "", opts.steps,
@@ -522,5 +610,7 @@ def main(opts: argparse.Namespace) -> None:
                 remove_created(preflight.created)
             raise
     finally:
+        if lock is not None:
+            lock.release()
         stop_signal.uninstall()
         distributed.cleanup()

@@ -13,8 +13,17 @@ Bit-identity holds where the kernels are deterministic (CPU). On CUDA some kerne
 backward of bilinear upsampling) accumulate atomically, so two uninterrupted runs already differ
 at float-rounding level and a resumed run is equivalent to the same degree.
 
-Stop signals: SIGTERM/SIGUSR1 set a flag; after every iteration the ranks all-reduce it, so they
-all stop after the same iteration, write an in-step checkpoint and raise ``TrainingInterrupted``.
+Host checks: the loop does not wait for the device after each iteration. Every
+``check_interval`` iterations (at most ``MAX_CHECK_INTERVAL``, and before every checkpoint) the
+ranks combine in one all-reduce the stop flag and the non-finite state that accumulated on the
+device since the last check:
+- SIGTERM/SIGUSR1 set a flag; all ranks see it at the same check, stop after the same
+  iteration, write an in-step checkpoint and raise ``TrainingInterrupted``;
+- a NaN/Inf loss term (or gradient, without fp16's GradScaler, which skips those steps itself)
+  is recorded on the device with the first iteration where it happened; the check raises
+  ``NonFiniteLossError`` naming it, and no checkpoint is written after it. With
+  ``max_bad_iterations`` > 0 every iteration is checked instead and a bad one is skipped (no
+  update) with a warning, up to that many times.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ import logging
 import random
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,9 +43,11 @@ from torch.utils.data import DataLoader, Dataset
 from segmentation import distributed
 from segmentation.engine.checkpoint import InStepCheckpoints
 from segmentation.engine.evaluation import autocast_context
+from segmentation.engine.loader_watch import DataLoaderFailure, SampleTracker
 from segmentation.engine.logger import Logger, Progress
 from segmentation.engine.methods import MethodLoss
 from segmentation.engine.sampler import GlobalBatchSampler
+from segmentation.faults import fault_point
 from segmentation.methods.regularizer import Regularizer
 from segmentation.signals import STOP_SIGNALS, restore_default_stop_handlers
 
@@ -44,6 +55,9 @@ LOGGER = logging.getLogger(__name__)
 
 # Offset that separates DataLoader worker seeds from the sampler's seeds.
 _WORKER_SEED_OFFSET = 7919
+# Longest run of iterations without a host check (stop flag, NaN/Inf state).
+MAX_CHECK_INTERVAL = 10
+_NO_BAD_ITERATION = -1
 
 
 class TrainingInterrupted(Exception):
@@ -53,6 +67,22 @@ class TrainingInterrupted(Exception):
         super().__init__(f"training of step {step} stopped by a signal after iteration {iteration}")
         self.step = step
         self.iteration = iteration
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or the gradient became NaN/Inf (more often than ``max_bad_iterations`` allows)."""
+
+    def __init__(self, step: int, iteration: int, terms: List[str], last_checkpoint: Optional[int]) -> None:
+        kept = (f"the last in-step checkpoint (iteration {last_checkpoint}) is kept"
+                if last_checkpoint is not None else "no in-step checkpoint was written yet")
+        super().__init__(
+            f"step {step}: non-finite value (NaN or Inf) in {', '.join(terms)} at iteration {iteration}; "
+            f"training stopped and {kept}. Lower --lr, train in float32 or bf16 (--amp), or pass "
+            "--max_bad_iterations N to skip such iterations, then rerun the same command to resume"
+        )
+        self.step = step
+        self.iteration = iteration
+        self.terms = terms
 
 
 class StopSignal:
@@ -208,6 +238,8 @@ class Trainer:
         stop_signal: Optional[StopSignal] = None,
         regularizer: Optional[Regularizer] = None,
         dtype: torch.dtype = torch.float32,
+        max_bad_iterations: int = 0,
+        loader_timeout: float = 0.0,
     ) -> None:
         self.model = model
         self.old_model = old_model
@@ -231,6 +263,9 @@ class Trainer:
         self.stop_signal = stop_signal
         self.regularizer = regularizer
         self.dtype = dtype
+        self.max_bad_iterations = max_bad_iterations
+        self.loader_timeout = loader_timeout
+        self.check_interval = min(self.print_interval, MAX_CHECK_INTERVAL)
         if loss.needs_old_model and old_model is None:
             raise ValueError("the loss needs the old model's outputs but no old model was given")
 
@@ -244,6 +279,15 @@ class Trainer:
         self.iteration = 0
         self.train_seconds = 0.0
         self.images_seen = 0
+        self.bad_iterations = 0
+        self.last_checkpoint: Optional[int] = None
+        self._tracker: Optional[SampleTracker] = None
+        self._batches: Optional[Any] = None  # the running epoch's loader iterator
+        # Device-side record of the first non-finite iteration since the last host check and
+        # which values were non-finite then (the loss terms, then the gradient).
+        self._term_names: List[str] = []
+        self._first_bad = torch.full((), _NO_BAD_ITERATION, dtype=torch.int64, device=device)
+        self._bad_terms: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -261,6 +305,7 @@ class Trainer:
             train_seconds=self.train_seconds,
             images_seen=self.images_seen,
             regularizer_state=None if self.regularizer is None else self.regularizer.state_dict(),
+            bad_iterations=self.bad_iterations,
         )
         return state
 
@@ -287,18 +332,24 @@ class Trainer:
                 raise ValueError("the in-step checkpoint has no regularizer state (written by a run "
                                  "without --regularizer); pass --no_resume to start the step again")
             self.regularizer.load_state_dict(state["regularizer_state"])
+        self.bad_iterations = int(state.get("bad_iterations", 0))
+        self.last_checkpoint = self.iteration
         if self.batch_in_epoch >= self.iterations_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
         set_rng_state(rng_states[distributed.rank()], self.device)
 
     def save_checkpoint(self) -> None:
-        """Write an in-step checkpoint (collective; rank 0 writes)."""
+        """Write an in-step checkpoint (collective; rank 0 writes). Call after a host check."""
         if self.checkpoints is None:
             return
+        if not all(torch.isfinite(value).all() for value in unwrap(self.model).state_dict().values()
+                   if value.is_floating_point()):
+            raise NonFiniteLossError(self._step(), self.iteration, ["the model weights"], self.last_checkpoint)
         state = self.state_dict()
         if distributed.is_main_process():
             self.checkpoints.save(state, self.iteration)
+        self.last_checkpoint = self.iteration
 
     # ---------------------------------------------------------------- loop
     def train_mode(self) -> None:
@@ -307,14 +358,79 @@ class Trainer:
         if self.fix_bn:
             unwrap(self.model).fix_bn()
 
-    def _stop_requested(self) -> bool:
-        """Whether any rank received a stop signal (collective, once per iteration)."""
-        local = 1.0 if self.stop_signal is not None and self.stop_signal.received else 0.0
-        if not distributed.is_initialized():
-            return local > 0
-        flag = torch.tensor([local], device=self.device)
-        distributed.all_reduce_sum(flag)
-        return bool(flag.item() > 0)
+    def _step(self) -> int:
+        return int(self.checkpoint_meta.get("step", -1))
+
+    def _stop_received(self) -> bool:
+        return self.stop_signal is not None and self.stop_signal.received is not None
+
+    def _check(self) -> bool:
+        """Host check (collective): raise ``NonFiniteLossError`` if a non-finite value was recorded
+        on any rank since the last check; return whether any rank received a stop signal."""
+        stop = 1 if self._stop_received() else 0
+        flags = torch.stack([torch.tensor(stop, device=self.device), self._first_bad])
+        if distributed.is_initialized():
+            # Max over ranks of (stop, -first bad iteration); no bad iteration counts as -inf.
+            encoded = torch.where(flags[1] == _NO_BAD_ITERATION, torch.iinfo(torch.int64).min, -flags[1])
+            flags = torch.stack([flags[0], encoded])
+            distributed.all_reduce_max(flags, what=f"the check after iteration {self.iteration}")
+            stop_any, encoded = flags.tolist()
+            first_bad = _NO_BAD_ITERATION if encoded == torch.iinfo(torch.int64).min else -encoded
+        else:
+            stop_any, first_bad = flags.tolist()
+        if first_bad != _NO_BAD_ITERATION:
+            raise NonFiniteLossError(self._step(), first_bad, self._bad_term_names(first_bad),
+                                     self.last_checkpoint)
+        return stop_any > 0
+
+    def _bad_term_names(self, iteration: int) -> List[str]:
+        """The values that were non-finite at ``iteration`` on the ranks where it happened."""
+        local = []
+        if self._bad_terms is not None and int(self._first_bad) == iteration:
+            names = [*self._term_names, "the gradient"]
+            local = [name for name, bad in zip(names, self._bad_terms.tolist()) if bad]
+        gathered = distributed.all_gather_object(local, what="the report of a non-finite loss")
+        terms = [name for names in gathered for name in names]
+        return sorted(set(terms), key=terms.index) or ["the loss"]
+
+    def _record_health(self, total: torch.Tensor, components: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Record on the device whether this iteration's loss terms or gradient are non-finite;
+        returns that flag (a device tensor, no synchronisation)."""
+        self._term_names = [name for name in components if name != "loss"] or ["loss"]
+        values = [components[name] if name in components else total for name in self._term_names]
+        finite = torch.isfinite(torch.stack([value.detach().float() for value in values]))
+        if not self.scaler.is_enabled():  # fp16's GradScaler skips non-finite gradients itself
+            gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+            # A non-finite loss makes the gradient non-finite too: only a finite loss blames it.
+            gradient_finite = torch.isfinite(norm) | ~finite.all()
+            finite = torch.cat([finite, gradient_finite.reshape(1)])
+        else:
+            finite = torch.cat([finite, torch.ones(1, dtype=torch.bool, device=self.device)])
+        bad = ~finite.all()
+        first = bad & (self._first_bad == _NO_BAD_ITERATION)
+        self._first_bad = torch.where(first, self.iteration + 1, self._first_bad)
+        self._bad_terms = ~finite if self._bad_terms is None else torch.where(first, ~finite, self._bad_terms)
+        return bad
+
+    def _skip_bad_iteration(self, bad: torch.Tensor) -> bool:
+        """With ``max_bad_iterations``: whether this iteration is non-finite on any rank (then it
+        is counted, reported and must be skipped); raises once the allowance is used up."""
+        flag = bad.to(torch.int64).reshape(1)
+        distributed.all_reduce_max(flag, what=f"the non-finite check of iteration {self.iteration + 1}")
+        if not flag.item():
+            return False
+        iteration = self.iteration + 1
+        terms = self._bad_term_names(iteration)
+        self.bad_iterations += 1
+        if self.bad_iterations > self.max_bad_iterations:
+            raise NonFiniteLossError(self._step(), iteration, terms, self.last_checkpoint)
+        LOGGER.warning(
+            "step %d: non-finite value in %s at iteration %d: iteration skipped (%d of at most %d)",
+            self._step(), ", ".join(terms), iteration, self.bad_iterations, self.max_bad_iterations,
+        )
+        self._first_bad.fill_(_NO_BAD_ITERATION)
+        return True
 
     def _loader(self, epoch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
@@ -324,13 +440,15 @@ class Trainer:
             self.train_set.set_epoch(epoch)
         generator = torch.Generator()
         generator.manual_seed(self.seed * 100003 + epoch + _WORKER_SEED_OFFSET)
+        self._tracker = SampleTracker(self.train_set, self.num_workers)
         return DataLoader(
-            self.train_set,
+            self._tracker,
             batch_sampler=self.sampler,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=seed_worker,
             generator=generator,
+            timeout=self.loader_timeout if self.num_workers > 0 else 0,
         )
 
     def _forward(
@@ -362,10 +480,14 @@ class Trainer:
         logits, features = self._forward(self.model, images)
         total, components = self.loss(logits, labels, old_logits, features, old_features)
         self.scaler.scale(total).backward()
-        if self.regularizer is not None:
-            self._regularize(components)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        bad = self._record_health(total, components)
+        if self.max_bad_iterations > 0 and self._skip_bad_iteration(bad):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            if self.regularizer is not None:
+                self._regularize(components)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         return components
 
@@ -388,7 +510,44 @@ class Trainer:
             components["loss"] = components["loss"] + penalty.detach()
 
     def train(self) -> None:
-        """Train from the current position (0, or where ``resume`` left off) to the last epoch."""
+        """Train from the current position (0, or where ``resume`` left off) to the last epoch.
+
+        A data-loader worker that dies or stalls raises ``DataLoaderFailure`` naming the samples
+        being read.
+        """
+        try:
+            self._train()
+            return
+        except DataLoaderFailure as failure:  # from fetching a batch
+            message = str(failure)
+        except RuntimeError as error:  # from the loader's SIGCHLD handler, anywhere in the loop
+            if "DataLoader worker" not in str(error) or self._tracker is None:
+                raise
+            message = self._tracker.describe_failure(error)
+        # Stop the failed iterator's workers now, and with them the SIGCHLD check that would
+        # raise the same error again at the next child process exit.
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._batches = None
+        raise DataLoaderFailure(message)
+
+    def _epoch_batches(self, loader: DataLoader) -> Iterator[Any]:
+        """The loader's batches; a failure to fetch one raises ``DataLoaderFailure``."""
+        self._batches = iter(loader)
+        while True:
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                return
+            except (RuntimeError, OSError) as error:  # a dead, stalled or failing worker
+                message = loader.dataset.describe_failure(error)
+            else:
+                yield batch
+                continue
+            raise DataLoaderFailure(message)
+
+    def _train(self) -> None:
         progress = Progress(
             self.total_iterations - self.iteration,
             desc=f"step {self.checkpoint_meta.get('step', '')}",
@@ -403,10 +562,12 @@ class Trainer:
             epoch_sums: Dict[str, torch.Tensor] = {}
             epoch_count = 0
             start = time.perf_counter()
-            for images, labels in loader:
+            for images, labels in self._epoch_batches(loader):
                 global_batch = images.shape[0] * distributed.world_size()
-                components = self.run_step(images, labels)
+                with distributed.waiting_for(f"iteration {self.iteration + 1} of step {self._step()}"):
+                    components = self.run_step(images, labels)
                 self.iteration += 1
+                fault_point(f"train-iteration:{self.iteration}")
                 self.batch_in_epoch += 1
                 self.images_seen += global_batch
                 epoch_count += 1
@@ -419,19 +580,22 @@ class Trainer:
                     postfix = self._log_running(running, running_count)
                     running, running_count = {}, 0
                 progress.update(global_batch, **postfix)
-                stop = self._stop_requested()
                 end_of_epoch = self.batch_in_epoch == self.iterations_per_epoch
-                if stop or (
-                    self.ckpt_interval > 0
-                    and self.iteration % self.ckpt_interval == 0
-                    and not end_of_epoch
-                ):
+                checkpoint_due = (self.ckpt_interval > 0 and self.iteration % self.ckpt_interval == 0
+                                  and not end_of_epoch)
+                # One process reads its own stop flag for free: it stops at the next iteration.
+                stop_seen_alone = distributed.world_size() == 1 and self._stop_received()
+                if not (checkpoint_due or end_of_epoch or stop_seen_alone
+                        or self.iteration % self.check_interval == 0):
+                    continue
+                stop = self._check()
+                if stop or checkpoint_due:
                     self.train_seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     self.save_checkpoint()
                 if stop:
                     progress.close()
-                    raise TrainingInterrupted(int(self.checkpoint_meta.get("step", -1)), self.iteration)
+                    raise TrainingInterrupted(self._step(), self.iteration)
             self.train_seconds += time.perf_counter() - start
             self._log_epoch(epoch_sums, epoch_count)
             if self.on_epoch_end is not None:
@@ -441,6 +605,9 @@ class Trainer:
             self.save_checkpoint()
             self.epoch += 1
             self.batch_in_epoch = 0
+            if self._check():  # a stop signal during validation: the epoch's checkpoint is written
+                progress.close()
+                raise TrainingInterrupted(self._step(), self.iteration)
         progress.close()
 
     # ---------------------------------------------------------------- logging

@@ -1,0 +1,42 @@
+"""Fault injection for the fault-tolerance tests: kill or hang this process at a named point.
+
+``SEGMENTATION_FAULT=<action>:<point>[@<rank>]`` makes the process of that rank (any rank when
+omitted) ``kill`` itself with SIGKILL or ``hang`` (sleep for ever, as a rank stuck in a
+collective does) the first time it reaches ``fault_point(<point>)``. Unset (the normal case),
+``fault_point`` does nothing but read the variable.
+
+Points: ``train-iteration:<k>`` (after the k-th optimisation step of a step), ``validation`` and ``test`` (during an
+evaluation), ``write:<file name>`` (a file written, not yet renamed into place) and
+``after-step-checkpoint`` (``step<t>.pth`` written, results not yet).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+ENV_VAR = "SEGMENTATION_FAULT"
+
+
+def fault_point(point: str) -> None:
+    spec = os.environ.get(ENV_VAR)
+    if not spec:
+        return
+    action, _, target = spec.partition(":")
+    target_point, _, target_rank = target.partition("@")
+    if target_point != point:
+        return
+    if target_rank and target_rank != os.environ.get("RANK", "0"):
+        return
+    # Only once per process tree generation: a restarted worker (torchrun) runs normally.
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "hang":
+        for name in ("SIGTERM", "SIGUSR1"):  # a hung process still dies when the launcher stops it
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        while True:
+            time.sleep(1)
+    else:
+        raise ValueError(f"{ENV_VAR}={spec!r}: unknown action {action!r}; valid: kill, hang")

@@ -1,0 +1,163 @@
+"""train.py under real faults (one process): SIGKILL at every point of a step, corrupt
+checkpoints, a second launch, write errors, a diverging loss. Kills come from
+``SEGMENTATION_FAULT`` (segmentation/faults.py), so each lands exactly where it is meant to."""
+import json
+import resource
+import shutil
+import signal
+
+import pytest
+import torch
+
+from segmentation.engine.run_lock import RunLock
+from train_cli_worker import assert_states_equal, model_state, run_train, synthetic_root, train_args
+
+EXIT_FAILED = 1
+SCORES = ("class_iou", "miou_all", "miou_old", "miou_new", "overall_acc", "mean_acc")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return synthetic_root(tmp_path_factory)
+
+
+def _args(data_root, out, *extra):
+    return train_args(data_root, out, "--step", "all", "--method", "MiB", "--ckpt_interval", "2", *extra)
+
+
+def _run_dir(out):
+    return out / "checkpoints" / "synthetic-15-5" / "run"
+
+
+def _log_dir(out):
+    return out / "logs" / "synthetic-15-5" / "run"
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    run_train(_args(data_root, out))
+    return out
+
+
+def _output(result):
+    return result.stdout + result.stderr
+
+
+def _killed_at(args, point):
+    result = run_train(args, check=False, env={"SEGMENTATION_FAULT": f"kill:{point}"})
+    assert result.returncode == -signal.SIGKILL, _output(result)
+    return _output(result)
+
+
+def _failed(args, **kwargs):
+    result = run_train(args, check=False, **kwargs)
+    output = _output(result)
+    assert result.returncode == EXIT_FAILED, output
+    assert "Traceback" not in output, output
+    return output
+
+
+def test_sigkill_at_every_point_of_a_step_then_rerun_is_bit_identical(reference, data_root, tmp_path):
+    args = _args(data_root, tmp_path)
+    run_dir, log_dir = _run_dir(tmp_path), _log_dir(tmp_path)
+
+    # 1. During the validation at the end of step 0: the in-step checkpoints are the restart point.
+    _killed_at(args, "validation")
+    assert not (run_dir / "step0.pth").exists() and list(run_dir.glob("step0-iter*.pth"))
+
+    # 2. While step0.pth is written: only its temporary file exists.
+    _killed_at(args, "write:step0.pth")
+    assert not (run_dir / "step0.pth").exists() and list(run_dir.glob(".step0.pth.*.tmp"))
+
+    # 3. Between step0.pth and its results: the rerun removed the temporary file; the in-step
+    #    checkpoints are still there when the process dies.
+    _killed_at(args, "after-step-checkpoint")
+    assert (run_dir / "step0.pth").exists() and list(run_dir.glob("step0-iter*.pth"))
+    assert not list(run_dir.glob(".*.tmp")) and not (log_dir / "step0.json").exists()
+
+    # 4. step0.pth is then damaged: the rerun sets it aside, rebuilds it from the latest in-step
+    #    checkpoint and is killed while testing it: no results file from a half-run test.
+    with open(run_dir / "step0.pth", "r+b") as handle:
+        handle.truncate(1000)
+    output = _killed_at(args, "test")
+    assert "step 0 is trained again from its latest in-step checkpoint" in output
+    assert (run_dir / "step0.pth.corrupt").exists() and not (log_dir / "step0.json").exists()
+
+    # 5. During the validation of step 1.
+    _killed_at(args, "validation")
+    assert (log_dir / "step0.json").exists() and not (run_dir / "step1.pth").exists()
+
+    run_train(args)
+    for step in (0, 1):
+        assert_states_equal(model_state(run_dir / f"step{step}.pth"),
+                            model_state(_run_dir(reference) / f"step{step}.pth"))
+        ours = json.loads((log_dir / f"step{step}.json").read_text())
+        theirs = json.loads((_log_dir(reference) / f"step{step}.json").read_text())
+        assert {key: ours[key] for key in SCORES} == {key: theirs[key] for key in SCORES}
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step0.pth", "step0.pth.corrupt", "step1.pth"]
+    assert not list(log_dir.glob(".*.tmp"))
+
+
+def _copy_of(reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    return out
+
+
+def test_corrupt_step_checkpoint_without_in_step_checkpoints_stops_with_a_message(reference, data_root, tmp_path):
+    out = _copy_of(reference, tmp_path)
+    broken = _run_dir(out) / "step0.pth"
+    broken.write_bytes(b"\0" * 4096)
+    (_log_dir(out) / "step0.json").unlink()
+    output = _failed(_args(data_root, out))
+    assert f"error: cannot read checkpoint {broken}" in output
+    assert "delete it (or restore it from a backup) and rerun the same command to train step 0 again" in output
+    assert not (_log_dir(out) / "step0.json").exists()
+
+
+def test_corrupt_checkpoint_options_are_reported(reference, data_root, tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"PK\x03\x04 not really a zip")
+    step1 = _args(data_root, tmp_path / "out")
+    step1[step1.index("--step") + 1] = "1"
+    output = _failed([*step1, "--step_ckpt", str(garbage)])
+    assert f"cannot read checkpoint {garbage}" in output and "pass another --step_ckpt" in output
+    output = _failed([*step1, "--test", "--ckpt", str(garbage)])
+    assert f"cannot read checkpoint {garbage}" in output and "pass another --ckpt" in output
+
+
+def test_second_launch_of_a_running_run_is_refused(data_root, tmp_path):
+    args = _args(data_root, tmp_path)
+    with RunLock(_run_dir(tmp_path)):  # as a running launch holds it
+        output = _failed(args)
+    assert f"another run is writing to {_run_dir(tmp_path)}" in output and "choose another --name" in output
+    assert not (_run_dir(tmp_path) / "step0.pth").exists()
+
+
+def _file_size_limit(limit_bytes):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return apply
+
+
+def test_write_error_stops_naming_the_file_and_leaves_no_temporary_file(data_root, tmp_path):
+    # Files over 1 MB cannot be written (EFBIG, as a full disk gives ENOSPC): the first
+    # in-step checkpoint fails.
+    args = train_args(data_root, tmp_path, "--step", "0", "--ckpt_interval", "2")
+    output = _failed(args, preexec_fn=_file_size_limit(2**20))
+    path = _run_dir(tmp_path) / "step0-iter2.pth"
+    assert f"error: cannot write {path}: File too large" in output
+    assert sorted(p.name for p in _run_dir(tmp_path).iterdir()) == []
+
+
+def test_diverging_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
+    args = train_args(data_root, tmp_path, "--step", "0", "--ckpt_interval", "2", "--lr", "1e6",
+                      "--print_interval", "10")
+    output = _failed(args)
+    assert "error: step 0: non-finite value (NaN or Inf) in the gradient at iteration 4" in output
+    assert "the last in-step checkpoint (iteration 2) is kept" in output
+    kept = sorted(p.name for p in _run_dir(tmp_path).iterdir())
+    assert kept == ["step0-iter2.pth"]
+    state = model_state(_run_dir(tmp_path) / kept[0])
+    assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())

@@ -1,0 +1,52 @@
+"""Faults under torchrun (2 processes, gloo): a worker killed mid-step and restarted by the
+elastic agent, and a hung rank that the others give up on."""
+import time
+
+import pytest
+
+from train_cli_worker import TORCHRUN, assert_states_equal, model_state, run_train, synthetic_root, train_args
+
+LR = "0.001"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return synthetic_root(tmp_path_factory)
+
+
+def _args(data_root, out, *extra):
+    args = train_args(data_root, out, "--step", "0", "--ckpt_interval", "2", *extra)
+    args[args.index("--batch_size") + 1] = "2"
+    args[args.index("--lr") + 1] = LR
+    return args
+
+
+def _run_dir(out):
+    return out / "checkpoints" / "synthetic-15-5" / "run"
+
+
+def test_elastic_restart_after_a_killed_worker_ends_with_the_same_weights(data_root, tmp_path):
+    reference = tmp_path / "reference"
+    run_train(_args(data_root, reference), nproc=2)
+
+    out = tmp_path / "elastic"
+    launcher = [*TORCHRUN, "--nproc_per_node", "2", "--max-restarts", "1"]
+    # Rank 1 dies with SIGKILL after iteration 5 (the in-step checkpoint of iteration 4 exists);
+    # the agent restarts both workers once and they resume from it.
+    result = run_train(_args(data_root, out), launcher=launcher,
+                       env={"SEGMENTATION_FAULT": "kill:train-iteration:5@1"}, timeout=300)
+    output = result.stdout + result.stderr
+    assert "step 0: resumed from iteration 4" in output
+    assert_states_equal(model_state(_run_dir(out) / "step0.pth"), model_state(_run_dir(reference) / "step0.pth"))
+    assert sorted(p.name for p in _run_dir(out).iterdir()) == ["step0.pth"]
+
+
+def test_hung_rank_makes_the_others_stop_within_the_timeout(data_root, tmp_path):
+    start = time.monotonic()
+    result = run_train(_args(data_root, tmp_path, "--collective_timeout", "5"), nproc=2, check=False,
+                       env={"SEGMENTATION_FAULT": "hang:train-iteration:3@1"}, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "rank 0 of 2: gave up waiting for the other processes at" in output, output
+    assert "(timeout 5 s)" in output
+    assert time.monotonic() - start < 120
