@@ -131,12 +131,18 @@ def init_distributed(env: DistEnv, device_type: str, timeout_seconds: float = DE
         return
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    store, _, _ = next(dist.rendezvous(
+        f"tcp://{env.master_addr}:{env.master_port}", env.rank, env.world_size, timeout=timeout))
+    # torchrun keeps its store across elastic restarts: without a prefix per attempt, a restarted
+    # worker can read the address that a dead worker of the previous attempt published there.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
         backend="nccl" if device_type == "cuda" else "gloo",
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        store=dist.PrefixStore(f"attempt_{attempt}/", store),
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_seconds),
+        timeout=timeout,
     )
 
 
