@@ -23,6 +23,11 @@ def test_differing_options_compares_what_changes_the_result_of_the_step():
     assert differing_options(BASE, dict(BASE, pretrained=None), 1) == []
     assert differing_options(BASE, dict(BASE, pretrained=None), 0) == ["--pretrained w.pth -> None"]
     assert differing_options(BASE, dict(BASE, new_option=True), 0) == []
+    # A step-0 model does not depend on the options that act from step 1 on, nor on the method's name.
+    assert differing_options(BASE, dict(BASE, loss_kd=100.0, method="MiB", task="15-1"), 0) == []
+    assert differing_options(BASE, dict(BASE, weight_decay=0.001, method="MiB"), 0) == []  # unknown to BASE
+    assert differing_options(dict(BASE, weight_decay=0.0001), dict(BASE, weight_decay=0.001, method="MiB"), 0) == [
+        "--weight_decay 0.0001 -> 0.001"]
 
 
 def _original(model, drop_buffers=True):

@@ -47,11 +47,21 @@ def step_lr(options: Dict[str, Any], step: int) -> Optional[float]:
     return options.get("lr")
 
 
+# Options a step-0 model does not depend on: they act from step 1 on (distillation, unbiased
+# losses, classifier init, penalty weight, masking of old labels) or only name things. So one
+# step-0 model can start every method and task with its classes (checked when it is loaded), as
+# the method benchmark and the original authors' 15-1 runs do.
+STEP0_INDEPENDENT = frozenset({
+    "method", "task", "loss_kd", "loss_de", "unce", "unkd", "init_balanced", "alpha",
+    "icarl_importance", "icarl_disjoint", "icarl_bkg", "no_mask", "reg_importance",
+})
+
+
 def differing_options(stored: Dict[str, Any], current: Dict[str, Any], step: int) -> List[str]:
     """``--option stored -> current`` for each result-changing option that differs at ``step``."""
     differences = []
     # ImageNet weights only initialise step 0.
-    ignored = NOT_RESULT_CHANGING | ({"pretrained", "no_pretrained"} if step > 0 else set())
+    ignored = NOT_RESULT_CHANGING | (STEP0_INDEPENDENT if step == 0 else {"pretrained", "no_pretrained"})
     for name in sorted(set(stored) & set(current) - ignored):
         if stored[name] != current[name]:
             differences.append(f"--{name} {stored[name]} -> {current[name]}")
@@ -183,7 +193,7 @@ class Preflight:
     def _check_checkpoint(self, option: str, path: str, step: int) -> None:
         opts = self.opts
         try:
-            ckpt = checkpoint.load_checkpoint(path)
+            ckpt = checkpoint.load_checkpoint(path, f"pass another {option}")
             ckpt, converted = adapt_checkpoint(ckpt, opts.dataset, opts.task, step, opts.norm_act, Path(path))
             checkpoint.check_step_checkpoint(
                 ckpt, opts.dataset, opts.task, step, tasks.classes_per_step(opts.dataset, opts.task, step), path)
