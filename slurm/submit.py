@@ -128,20 +128,15 @@ def _check_writable_dir(path: Path, option: str) -> None:
 
 def check_train_options(train_args: List[str]) -> argparse.Namespace:
     """Parse train.py's options as train.py will, and check what would only fail in the job."""
-    opts = parse_options(train_args)  # exits with train.py's message on a bad task, method, step...
-    data_dir = Path(dataset_dir(opts.dataset, opts.data_root))
-    if opts.dataset == "synthetic":
-        if not data_dir.is_dir():  # written by the first job
-            _check_writable_dir(Path(opts.data_root), "--data_root")
-    elif not data_dir.is_dir():
-        raise SubmitError(f"--data_root {opts.data_root}: the {opts.dataset} dataset folder {data_dir} "
-                          "does not exist")
+    # Exits with train.py's message on a bad task, method or step, a missing dataset folder or a
+    # missing --step_ckpt file.
+    opts = parse_options(train_args)
+    if opts.dataset == "synthetic" and not Path(dataset_dir(opts.dataset, opts.data_root)).is_dir():
+        _check_writable_dir(Path(opts.data_root), "--data_root")  # written by the first job
     _check_writable_dir(Path(opts.checkpoint_dir), "--checkpoint_dir")
     _check_writable_dir(Path(opts.logdir), "--logdir")
     if opts.split_dir is not None and not Path(opts.split_dir).is_dir():
         raise SubmitError(f"--split_dir {opts.split_dir}: folder not found")
-    if opts.step_ckpt is not None and not Path(opts.step_ckpt).is_file():
-        raise SubmitError(f"--step_ckpt {opts.step_ckpt}: file not found")
     first = opts.steps[0]
     if first > 0 and opts.step_ckpt is None and not opts.test:
         run = checkpoint.run_dir(opts.checkpoint_dir, opts.dataset, opts.task, opts.overlap, opts.name)
