@@ -135,6 +135,15 @@ def test_second_launch_of_a_running_run_is_refused(data_root, tmp_path):
     assert not (_run_dir(tmp_path) / "step0.pth").exists()
 
 
+def test_overwrite_by_a_second_launch_leaves_the_running_run_alone(reference, data_root, tmp_path):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    with RunLock(_run_dir(tmp_path)):  # as a running launch holds it
+        output = _failed([*_args(data_root, tmp_path, "--weight_decay", "0.001"), "--overwrite"])
+    assert f"another run is writing to {_run_dir(tmp_path)}" in output
+    assert {path: path.read_bytes() for path in files} == files
+
+
 def _file_size_limit(limit_bytes):
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

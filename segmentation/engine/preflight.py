@@ -16,7 +16,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from segmentation import distributed, tasks
 from segmentation.engine import checkpoint
@@ -142,6 +142,8 @@ class Preflight:
         self.log_dir = log_dir
         self.created: List[Path] = []
         self.notes: List[str] = []
+        # (first step whose files --overwrite replaces, the differing options)
+        self.overwrite: Optional[Tuple[int, List[str]]] = None
 
     def check_options(self, world_size: int) -> None:
         from segmentation.models.resnet import RESNET_LAYOUTS
@@ -183,12 +185,19 @@ class Preflight:
                     f"step {step} with other options: {'; '.join(differences)}. Its results would be "
                     "reported for the new options. Give another --name, or pass --overwrite to "
                     f"replace the files of step {step} and later")
-            if distributed.is_main_process():
-                for path in _files_of_steps(self.checkpoint_dir, self.log_dir, step):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                self.notes.append(f"--overwrite: removed the files of step {step} and later of "
-                                  f"the earlier run ({'; '.join(differences)})")
+            self.overwrite = (step, differences)
             return
+
+    def remove_overwritten(self) -> None:
+        """With ``--overwrite``: remove the earlier run's files of the first differing step and
+        later. Called once this launch holds the run's lock, so a running launch never loses them."""
+        if self.overwrite is not None and distributed.is_main_process():
+            step, differences = self.overwrite
+            for path in _files_of_steps(self.checkpoint_dir, self.log_dir, step):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            self.notes.append(f"--overwrite: removed the files of step {step} and later of "
+                              f"the earlier run ({'; '.join(differences)})")
+        distributed.barrier("rank 0 removing the files replaced by --overwrite")
 
     def _check_checkpoint(self, option: str, path: str, step: int) -> None:
         opts = self.opts

@@ -593,6 +593,7 @@ def main(opts: argparse.Namespace) -> None:
         if not opts.test:
             # Outside the cleanup below: a refused lock means the folders belong to another launch.
             lock = lock_run(setting_dir(opts.checkpoint_dir, opts), setting_dir(opts.logdir, opts))
+            preflight.remove_overwritten()
         LOGGER.info(
             "%s %s%s, steps %s, method %s, device %s, %d process(es)",
             opts.dataset, opts.task, " overlapped" if opts.overlap else "", opts.steps,
