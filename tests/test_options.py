@@ -6,25 +6,10 @@ from segmentation import tasks
 from segmentation.engine import options
 from segmentation.engine.options import build_parser, parse_options
 
-
-@pytest.fixture(autouse=True)
-def _workdir(tmp_path, monkeypatch):
-    """Run in a folder whose data/ holds (empty) VOC and ADE folders and the default ImageNet file."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("PascalVOC12", "ADEChallengeData2016"):
-        (tmp_path / "data" / name).mkdir(parents=True)
-    (tmp_path / "pretrained").mkdir()
-    (tmp_path / "pretrained" / "resnet101_iabn_sync.pth.tar").write_bytes(b"weights")
+from option_helpers import option_workdir, usage_error  # noqa: F401 (option_workdir: a fixture)
 
 
-def _error(argv, capsys) -> str:
-    """Parse ``argv``, expect a usage error, and return its message (one line)."""
-    with pytest.raises(SystemExit) as exit_info:
-        parse_options(argv)
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
-    assert message.count("\n") == 1 and message.startswith("train.py: error: ")
-    return message
+pytestmark = pytest.mark.usefixtures("option_workdir")
 
 
 def test_reference_defaults():
@@ -106,11 +91,11 @@ def test_regularizer_preset_yields_to_explicit_flags():
      (["--regularizer", "si"], "--regularizer")],
 )
 def test_invalid_method_options(argv, option, capsys):
-    assert option in _error(argv, capsys)
+    assert option in usage_error(argv, capsys)
 
 
 def test_unknown_method(capsys):
-    message = _error(["--method", "SDR"], capsys)
+    message = usage_error(["--method", "SDR"], capsys)
     assert "SDR" in message and "MiB" in message
 
 
@@ -143,16 +128,16 @@ def test_steps():
 
 @pytest.mark.parametrize("step", ["2", "0,5", "x", "1,0", "1 0", "0 2"])
 def test_invalid_steps(step, capsys):
-    message = _error(["--task", "15-5", "--step", *step.split()], capsys)
+    message = usage_error(["--task", "15-5", "--step", *step.split()], capsys)
     assert f"--step {step}" in message
 
 
 def test_step_out_of_range_lists_valid_steps(capsys):
-    assert "0..1" in _error(["--task", "15-5", "--step", "2"], capsys)
+    assert "0..1" in usage_error(["--task", "15-5", "--step", "2"], capsys)
 
 
 def test_unknown_task(capsys):
-    message = _error(["--task", "16-4"], capsys)
+    message = usage_error(["--task", "16-4"], capsys)
     assert "16-4" in message and "15-5" in message
 
 
@@ -169,13 +154,13 @@ def test_amp(argv, amp):
 
 
 def test_amp_conflicting_with_opt_level(capsys):
-    message = _error(["--opt_level", "O1", "--amp", "bf16"], capsys)
+    message = usage_error(["--opt_level", "O1", "--amp", "bf16"], capsys)
     assert "--amp bf16" in message and "--opt_level O1" in message
 
 
 def test_pretrained_default_on_real_datasets(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    message = _error(["--dataset", "voc", "--backbone", "resnet50"], capsys)
+    message = usage_error(["--dataset", "voc", "--backbone", "resnet50"], capsys)
     assert "pretrained/resnet50_iabn_sync.pth.tar" in message.replace(os.sep, "/")
     assert "--pretrained torchvision" in message and "--no_pretrained" in message
 
@@ -195,8 +180,8 @@ def test_pretrained_path(tmp_path, capsys):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"weights")
     assert parse_options(["--pretrained", str(weights)]).pretrained == str(weights)
-    assert "w2.pth" in _error(["--pretrained", str(tmp_path / "w2.pth")], capsys)
-    message = _error(["--pretrained", str(weights), "--no_pretrained"], capsys)
+    assert "w2.pth" in usage_error(["--pretrained", str(tmp_path / "w2.pth")], capsys)
+    message = usage_error(["--pretrained", str(weights), "--no_pretrained"], capsys)
     assert "--pretrained" in message and "--no_pretrained" in message
 
 
@@ -209,7 +194,7 @@ def test_pretrained_path(tmp_path, capsys):
      (["--step_ckpt", "x.pth"], "--step_ckpt")],
 )
 def test_invalid_values(argv, option, capsys):
-    assert option in _error(argv, capsys)
+    assert option in usage_error(argv, capsys)
 
 
 def test_old_reference_command_line(tmp_path):
@@ -276,7 +261,7 @@ def test_learning_rates_per_step_errors(argv, words, capsys):
     if words is None:
         assert parse_options(argv).lr == 0.01
     else:
-        assert words in _error(argv, capsys)
+        assert words in usage_error(argv, capsys)
 
 
 @pytest.mark.parametrize("argv, option", [
@@ -285,12 +270,12 @@ def test_learning_rates_per_step_errors(argv, words, capsys):
     (["--lr_power", "0"], "--lr_power"),
 ])
 def test_ranges(argv, option, capsys):
-    assert option in _error(argv, capsys)
+    assert option in usage_error(argv, capsys)
     assert parse_options(["--crop_size", "16", "--output_stride", "8"]).crop_size == 16
 
 
 def test_visualize_is_refused_with_its_original_meaning(capsys):
-    message = _error(["--visualize"], capsys)
+    message = usage_error(["--visualize"], capsys)
     assert "turned TensorBoard off" in message and "--no-visualize" in message
 
 
@@ -304,7 +289,7 @@ def test_plop_harmless_options_are_noted(capsys):
 @pytest.mark.parametrize("argv", [["--pod", "local"], ["--pseudo=entropy"], ["--classif_adaptive_factor"],
                                   ["--method", "PLOP"]])
 def test_plop_method_options_are_refused(argv, capsys):
-    message = _error(argv, capsys)
+    message = usage_error(argv, capsys)
     assert argv[0].split("=")[0] in message or "PLOP" in message
     assert "not implemented" in message
 
@@ -312,7 +297,7 @@ def test_plop_method_options_are_refused(argv, capsys):
 @pytest.mark.parametrize("task", ["50", "50b", "50-50"])
 def test_ade_balanced_splits_need_the_original_files(task, tmp_path, capsys):
     argv = ["--dataset", "ade", "--task", task, "--step", "1"]
-    message = _error(argv, capsys)
+    message = usage_error(argv, capsys)
     assert "--split_dir" in message and "--allow_regenerated_splits" in message and "fcdl94/MiB" in message
     assert parse_options([*argv, "--allow_regenerated_splits"]).task == task
     assert parse_options([*argv, "--split_dir", str(tmp_path)]).split_dir == str(tmp_path)
@@ -321,12 +306,12 @@ def test_ade_balanced_splits_need_the_original_files(task, tmp_path, capsys):
 
 
 def test_missing_dataset_points_to_synthetic(tmp_path, capsys):
-    message = _error(["--data_root", str(tmp_path / "nowhere")], capsys)
+    message = usage_error(["--data_root", str(tmp_path / "nowhere")], capsys)
     assert "PascalVOC12" in message and "--dataset synthetic" in message
 
 
 def test_synthetic_data_is_not_written_next_to_a_real_dataset(tmp_path, capsys):
-    message = _error(["--dataset", "synthetic"], capsys)  # ./data holds PascalVOC12/
+    message = usage_error(["--dataset", "synthetic"], capsys)  # ./data holds PascalVOC12/
     assert "--data_root" in message and "--allow_synthetic_in_data_root" in message
     assert parse_options(["--dataset", "synthetic", "--allow_synthetic_in_data_root"]).dataset == "synthetic"
     assert parse_options(["--dataset", "synthetic", "--data_root", str(tmp_path / "syn")]).dataset == "synthetic"

@@ -11,6 +11,7 @@ import shlex
 
 import pytest
 
+from option_helpers import option_workdir, usage_error  # noqa: F401 (option_workdir: a fixture)
 from segmentation.engine.options import PLOP_METHOD_OPTIONS, parse_options
 
 LINES = json.loads(open(os.path.join(os.path.dirname(__file__), "data", "original-command-lines.json")).read())
@@ -19,14 +20,7 @@ IMPLEMENTED_LOSS_SETTINGS = {"loss_kd": 0.0, "loss_de": 0.0, "icarl": False, "ic
                              "reg_importance": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _workdir(tmp_path, monkeypatch):
-    """A working folder with (empty) dataset folders under data/ and the default ImageNet file."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("PascalVOC12", "ADEChallengeData2016"):
-        (tmp_path / "data" / name).mkdir(parents=True)
-    (tmp_path / "pretrained").mkdir()
-    (tmp_path / "pretrained" / "resnet101_iabn_sync.pth.tar").write_bytes(b"weights")
+pytestmark = pytest.mark.usefixtures("option_workdir")
 
 
 def _argv(line):
@@ -58,15 +52,6 @@ def _value(argv, *flags):
     return None
 
 
-def _usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        parse_options(argv)
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
-    assert message.count("\n") == 1 and message.startswith("train.py: error: ")
-    return message
-
-
 def _id(index_line):
     index, line = index_line
     return f"{index}-{line['source'].split()[-1]}"
@@ -77,10 +62,10 @@ def test_original_command_line(line, capsys):
     argv = _argv(line)
     plop_options = [token for token in argv if token in PLOP_METHOD_OPTIONS]
     if plop_options:
-        assert "not implemented" in _usage_error(argv, capsys)
+        assert "not implemented" in usage_error(argv, capsys)
         argv = _without_plop_method_options(argv)
     if _value(argv, "--method") == "PLOP":
-        assert "PLOP is not implemented" in _usage_error(argv, capsys)
+        assert "PLOP is not implemented" in usage_error(argv, capsys)
         return
     if not line["accepted_by_the_original"]:
         if "--no-pretrained" in argv:  # the README's spelling, accepted here
@@ -91,7 +76,7 @@ def test_original_command_line(line, capsys):
             opts = parse_options(argv)
             assert (opts.method, opts.regularizer, opts.reg_importance) == ("RW", "rw", 100.0)
         else:  # --task 100-50 --step 2 (no such step)
-            assert "--step 2" in _usage_error(argv, capsys)
+            assert "--step 2" in usage_error(argv, capsys)
         return
 
     opts = parse_options(argv)
