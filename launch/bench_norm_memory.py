@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_data import cpu_model  # noqa: E402  (launch/ is the script's folder)
 from segmentation.models import build_model  # noqa: E402
 from segmentation.models.norm import NORM_LAYERS  # noqa: E402
 
@@ -51,17 +51,6 @@ def forward_backward_seconds(model: torch.nn.Module, images: torch.Tensor, repea
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     return statistics.median(times[1:])
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
