@@ -52,7 +52,7 @@ class Job:
     label: str
     args: List[str]
     results: Path
-    steps: int  # steps it trains (for the ETA)
+    work: int  # estimated cost, for the ETA (see ``step_work``)
     link_step0: Optional[Path] = None  # step-0 checkpoint to link into this run's folder first
     step0_results: Optional[Path] = None
 
@@ -81,6 +81,12 @@ def run_paths(out: Path, task: str, overlap: bool, name: str):
     return checkpoints, logs
 
 
+def step_work(task: str, step: int) -> int:
+    """Estimated cost of training ``step``: the step's classes (its training images grow with them)
+    plus one for the fixed cost of every step (data setup, validation, test)."""
+    return len(tasks.labels_of_step(DATASET, task, step)) + 1
+
+
 def method_flags(method: str) -> List[str]:
     return [] if method == JOINT else ["--method", method]
 
@@ -98,7 +104,7 @@ def build_grid(grid: Grid) -> None:
             if overlap:
                 args.append("--overlap")
             grid.jobs.append(Job(f"step 0 {group} {setting_name(STEP0_TASK, overlap)}", args,
-                                 logs / "step0.json", 1))
+                                 logs / "step0.json", step_work(STEP0_TASK, 0)))
             step0_of[(overlap, group)] = (checkpoints / "step0.pth", logs / "step0.json")
     for task in grid.tasks:
         last = tasks.num_steps(DATASET, task) - 1
@@ -111,12 +117,14 @@ def build_grid(grid: Grid) -> None:
                 args = ["--task", task, "--step", "all", "--name", method, *method_flags(method)]
                 if overlap:
                     args.append("--overlap")
+                work = sum(step_work(task, step) for step in range(1, last + 1))
                 grid.jobs.append(Job(f"{method} {setting_name(task, overlap)}", args, logs / f"step{last}.json",
-                                     last, link_step0=step0, step0_results=step0_results))
+                                     work, link_step0=step0, step0_results=step0_results))
     if JOINT in grid.methods:
         _, logs = run_paths(out, "offline", False, JOINT)
         grid.jobs.append(Job("Joint (offline)", ["--task", "offline", "--step", "0", "--name", JOINT,
-                                                "--method", "FT"], logs / "step0.json", 1))
+                                                "--method", "FT"], logs / "step0.json",
+                             step_work("offline", 0)))
 
 
 def link_step0(job: Job, out: Path) -> None:
@@ -152,11 +160,11 @@ def run_grid(grid: Grid, nproc: int, log: Path) -> float:
     timings_path = grid.out / "timings.json"
     timings: Dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     pending = [job for job in grid.jobs if not job.results.is_file()]
-    total_steps = sum(job.steps for job in pending)
-    print(f"{len(grid.jobs)} runs, {len(grid.jobs) - len(pending)} already finished, {len(pending)} to go "
-          f"({total_steps} training steps)", flush=True)
+    total_work = sum(job.work for job in pending)
+    print(f"{len(grid.jobs)} runs, {len(grid.jobs) - len(pending)} already finished, {len(pending)} to go",
+          flush=True)
     start = time.monotonic()
-    steps_done = 0
+    work_done = 0
     log.parent.mkdir(parents=True, exist_ok=True)
     for index, job in enumerate(pending, 1):
         if job.link_step0 is not None:
@@ -173,9 +181,9 @@ def run_grid(grid: Grid, nproc: int, log: Path) -> float:
                              "Rerun the same command to continue.")
         timings[job.label] = time.monotonic() - began
         timings_path.write_text(json.dumps(timings, indent=1))
-        steps_done += job.steps
+        work_done += job.work
         elapsed = time.monotonic() - start
-        eta = elapsed / steps_done * (total_steps - steps_done)
+        eta = elapsed / work_done * (total_work - work_done)
         print(f"[{index}/{len(pending)}] {job.label}: {time.monotonic() - began:.0f} s | elapsed "
               f"{_duration(elapsed)} | ETA {_duration(eta)}", flush=True)
     return sum(timings.get(job.label, 0.0) for job in grid.jobs)
@@ -322,14 +330,20 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="comma list of methods (registry names) and Joint")
     parser.add_argument("--tasks", default="15-5,15-1", help="comma list of synthetic VOC tasks")
     parser.add_argument("--settings", default="disjoint,overlap", help="disjoint, overlap or both")
-    parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun when > 1)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes per run (torchrun when > 1); on a 2-core CPU one process with "
+                             "two threads is faster than two processes")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--crop_size", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=4, help="per process")
-    parser.add_argument("--epochs", type=int, default=4,
+    parser.add_argument("--batch_size", type=int, default=8, help="per process")
+    parser.add_argument("--norm_act", default="abn",
+                        help="abn: the same function as In-Place ABN, computed by PyTorch's fused batch norm, "
+                             "which is faster on CPU")
+    parser.add_argument("--epochs", type=int, default=6,
                         help="per step; the default grid is sized for about an hour on 2 cores")
     parser.add_argument("--lr", type=float, default=0.02, help="step 0")
-    parser.add_argument("--incremental_lr", type=float, default=0.01, help="steps after step 0")
+    parser.add_argument("--incremental_lr", type=float, default=0.002,
+                        help="steps after step 0 (the protocol's ratio: a tenth of step 0's)")
     parser.add_argument("--extra", default="", help="more train.py options, one quoted string")
     args = parser.parse_args(argv)
 
@@ -344,7 +358,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for task in task_list:
         if tasks.labels_of_step(DATASET, task, 0) != tasks.labels_of_step(DATASET, STEP0_TASK, 0):
             parser.error(f"--tasks: {task} does not start from the 15-class step 0 of {STEP0_TASK}")
-    common = ["--data_root", args.data_root, "--backbone", args.backbone, "--crop_size", str(args.crop_size),
+    common = ["--data_root", args.data_root, "--backbone", args.backbone, "--norm_act", args.norm_act,
+              "--crop_size", str(args.crop_size),
               "--batch_size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", str(args.lr),
               "--incremental_lr", str(args.incremental_lr), "--val_interval", str(args.epochs),
               "--no-visualize", *shlex.split(args.extra)]
