@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from segmentation.engine.original_checkpoint import adapt_checkpoint, convert_original_checkpoint, head_widths
-from segmentation.engine.preflight import Preflight, UsageError, differing_options, remove_created, stored_options
+from segmentation.engine.options import parse_options
+from segmentation.engine.preflight import (Preflight, UsageError, differing_options, nesterov_stability_limit,
+                                           remove_created, stored_options, unstable_penalty_warning)
 from segmentation.models import build_model
 
 BASE = {"lr": 0.01, "incremental_lr": 0.001, "loss_kd": 10.0, "num_workers": 2, "pretrained": "w.pth",
@@ -83,7 +85,8 @@ def test_remove_created_keeps_folders_with_finished_files(tmp_path):
     ("abn", 2, 1, False),
 ])
 def test_batch_size_against_normalisation(norm_act, batch_size, world_size, refused, tmp_path):
-    opts = argparse.Namespace(backbone="resnet18", test=False, norm_act=norm_act, batch_size=batch_size)
+    opts = argparse.Namespace(backbone="resnet18", test=False, norm_act=norm_act, batch_size=batch_size,
+                              regularizer=None)
     preflight = Preflight(opts, tmp_path, tmp_path)
     if refused:
         with pytest.raises(UsageError, match="--batch_size 1"):
@@ -103,3 +106,36 @@ def test_stored_options_of_a_half_finished_step(tmp_path):
     assert stored_options(checkpoints, logs, 0)["loss_kd"] == 2.0  # the newest in-step checkpoint
     torch.save({"options": dict(BASE, loss_kd=3.0)}, checkpoints / "step0.pth")
     assert stored_options(checkpoints, logs, 0)["loss_kd"] == 3.0  # the step-final one first
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_nesterov_stability_limit_is_where_pytorch_sgd_starts_to_diverge(momentum):
+    curvature = 1000.0  # EWC's penalty 500 * w^2 at importance 1
+    limit = nesterov_stability_limit(momentum)
+    for lr, diverges in ((0.97 * limit / curvature, False), (1.03 * limit / curvature, True)):
+        weight = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        optimizer = torch.optim.SGD([weight], lr=lr, momentum=momentum, nesterov=momentum > 0)
+        for _ in range(2000):
+            optimizer.zero_grad()
+            (curvature / 2 * weight ** 2).sum().backward()
+            optimizer.step()
+        assert (abs(weight.item()) > 1) == diverges, (lr, weight.item())
+
+
+def _train_options(*argv):
+    return parse_options(["--dataset", "synthetic", "--task", "15-5", *argv])
+
+
+def test_unstable_penalty_is_warned_about_with_the_learning_rate_that_works():
+    # EWC and PI: 500 x importance <= 1, curvature 1000; limit 1.357 at momentum 0.9.
+    warning = unstable_penalty_warning(_train_options("--method", "EWC", "--step", "all", "--lr", "0.01",
+                                                      "--incremental_lr", "0.002"))
+    assert "ewc penalty diverges at step 1" in warning and "below 0.00136" in warning
+    for safe in (["--step", "all", "--lr", "0.01", "--incremental_lr", "0.001"],  # the protocol
+                 ["--step", "0", "--lr", "0.01"],  # no penalty at step 0
+                 ["--step", "1", "--lr", "0.002", "--reg_no_normalize"]):  # importances unbounded: no claim
+        assert unstable_penalty_warning(_train_options("--method", "PI", *safe)) is None, safe
+    # RW: 100 x (Fisher + score) <= 200, curvature 400.
+    assert unstable_penalty_warning(_train_options("--method", "RW", "--step", "1", "--lr", "0.003")) is None
+    assert "below 0.00339" in unstable_penalty_warning(_train_options("--method", "RW", "--step", "1", "--lr", "0.004"))
+    assert unstable_penalty_warning(_train_options("--method", "MiB", "--step", "1", "--lr", "1")) is None

@@ -133,6 +133,35 @@ def _is_finished_step_file(path: Path) -> bool:
     return suffix in ("pth", "json") and stem[4:].split("-iter")[0].isdigit()
 
 
+def nesterov_stability_limit(momentum: float) -> float:
+    """The largest ``lr * curvature`` for which SGD with Nesterov momentum ``momentum`` converges on
+    a quadratic (PyTorch's update rule; 1.357 at momentum 0.9, 2 without momentum)."""
+    return 1 + 1 / (1 + 2 * momentum)
+
+
+def unstable_penalty_warning(opts: argparse.Namespace) -> Optional[str]:
+    """A warning when the regularizer's penalty diverges at a step's learning rate.
+
+    With normalised importances (at most 1, or 2 for RW's Fisher plus score) the penalty
+    ``reg_importance * sum(importance * (w - w_old)^2)`` has curvature up to
+    ``2 * reg_importance * max importance`` along a weight; SGD overshoots once the learning rate
+    times that curvature passes the Nesterov limit, and the penalised weights grow without bound.
+    """
+    if not opts.regularizer or opts.reg_no_normalize or opts.test:
+        return None
+    curvature = 2 * opts.reg_importance * (2.0 if opts.regularizer == "rw" else 1.0)
+    limit = nesterov_stability_limit(opts.momentum)
+    for step in opts.steps:
+        lr = step_lr(vars(opts), step)
+        if step > 0 and lr is not None and lr * curvature > limit:
+            return (f"the {opts.regularizer} penalty diverges at step {step}: learning rate {lr} times its "
+                    f"largest curvature {curvature:g} (2 x --reg_importance {opts.reg_importance:g} x the "
+                    f"largest importance) is {lr * curvature:.3g}, above {limit:.3g}, the limit of SGD with "
+                    f"Nesterov momentum {opts.momentum}; use a learning rate below {limit / curvature:.3g} "
+                    "for the steps after step 0 (the protocol's 0.001 is) or a smaller --reg_importance")
+    return None
+
+
 class Preflight:
     """The checks of one launch; ``created`` lists the folders they created (rank 0)."""
 
@@ -142,6 +171,7 @@ class Preflight:
         self.log_dir = log_dir
         self.created: List[Path] = []
         self.notes: List[str] = []
+        self.warnings: List[str] = []
         # (first step whose files --overwrite replaces, the differing options)
         self.overwrite: Optional[Tuple[int, List[str]]] = None
 
@@ -153,6 +183,9 @@ class Preflight:
             raise UsageError(f"--backbone {opts.backbone}: unknown backbone; valid: {', '.join(RESNET_LAYOUTS)}")
         if opts.test:
             return
+        warning = unstable_penalty_warning(opts)
+        if warning:
+            self.warnings.append(warning)
         if opts.norm_act == "iabn_sync" and opts.batch_size * world_size < 2:
             raise UsageError(
                 f"--batch_size {opts.batch_size} with {world_size} process: batch normalisation needs "

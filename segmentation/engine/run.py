@@ -601,6 +601,8 @@ def main(opts: argparse.Namespace) -> None:
         )
         for note in [*getattr(opts, "notes", []), *preflight.notes]:
             LOGGER.info("%s", note)
+        for warning in preflight.warnings:
+            LOGGER.warning("%s", warning)
         try:
             for step in opts.steps:
                 StepRunner(opts, step, device).run(stop_signal)
