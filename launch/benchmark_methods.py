@@ -340,11 +340,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="abn: the same function as In-Place ABN, computed by PyTorch's fused batch norm, "
                              "which is faster on CPU")
     parser.add_argument("--epochs", type=int, default=6,
-                        help="per step; the default grid is sized for about an hour on 2 cores")
+                        help="per step; the default grid takes about 1 h 40 min on 2 cores "
+                             "(docs/results-synthetic.md)")
     parser.add_argument("--lr", type=float, default=0.02, help="step 0")
     parser.add_argument("--incremental_lr", type=float, default=0.001,
                         help="steps after step 0: the protocol's value. EWC's and PI's penalty (weight 500 "
-                             "on importances in [0, 1]) diverges above about 0.00135 under SGD with Nesterov "
+                             "on importances in [0, 1]) diverges above about 0.00136 under SGD with Nesterov "
                              "momentum 0.9")
     parser.add_argument("--extra", default="", help="more train.py options, one quoted string")
     args = parser.parse_args(argv)

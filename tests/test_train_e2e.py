@@ -168,6 +168,8 @@ def test_regularizer_methods_carry_their_state_and_penalise_step1(data_root, tmp
         assert all(torch.isfinite(value).all() for value in state["score"].values())
     penalties = [float(value) for value in re.findall(r" loss_reg=(\S+)", result.stdout)]
     assert penalties and all(math.isfinite(value) for value in penalties)
+    # --lr 0.01 at step 1 is above the limit of both penalties (PI 0.00136, RW 0.00339): train.py warns.
+    assert f"the {method.lower()} penalty diverges at step 1" in result.stdout + result.stderr
 
 
 def test_regularizer_method_from_a_checkpoint_without_its_state_is_an_error(two_step_run, data_root, tmp_path):
