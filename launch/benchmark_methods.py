@@ -12,9 +12,11 @@ Runs the grid methods x settings (tasks 15-5 and 15-1, disjoint and overlapped) 
   method (Joint as a dashed line).
 
 Step 0 is trained once per setting for every method whose step 0 is plain cross-entropy (FT, LwF,
-ILT, MiB) and shared with them (its checkpoint is linked into each run's folder); LwF-MC (BCE from
-step 0) and EWC, PI, RW (their importance is estimated during step 0) train their own step 0.
-15-5 and 15-1 share the step-0 models, as the original authors did. Finished runs (their last
+ILT, MiB, and EWC, PI, RW, whose penalty is zero at step 0) and shared with them (its checkpoint is
+linked into each run's folder). That run estimates EWC's, PI's and RW's importances on the way
+(``--estimate_importance``), which only reads the gradients, so it trains the same weights as their
+own step 0 would. LwF-MC (BCE from step 0) trains its own step 0. 15-5 and 15-1 share the step-0
+models, as the original authors did. Finished runs (their last
 step's results file exists) are skipped, so the script can be stopped and restarted. Progress and
 an ETA are printed after every run.
 """
@@ -41,8 +43,8 @@ from segmentation.methods import REGISTRY  # noqa: E402
 DATASET = "synthetic"
 STEP0_TASK = "15-5"  # 15-1 starts from the same 15-class step-0 models
 JOINT = "Joint"
-#: Methods whose step 0 is plain cross-entropy without state: they share one step-0 model.
-SHARED_STEP0 = ("FT", "LWF", "ILT", "MiB")
+#: Methods whose step 0 is the same cross-entropy training: they share one step-0 model.
+SHARED_STEP0 = ("FT", "LWF", "ILT", "MiB", "EWC", "PI", "RW")
 
 
 @dataclass
@@ -91,6 +93,12 @@ def method_flags(method: str) -> List[str]:
     return [] if method == JOINT else ["--method", method]
 
 
+def estimate_flags(methods: Sequence[str]) -> List[str]:
+    """``--estimate_importance`` for the regularizers of ``methods`` that start from the shared step 0."""
+    names = [REGISTRY[m].regularizer for m in methods if m in REGISTRY and REGISTRY[m].regularizer]
+    return ["--estimate_importance", *names] if names else []
+
+
 def build_grid(grid: Grid) -> None:
     """Step-0 jobs first, then the incremental steps of every (task, setting, method), then Joint."""
     out = grid.out
@@ -101,6 +109,8 @@ def build_grid(grid: Grid) -> None:
             checkpoints, logs = run_paths(out, STEP0_TASK, overlap, name)
             method = "FT" if group == "shared" else group
             args = ["--task", STEP0_TASK, "--step", "0", "--name", name, *method_flags(method)]
+            if group == "shared":
+                args += estimate_flags(grid.methods)
             if overlap:
                 args.append("--overlap")
             grid.jobs.append(Job(f"step 0 {group} {setting_name(STEP0_TASK, overlap)}", args,
@@ -339,6 +349,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--norm_act", default="abn",
                         help="abn: the same function as In-Place ABN, computed by PyTorch's fused batch norm, "
                              "which is faster on CPU")
+    parser.add_argument("--num_workers", type=int, default=0,
+                        help="DataLoader workers per run; on a 2-core CPU loading in the training process is "
+                             "faster (workers compete with the two compute threads)")
     parser.add_argument("--epochs", type=int, default=6,
                         help="per step; the default grid takes about 1 h 40 min on 2 cores "
                              "(docs/results-synthetic.md)")
@@ -362,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if tasks.labels_of_step(DATASET, task, 0) != tasks.labels_of_step(DATASET, STEP0_TASK, 0):
             parser.error(f"--tasks: {task} does not start from the 15-class step 0 of {STEP0_TASK}")
     common = ["--data_root", args.data_root, "--backbone", args.backbone, "--norm_act", args.norm_act,
-              "--crop_size", str(args.crop_size),
+              "--crop_size", str(args.crop_size), "--num_workers", str(args.num_workers),
               "--batch_size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", str(args.lr),
               "--incremental_lr", str(args.incremental_lr), "--val_interval", str(args.epochs),
               "--no-visualize", *shlex.split(args.extra)]

@@ -6,7 +6,7 @@ import torch
 from segmentation.engine.methods import MethodLoss
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.engine.trainer import Trainer, build_optimizer, build_scheduler
-from segmentation.methods.regularizer import EWC
+from segmentation.methods.regularizer import EWC, RW
 from test_train_trainer import AugmentedSet, TinySegmenter, _opts
 
 
@@ -19,7 +19,7 @@ def _trainer(amp, previous=None, reference=None):
     scheduler = build_scheduler(optimizer, _opts(), len(sampler))
     regularizer = EWC(model, previous, reference, weight=2.0, alpha=0.9)
     trainer = Trainer(model, None, MethodLoss(num_old_channels=0), optimizer, scheduler, dataset, sampler,
-                      device=torch.device("cpu"), epochs=1, amp=amp, regularizer=regularizer)
+                      device=torch.device("cpu"), epochs=1, amp=amp, regularizers=[regularizer])
     return trainer, model, regularizer
 
 
@@ -69,3 +69,29 @@ def test_penalty_gradient_is_added_before_the_optimizer_step():
         penalty += 2.0 * float((importance * difference ** 2).sum())
     assert components["loss_reg"].item() == pytest.approx(penalty, rel=1e-5)
     assert components["loss"].item() == pytest.approx(1.0 + penalty, rel=1e-5)
+
+
+def test_estimating_regularizers_see_the_loss_gradients_and_add_no_penalty():
+    # EWC penalises; an RW built with its previous state but without the previous weights only
+    # estimates. Both update before any penalty is added, so RW's Fisher is from the loss gradients.
+    model = TinySegmenter()
+    names = [name for name, _ in model.named_parameters()]
+    previous = {"name": "ewc", "fisher": {name: torch.rand_like(p) for name, p in model.named_parameters()}}
+    reference = {name: p.detach() + 0.5 for name, p in model.named_parameters()}
+    rw_previous = {"name": "rw", "fisher": {name: torch.full_like(p, 2.0) for name, p in model.named_parameters()},
+                   "score": {name: torch.ones_like(p) for name, p in model.named_parameters()}}
+    trainer, model, ewc = _trainer("off", previous, reference)
+    rw = RW(model, rw_previous, None, weight=100.0, alpha=0.9, iterations=10)
+    assert not rw.penalizes
+    trainer.regularizers.append(rw)
+    gradients = [torch.randn_like(p) for p in model.parameters()]
+    _set_gradients(model, gradients, 1.0)
+    components = {"loss": torch.tensor(1.0)}
+    trainer._regularize(components)
+    penalty = 0.0
+    for name, parameter, gradient in zip(names, model.parameters(), gradients):
+        assert torch.allclose(rw.fisher[name], 0.9 * gradient ** 2 + 0.1 * 2.0, rtol=1e-6), name
+        difference = parameter.detach() - reference[name]
+        penalty += 2.0 * float((ewc.penalty_importance[name] * difference ** 2).sum())
+    assert components["loss_reg"].item() == pytest.approx(penalty, rel=1e-5)
+    assert rw.step_state()["score"][names[0]].allclose(0.5 * rw_previous["score"][names[0]])

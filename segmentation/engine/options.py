@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--regularizer", default=None, choices=REGULARIZER_NAMES,
                         help="weight regularizer (EWC, PI, RW); its state is carried from step to step "
                         "in the step checkpoints, so step 0 must be trained with it too")
+    method.add_argument("--estimate_importance", nargs="+", default=[], choices=REGULARIZER_NAMES,
+                        metavar="REGULARIZER",
+                        help=f"also estimate these regularizers' importances ({', '.join(REGULARIZER_NAMES)}) "
+                        "during every step, without their penalty, and store them in the step checkpoint: "
+                        "EWC, PI or RW can then continue from this run's checkpoints (e.g. one FT step 0 "
+                        "serves FT, EWC, PI and RW; the penalty is zero at step 0 anyway)")
     method.add_argument("--reg_importance", type=float, default=1.0,
                         help="weight of the regularizer's penalty (presets: EWC 500, PI 500, RW 100)")
     method.add_argument("--reg_alpha", type=float, default=0.9,

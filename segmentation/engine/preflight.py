@@ -28,7 +28,7 @@ NOT_RESULT_CHANGING = frozenset({
     "logdir", "checkpoint_dir", "data_root", "name", "resume", "local_rank", "steps", "step_ckpt",
     "ckpt", "test", "notes", "debug", "overwrite", "device", "channels_last",
     "allow_synthetic_in_data_root", "allow_regenerated_splits", "lr", "incremental_lr",
-    "collective_timeout", "max_bad_iterations",
+    "collective_timeout", "max_bad_iterations", "estimate_importance",
 })
 
 
@@ -50,10 +50,11 @@ def step_lr(options: Dict[str, Any], step: int) -> Optional[float]:
 # Options a step-0 model does not depend on: they act from step 1 on (distillation, unbiased
 # losses, classifier init, penalty weight, masking of old labels) or only name things. So one
 # step-0 model can start every method and task with its classes (checked when it is loaded), as
-# the method benchmark and the original authors' 15-1 runs do.
+# the method benchmark and the original authors' 15-1 runs do. The regularizer has no penalty at
+# step 0; a step 1 that needs its importance refuses a step-0 checkpoint without it.
 STEP0_INDEPENDENT = frozenset({
     "method", "task", "loss_kd", "loss_de", "unce", "unkd", "init_balanced", "alpha",
-    "icarl_importance", "icarl_disjoint", "icarl_bkg", "no_mask", "reg_importance",
+    "icarl_importance", "icarl_disjoint", "icarl_bkg", "no_mask", "reg_importance", "regularizer",
 })
 
 

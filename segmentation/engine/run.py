@@ -256,30 +256,39 @@ class StepRunner:
             model.fix_bn()
         return model, old_model, previous
 
-    def _build_regularizer(self, model: nn.Module, previous: Optional[Dict[str, Any]]) -> Optional[Regularizer]:
-        """The ``--regularizer`` of this step, continuing the state of the step t-1 checkpoint."""
+    def _build_regularizers(self, model: nn.Module, previous: Optional[Dict[str, Any]]) -> List[Regularizer]:
+        """The ``--regularizer`` of this step (penalising) and the ``--estimate_importance`` ones
+        (estimating only), each continuing its state from the step t-1 checkpoint."""
         opts = self.opts
-        if opts.regularizer is None:
-            return None
-        state = weights = None
-        if previous is not None:
-            state = previous.get("regularizer")
-            if state is None or state.get("name") != opts.regularizer:
-                path = self._previous_checkpoint_path()
-                found = "no regularizer state" if state is None else f"{state.get('name')!r} state"
-                method = find_method(opts.regularizer)
-                hint = f"--method {method.name}" if method is not None else f"--regularizer {opts.regularizer}"
-                raise ValueError(
-                    f"{path}: --regularizer {opts.regularizer} needs the importance estimated while "
-                    f"training step {self.step - 1}, but this checkpoint (method {previous.get('method')}) "
-                    f"has {found}. Train step {self.step - 1} with {hint} too (for example "
-                    f"--step 0,{self.step} with the same --name), or pass --step_ckpt pointing at such a "
-                    "checkpoint"
-                )
-            weights = previous["model_state"]
-        return build_regularizer(
-            opts.regularizer, model, state, weights, weight=opts.reg_importance,
-            normalize=not opts.reg_no_normalize, alpha=opts.reg_alpha, iterations=opts.reg_iterations,
+        names = [opts.regularizer] if opts.regularizer else []
+        names += [name for name in opts.estimate_importance if name not in names]
+        saved = {} if previous is None else previous.get("regularizers") or {}
+        regularizers = []
+        for name in names:
+            state = weights = None
+            if previous is not None:
+                if name not in saved:
+                    raise ValueError(self._missing_state_message(name, previous, saved))
+                state = saved[name]
+                if name == opts.regularizer:
+                    weights = previous["model_state"]
+            regularizers.append(build_regularizer(
+                name, model, state, weights, weight=opts.reg_importance,
+                normalize=not opts.reg_no_normalize, alpha=opts.reg_alpha, iterations=opts.reg_iterations,
+            ))
+        return regularizers
+
+    def _missing_state_message(self, name: str, previous: Dict[str, Any], saved: Dict[str, Any]) -> str:
+        path = self._previous_checkpoint_path()
+        found = f"only {', '.join(repr(key) for key in sorted(saved))} state" if saved else "no regularizer state"
+        method = find_method(name)
+        hint = f"--method {method.name}" if method is not None else f"--regularizer {name}"
+        option = "--regularizer" if name == self.opts.regularizer else "--estimate_importance"
+        return (
+            f"{path}: {option} {name} needs the importance estimated while training step "
+            f"{self.step - 1}, but this checkpoint (method {previous.get('method')}) has {found}. "
+            f"Train step {self.step - 1} with {hint} (or --estimate_importance {name}) too (for example "
+            f"--step 0,{self.step} with the same --name), or pass --step_ckpt pointing at such a checkpoint"
         )
 
     def _dataset(self, split: str, transform):
@@ -327,7 +336,7 @@ class StepRunner:
         num_old_channels = sum(self.classes[:-1])
         loss = build_method_loss(opts, num_old_channels)
         model, old_model, previous = self._build_models(loss.needs_old_model)
-        regularizer = self._build_regularizer(model, previous)
+        regularizers = self._build_regularizers(model, previous)
         optimizer = build_optimizer(model, opts, self.step)
         world_size = distributed.world_size()
         sampler = GlobalBatchSampler(
@@ -390,7 +399,7 @@ class StepRunner:
             print_interval=opts.print_interval,
             on_epoch_end=validate,
             stop_signal=stop_signal,
-            regularizer=regularizer,
+            regularizers=regularizers,
             dtype=model_dtype(opts),
             max_bad_iterations=opts.max_bad_iterations,
             loader_timeout=opts.collective_timeout,
@@ -413,7 +422,7 @@ class StepRunner:
                     **meta,
                     "model_state": model.state_dict(),
                     "method": opts.method,
-                    "regularizer": None if regularizer is None else regularizer.step_state(),
+                    "regularizers": {regularizer.name: regularizer.step_state() for regularizer in regularizers},
                     "train_seconds": trainer.train_seconds,
                     "train_images": trainer.images_seen,
                 },

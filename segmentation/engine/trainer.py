@@ -32,7 +32,7 @@ import logging
 import random
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -206,8 +206,9 @@ class Trainer:
     iterations (0: epoch ends only) and at every epoch end; ``checkpoint_meta`` (dataset, task,
     step, classes, options) is stored with them. ``on_epoch_end(epoch)`` runs after each epoch
     (validation). Call ``resume(state)`` before ``train()`` to continue an interrupted step.
-    ``regularizer`` (EWC, PI, RW) updates its importance from the loss gradients and adds its
-    penalty's gradient after every backward; its state goes into the in-step checkpoints.
+    ``regularizers`` (EWC, PI, RW) update their importance from the loss gradients after every
+    backward, then add their penalty's gradient (those built to penalise); their state goes into
+    the in-step checkpoints.
     ``dtype`` is the model's floating-point type (inputs are cast to it; float32 unless
     ``--dtype float64``).
     """
@@ -236,7 +237,7 @@ class Trainer:
         print_interval: int = 10,
         on_epoch_end: Optional[Callable[[int], None]] = None,
         stop_signal: Optional[StopSignal] = None,
-        regularizer: Optional[Regularizer] = None,
+        regularizers: Sequence[Regularizer] = (),
         dtype: torch.dtype = torch.float32,
         max_bad_iterations: int = 0,
         loader_timeout: float = 0.0,
@@ -261,7 +262,7 @@ class Trainer:
         self.print_interval = max(1, print_interval)
         self.on_epoch_end = on_epoch_end
         self.stop_signal = stop_signal
-        self.regularizer = regularizer
+        self.regularizers = list(regularizers)
         self.dtype = dtype
         self.max_bad_iterations = max_bad_iterations
         self.loader_timeout = loader_timeout
@@ -304,7 +305,7 @@ class Trainer:
             rng_states=gather_rng_states(self.device),
             train_seconds=self.train_seconds,
             images_seen=self.images_seen,
-            regularizer_state=None if self.regularizer is None else self.regularizer.state_dict(),
+            regularizer_states={regularizer.name: regularizer.state_dict() for regularizer in self.regularizers},
             bad_iterations=self.bad_iterations,
         )
         return state
@@ -327,11 +328,13 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.images_seen = int(state.get("images_seen", 0))
-        if self.regularizer is not None:
-            if state.get("regularizer_state") is None:
-                raise ValueError("the in-step checkpoint has no regularizer state (written by a run "
-                                 "without --regularizer); pass --no_resume to start the step again")
-            self.regularizer.load_state_dict(state["regularizer_state"])
+        saved = state.get("regularizer_states", {})
+        for regularizer in self.regularizers:
+            if regularizer.name not in saved:
+                raise ValueError(f"the in-step checkpoint has no {regularizer.name!r} regularizer state "
+                                 f"(it holds {sorted(saved) or 'none'}; written by a run with other "
+                                 "--regularizer/--estimate_importance); pass --no_resume to start the step again")
+            regularizer.load_state_dict(saved[regularizer.name])
         self.bad_iterations = int(state.get("bad_iterations", 0))
         self.last_checkpoint = self.iteration
         if self.batch_in_epoch >= self.iterations_per_epoch:
@@ -484,7 +487,7 @@ class Trainer:
         if self.max_bad_iterations > 0 and self._skip_bad_iteration(bad):
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            if self.regularizer is not None:
+            if self.regularizers:
                 self._regularize(components)
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -492,22 +495,25 @@ class Trainer:
         return components
 
     def _regularize(self, components: Dict[str, torch.Tensor]) -> None:
-        """Importance update from the (unscaled) loss gradients, then the penalty's gradient.
+        """Importance updates from the (unscaled) loss gradients, then the penalties' gradients.
 
-        Under fp16 an overflowing iteration is skipped by the GradScaler; its gradients are not
-        used for the importance either.
+        Every regularizer updates before any penalty is added, so each sees the loss gradients
+        only. Under fp16 an overflowing iteration is skipped by the GradScaler; its gradients
+        are not used for the importance either.
         """
         self.scaler.unscale_(self.optimizer)
         gradients_finite = self.amp != "fp16" or all(
             bool(torch.isfinite(p.grad).all())
-            for p in self.regularizer.parameters.values() if p.grad is not None
+            for p in self.model.parameters() if p.grad is not None
         )
         if gradients_finite:
-            self.regularizer.update()
-        penalty = self.regularizer.apply_penalty()
-        if penalty is not None:
-            components["loss_reg"] = penalty.detach()
-            components["loss"] = components["loss"] + penalty.detach()
+            for regularizer in self.regularizers:
+                regularizer.update()
+        for regularizer in self.regularizers:
+            penalty = regularizer.apply_penalty()
+            if penalty is not None:
+                components["loss_reg"] = components.get("loss_reg", 0.0) + penalty.detach()
+                components["loss"] = components["loss"] + penalty.detach()
 
     def train(self) -> None:
         """Train from the current position (0, or where ``resume`` left off) to the last epoch.

@@ -11,8 +11,13 @@ A regularizer watches the trained parameters of the current model during a step:
   classifier is free.
 
 At the end of a step :meth:`Regularizer.step_state` gives the importance that the next step
-penalises with; it is stored in the step checkpoint under ``"regularizer"``. The in-step
-checkpoints carry :meth:`Regularizer.state_dict` so that a resumed step is bit-identical.
+penalises with; it is stored in the step checkpoint under ``"regularizers"`` (a dictionary by
+regularizer name). The in-step checkpoints carry :meth:`Regularizer.state_dict` so that a
+resumed step is bit-identical.
+
+A regularizer built without the previous weights only estimates: it continues the previous
+importance but adds no penalty. ``--estimate_importance`` uses this so that one run (e.g. an FT
+step 0) stores the importances of several methods.
 
 Distributed runs: the gradients seen by :meth:`update` are DDP's all-reduced averages and the
 parameters are the same on every rank, so every rank computes the same importance and the same
@@ -45,8 +50,9 @@ class Regularizer:
     """Base class: penalty towards the step t-1 weights and state handling.
 
     ``model`` is the (unwrapped) current model; its parameters that require gradients are
-    watched. ``previous`` is the ``"regularizer"`` entry of the step t-1 checkpoint and
-    ``previous_weights`` its ``model_state``; both are None at step 0 (no penalty then).
+    watched. ``previous`` is this regularizer's state in the step t-1 checkpoint and
+    ``previous_weights`` its ``model_state``; both are None at step 0 (no penalty then). With
+    ``previous`` but no ``previous_weights`` the importance is continued without a penalty.
     """
 
     name = ""
@@ -69,9 +75,7 @@ class Regularizer:
         }
         self.reference: Tensors = {}
         self.penalty_importance: Tensors = {}
-        if previous is not None:
-            if previous_weights is None:
-                raise ValueError("previous regularizer state given without the previous weights")
+        if previous is not None and previous_weights is not None:
             importance = self.importance_to_penalize(previous)
             for name, parameter in self.parameters.items():
                 if name not in previous_weights or name not in importance:
@@ -114,18 +118,19 @@ class Regularizer:
         """Add the penalty's gradient to ``.grad``; returns the penalty value (None at step 0)."""
         if not self.penalizes:
             return None
-        total = None
-        for name, reference in self.reference.items():
-            parameter = self.parameters[name]
-            importance = self.penalty_importance[name]
-            difference = parameter - reference
-            value = (importance * difference * difference).sum()
-            total = value if total is None else total + value
-            gradient = (2.0 * self.weight) * importance * difference
+        names = list(self.reference)
+        parameters = [self.parameters[name] for name in names]
+        # Multi-tensor ops: this runs every iteration over every weight of the model.
+        differences = torch._foreach_sub(parameters, [self.reference[name] for name in names])
+        weighted = torch._foreach_mul(differences, [self.penalty_importance[name] for name in names])
+        total = sum(torch.dot(w.reshape(-1), d.reshape(-1)) for w, d in zip(weighted, differences))
+        with_grad = [(p.grad, w) for p, w in zip(parameters, weighted) if p.grad is not None]
+        if with_grad:
+            grads, values = zip(*with_grad)
+            torch._foreach_add_(list(grads), list(values), alpha=2.0 * self.weight)
+        for parameter, value in zip(parameters, weighted):
             if parameter.grad is None:
-                parameter.grad = gradient
-            else:
-                parameter.grad.add_(gradient)
+                parameter.grad = (2.0 * self.weight) * value
         return self.weight * total
 
     def state_dict(self) -> Dict[str, Any]:
