@@ -353,7 +353,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="DataLoader workers per run; on a 2-core CPU loading in the training process is "
                              "faster (workers compete with the two compute threads)")
     parser.add_argument("--epochs", type=int, default=6,
-                        help="per step; the default grid takes about 1 h 40 min on 2 cores "
+                        help="per step; the default grid takes about 1 h 10 min on 2 cores "
                              "(docs/results-synthetic.md)")
     parser.add_argument("--lr", type=float, default=0.02, help="step 0")
     parser.add_argument("--incremental_lr", type=float, default=0.001,

@@ -156,20 +156,23 @@ def test_methods_and_options_train_step1(two_step_run, data_root, tmp_path, flag
         assert (Path(data_root) / "SyntheticVOC" / "incremental-splits" / "15-5-ov" / "test_on_train-1.npy").is_file()
 
 
-@pytest.mark.parametrize("method", ["RW"])  # PI: test_one_ft_step0_estimating_every_importance_...
-def test_regularizer_methods_carry_their_state_and_penalise_step1(data_root, tmp_path, method):
-    result = run_train(train_args(data_root, tmp_path, "--step", "all", "--method", method,
-                                  "--reg_iterations", "1"))
-    checkpoints = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
-    keys = {"PI": {"name", "score"}, "RW": {"name", "fisher", "score"}}[method]
+@pytest.fixture(scope="module")
+def rw_run(data_root, tmp_path_factory):
+    """A 15-5 RW run of both steps, its score updated every iteration."""
+    out = tmp_path_factory.mktemp("rw")
+    return out, run_train(train_args(data_root, out, "--step", "all", "--method", "RW", "--reg_iterations", "1"))
+
+
+def test_rw_carries_its_state_and_penalises_step1(rw_run):
+    out, result = rw_run
     for step in (0, 1):
-        state = load_checkpoint(checkpoints / f"step{step}.pth")["regularizers"][method.lower()]
-        assert set(state) == keys and state["name"] == method.lower()
-        assert all(torch.isfinite(value).all() for value in state["score"].values())
+        state = load_checkpoint(_paths(out)[0] / f"step{step}.pth")["regularizers"]
+        assert set(state) == {"rw"} and set(state["rw"]) == {"name", "fisher", "score"}
+        assert all(torch.isfinite(value).all() for value in state["rw"]["score"].values())
     penalties = [float(value) for value in re.findall(r" loss_reg=(\S+)", result.stdout)]
     assert penalties and all(math.isfinite(value) for value in penalties)
-    # --lr 0.01 at step 1 is above the limit of both penalties (PI 0.00136, RW 0.00339): train.py warns.
-    assert f"the {method.lower()} penalty diverges at step 1" in result.stdout + result.stderr
+    # --lr 0.01 at step 1 is above RW's limit (0.00339): train.py warns.
+    assert "the rw penalty diverges at step 1" in result.stdout + result.stderr
 
 
 def test_regularizer_method_from_a_checkpoint_without_its_state_is_an_error(two_step_run, data_root, tmp_path):
@@ -187,27 +190,25 @@ def test_joint_training_is_the_offline_task(data_root, tmp_path):
     assert RESULT_KEYS <= set(results) and results["num_steps"] == 1 and len(results["class_iou"]) == 21
 
 
-def test_one_ft_step0_estimating_every_importance_serves_ewc_pi_and_rw(data_root, tmp_path):
+def test_one_ft_step0_estimating_every_importance_serves_ewc_pi_and_rw(rw_run, data_root, tmp_path):
     # The estimating regularizers only read the loss gradients: the FT step 0 trains the same
-    # weights as an RW step 0 and stores exactly the Fisher and score that run stores (EWC's
-    # Fisher is the same EMA).
+    # weights as RW's step 0 and stores exactly the Fisher and score it stores (EWC's Fisher is
+    # the same EMA). PI then starts its step 1 from it, with a penalty.
     shared = tmp_path / "shared"
-    run_train(train_args(data_root, shared, "--step", "0", "--method", "FT",
+    run_train(train_args(data_root, shared, "--step", "0", "--method", "FT", "--reg_iterations", "1",
                          "--estimate_importance", "ewc", "pi", "rw"))
     step0_path = _paths(shared)[0] / "step0.pth"
     step0 = load_checkpoint(step0_path)
     assert {name: set(state) for name, state in step0["regularizers"].items()} == {
         "ewc": {"name", "fisher"}, "pi": {"name", "score"}, "rw": {"name", "fisher", "score"}}
-    own = tmp_path / "rw"
-    run_train(train_args(data_root, own, "--step", "0", "--method", "RW"))
-    expected = load_checkpoint(_paths(own)[0] / "step0.pth")
-    assert set(expected["regularizers"]) == {"rw"}
+    expected = load_checkpoint(_paths(rw_run[0])[0] / "step0.pth")
     for key, value in expected["model_state"].items():
         assert torch.equal(value, step0["model_state"][key]), key
     for part in ("fisher", "score"):
         for key, value in expected["regularizers"]["rw"][part].items():
             assert torch.equal(value, step0["regularizers"]["rw"][part][key]), (part, key)
-            assert torch.equal(step0["regularizers"]["ewc"]["fisher"][key], step0["regularizers"]["rw"]["fisher"][key])
+    for key, value in step0["regularizers"]["ewc"]["fisher"].items():
+        assert torch.equal(value, step0["regularizers"]["rw"]["fisher"][key]), key
 
     result = run_train(train_args(data_root, tmp_path / "pi", "--step", "1", "--method", "PI",
                                   "--step_ckpt", str(step0_path)))
