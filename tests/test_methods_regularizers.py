@@ -82,6 +82,18 @@ def test_penalty_gradient_equals_autograd_and_reg_no_normalize_uses_raw_importan
     assert torch.allclose(model.old.grad, _t([0.25, 0.0]) + theta.grad)
 
 
+def test_penalty_gradient_of_a_weight_without_loss_gradient():
+    # A weight the loss did not reach has no .grad: it receives the penalty's gradient alone.
+    previous = {"name": "ewc", "fisher": {"old": _t([1.0, 3.0])}}
+    reference = {"old": _t([0.5, -0.5])}
+    model = Tiny([1.0, 2.0])
+    ewc = EWC(model, previous, reference, weight=7.0, normalize=False)
+    _set(model)
+    assert model.old.grad is None
+    ewc.apply_penalty()
+    assert torch.allclose(model.old.grad, 2 * 7.0 * _t([1.0, 3.0]) * _t([0.5, 2.5]))
+
+
 def test_pi_path_integral_and_end_of_step_score():
     model = Tiny([1.0, 2.0], new=[0.0])
     pi = PI(model, None, None, weight=500.0)

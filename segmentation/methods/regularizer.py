@@ -124,13 +124,10 @@ class Regularizer:
         differences = torch._foreach_sub(parameters, [self.reference[name] for name in names])
         weighted = torch._foreach_mul(differences, [self.penalty_importance[name] for name in names])
         total = sum(torch.dot(w.reshape(-1), d.reshape(-1)) for w, d in zip(weighted, differences))
-        with_grad = [(p.grad, w) for p, w in zip(parameters, weighted) if p.grad is not None]
-        if with_grad:
-            grads, values = zip(*with_grad)
-            torch._foreach_add_(list(grads), list(values), alpha=2.0 * self.weight)
-        for parameter, value in zip(parameters, weighted):
-            if parameter.grad is None:
-                parameter.grad = (2.0 * self.weight) * value
+        for parameter in parameters:
+            if parameter.grad is None:  # a weight the loss did not reach
+                parameter.grad = torch.zeros_like(parameter)
+        torch._foreach_add_([parameter.grad for parameter in parameters], weighted, alpha=2.0 * self.weight)
         return self.weight * total
 
     def state_dict(self) -> Dict[str, Any]:
