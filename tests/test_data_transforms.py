@@ -1,5 +1,9 @@
 """Joint transforms: parameters, alignment of image and label, determinism across workers."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +107,56 @@ def test_eval_transform_resize_and_centre_crop():
     assert torch.allclose(_denormalize(full_image), image.float(), atol=1e-3)
 
 
+def _torchvision_train(image, label, crop_size, generator):
+    """The training transform written with torchvision's transforms.v2 kernels."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    top, left, crop_h, crop_w = random_resized_crop_params(*image.shape[-2:], generator)
+    flip = torch.rand(1, generator=generator).item() < 0.5
+    size = [crop_size, crop_size]
+    image, label = tv_tensors.Image(image), tv_tensors.Mask(label.to(torch.uint8))
+    image = F.resized_crop(image, top, left, crop_h, crop_w, size, interpolation=InterpolationMode.BILINEAR,
+                           antialias=True)
+    label = F.resize_image(F.crop(label, top, left, crop_h, crop_w)[None], size,
+                           interpolation=InterpolationMode.NEAREST_EXACT)[0]
+    if flip:
+        image, label = F.horizontal_flip(image), F.horizontal_flip(label)
+    return F.normalize(F.to_dtype(image, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD)), label
+
+
+def _torchvision_eval(image, label, crop_size):
+    from torchvision import tv_tensors
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    image, label = tv_tensors.Image(image), tv_tensors.Mask(label.to(torch.uint8))
+    image = F.resize(image, [crop_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    label = F.resize_image(label[None], list(image.shape[-2:]), interpolation=InterpolationMode.NEAREST_EXACT)[0]
+    image, label = F.center_crop(image, [crop_size] * 2), F.center_crop(label, [crop_size] * 2)
+    return F.normalize(F.to_dtype(image, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD)), label
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="torchvision resizes uint8 images in float32 on CPUs without AVX2")
+@pytest.mark.parametrize("height, width", [(96, 128), (128, 96), (37, 53), (64, 64), (375, 500)])
+def test_transforms_equal_torchvision_kernels_bitwise(height, width):
+    rng = np.random.default_rng(height * width)
+    image = torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8))
+    label = torch.from_numpy(rng.integers(0, 21, (height, width))).long()
+    for seed in range(8):
+        ours = train_transform(48)(image, label, torch.Generator().manual_seed(seed))
+        theirs = _torchvision_train(image, label, 48, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours[0], theirs[0].as_subclass(torch.Tensor))
+        assert torch.equal(ours[1], theirs[1].as_subclass(torch.Tensor).long())
+    for crop_size in (32, 64):
+        ours = eval_transform(crop_size)(image, label, torch.Generator())
+        theirs = _torchvision_eval(image, label, crop_size)
+        assert torch.equal(ours[0], theirs[0].as_subclass(torch.Tensor))
+        assert torch.equal(ours[1], theirs[1].as_subclass(torch.Tensor).long())
+
+
 def test_sample_generator_depends_on_seed_epoch_and_index():
     def draw(*key):
         return torch.rand(4, generator=sample_generator(*key))
@@ -151,3 +205,12 @@ def test_same_sample_same_crop_in_another_split_view(synthetic_root):
     image_a, _ = disjoint[1]
     image_b, _ = overlapped[overlapped.base_indices.tolist().index(shared)]
     assert torch.equal(image_a, image_b)
+
+
+def test_training_code_does_not_import_torchvision():
+    # Its import (which pulls in torch._dynamo) would cost every process of every launch seconds.
+    code = ("import sys, segmentation.engine.run, train; "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "[]", done.stdout

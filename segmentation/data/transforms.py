@@ -14,17 +14,20 @@ Images are resized bilinearly with antialiasing (as PIL, which the reference use
 nearest-neighbour with pixel-centre sampling ("nearest-exact", which is PIL's NEAREST): plain
 "nearest" samples pixel corners and shifts the label by up to half a source pixel against the
 image. The random parameters are drawn from the given generator, never from the global RNG.
+
+The kernels are plain torch operations, the same ones torchvision's ``transforms.v2`` tensor
+kernels run (a test checks that both give bitwise the same output): importing torchvision costs
+every process about 4 s on a small CPU (its ``ops`` import ``torch._dynamo``), paid again by every
+rank of every launch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
+import torch.nn.functional as nnf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,23 +66,38 @@ def random_resized_crop_params(
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def _resize_label(label: tv_tensors.Mask, size: List[int]) -> tv_tensors.Mask:
-    # The image kernel with NEAREST_EXACT: torchvision's mask kernels force corner-sampling
-    # NEAREST in some versions.
-    resized = F.resize_image(
-        label.as_subclass(torch.Tensor)[None], size, interpolation=InterpolationMode.NEAREST_EXACT
-    )
-    return tv_tensors.Mask(resized[0])
+def _resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize with antialiasing of a uint8 (3, H, W) image, computed in uint8."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return nnf.interpolate(image[None], size=list(size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def _normalize(image: tv_tensors.Image) -> torch.Tensor:
-    image = F.to_dtype(image, torch.float32, scale=True)
-    return F.normalize(image, list(IMAGENET_MEAN), list(IMAGENET_STD)).as_subclass(torch.Tensor)
+def _resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    return nnf.interpolate(label[None, None], size=list(size), mode="nearest-exact")[0, 0]
 
 
-def _wrap(image: torch.Tensor, label: torch.Tensor) -> Tuple[tv_tensors.Image, tv_tensors.Mask]:
-    # Label values are < 256 after mapping: uint8 keeps the geometric ops cheap.
-    return tv_tensors.Image(image), tv_tensors.Mask(label.to(torch.uint8))
+def _shorter_side_to(height: int, width: int, short: int) -> Tuple[int, int]:
+    """(height, width) with the shorter side ``short`` and the longer one scaled and truncated."""
+    if width <= height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def _center_crop(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = tensor.shape[-2:]
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return tensor[..., top:top + size, left:left + size]
+
+
+def _normalize(image: torch.Tensor) -> torch.Tensor:
+    image = image.to(torch.float32).mul_(1.0 / 255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return image.sub(mean).div_(std)
 
 
 class TrainTransform:
@@ -94,15 +112,14 @@ class TrainTransform:
         height, width = image.shape[-2:]
         top, left, crop_h, crop_w = random_resized_crop_params(height, width, generator)
         flip = torch.rand(1, generator=generator).item() < 0.5
-        size = [self.crop_size, self.crop_size]
-        image, label = _wrap(image, label)
-        image = F.resized_crop(
-            image, top, left, crop_h, crop_w, size, interpolation=InterpolationMode.BILINEAR, antialias=True
-        )
-        label = _resize_label(F.crop(label, top, left, crop_h, crop_w), size)
+        size = (self.crop_size, self.crop_size)
+        # Label values are < 256 after mapping: uint8 keeps the geometric ops cheap.
+        label = label.to(torch.uint8)
+        image = _resize_image(image[:, top:top + crop_h, left:left + crop_w], size)
+        label = _resize_label(label[top:top + crop_h, left:left + crop_w], size)
         if flip:
-            image, label = F.horizontal_flip(image), F.horizontal_flip(label)
-        return _normalize(image), label.as_subclass(torch.Tensor).long()
+            image, label = image.flip(-1), label.flip(-1)
+        return _normalize(image), label.long()
 
     def __repr__(self) -> str:
         return f"TrainTransform(crop_size={self.crop_size})"
@@ -118,15 +135,12 @@ class EvalTransform:
     def __call__(
         self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        image, label = _wrap(image, label)
+        label = label.to(torch.uint8)
         if not self.full_image:
-            image = F.resize(
-                image, [self.crop_size], interpolation=InterpolationMode.BILINEAR, antialias=True
-            )
-            label = _resize_label(label, list(image.shape[-2:]))
-            size = [self.crop_size, self.crop_size]
-            image, label = F.center_crop(image, size), F.center_crop(label, size)
-        return _normalize(image), label.as_subclass(torch.Tensor).long()
+            size = _shorter_side_to(image.shape[-2], image.shape[-1], self.crop_size)
+            image, label = _resize_image(image, size), _resize_label(label, size)
+            image, label = _center_crop(image, self.crop_size), _center_crop(label, self.crop_size)
+        return _normalize(image), label.long()
 
     def __repr__(self) -> str:
         return f"EvalTransform(crop_size={self.crop_size}, full_image={self.full_image})"

@@ -21,7 +21,6 @@ from typing import Any, Union
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from .norm import InPlaceABN
 
@@ -69,6 +68,8 @@ def torchvision_state_dict(backbone: str) -> StateDict:
 
     Downloaded by torchvision into its cache on first use.
     """
+    import torchvision  # here, not at the top: its import costs every process seconds (see data.transforms)
+
     weights = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
     return weights.get_state_dict(progress=True)
 
