@@ -19,6 +19,12 @@ own step 0 would. LwF-MC (BCE from step 0) trains its own step 0. 15-5 and 15-1 
 models, as the original authors did. Finished runs (their last
 step's results file exists) are skipped, so the script can be stopped and restarted. Progress and
 an ETA are printed after every run.
+
+``--jobs`` runs that many trainings at once (each with its share of the cores as threads), a run
+starting once the step-0 model it needs is finished. On a small CPU this is much faster than one
+run at a time: a small model on 64-pixel crops keeps two threads poorly busy, and process start,
+checkpoints and evaluation are mostly single-threaded. Each run writes its output to
+``train.log`` in its own log folder.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from segmentation import tasks  # noqa: E402
+from segmentation.data.synthetic import ensure_synthetic_voc  # noqa: E402
 from segmentation.methods import REGISTRY  # noqa: E402
 
 DATASET = "synthetic"
@@ -54,9 +62,13 @@ class Job:
     label: str
     args: List[str]
     results: Path
-    work: int  # estimated cost, for the ETA (see ``step_work``)
+    work: int  # estimated cost, for the ETA and the order of the runs (see ``step_work``)
     link_step0: Optional[Path] = None  # step-0 checkpoint to link into this run's folder first
-    step0_results: Optional[Path] = None
+    step0_results: Optional[Path] = None  # written by the step-0 run this one waits for
+
+    @property
+    def log(self) -> Path:
+        return self.results.parent / "train.log"
 
 
 @dataclass
@@ -164,39 +176,80 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run_grid(grid: Grid, nproc: int, log: Path) -> float:
-    """Run the unfinished jobs in order; returns the wall time of all runs of the grid, over every
-    invocation (kept in ``<out>/timings.json``)."""
+def next_job(pending: Sequence[Job]) -> Optional[Job]:
+    """The costliest pending job whose step-0 model is finished (the longest runs start first, so
+    that no short run is left alone at the end), or None when every pending job still waits."""
+    ready = [job for job in pending if job.step0_results is None or job.step0_results.is_file()]
+    return max(ready, key=lambda job: job.work, default=None)
+
+
+def run_grid(grid: Grid, nproc: int, jobs: int, threads: int) -> float:
+    """Run the unfinished jobs, ``jobs`` at a time; returns the wall time of the grid over every
+    invocation (kept in ``<out>/timings.json`` with each run's own wall time)."""
     timings_path = grid.out / "timings.json"
-    timings: Dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings.setdefault("runs", {})
+    timings.setdefault("wall", 0.0)
     pending = [job for job in grid.jobs if not job.results.is_file()]
     total_work = sum(job.work for job in pending)
-    print(f"{len(grid.jobs)} runs, {len(grid.jobs) - len(pending)} already finished, {len(pending)} to go",
-          flush=True)
+    print(f"{len(grid.jobs)} runs, {len(grid.jobs) - len(pending)} already finished, {len(pending)} to go "
+          f"({jobs} at a time, {threads} thread(s) each)", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.monotonic()
-    work_done = 0
-    log.parent.mkdir(parents=True, exist_ok=True)
-    for index, job in enumerate(pending, 1):
-        if job.link_step0 is not None:
-            link_step0(job, grid.out)
-        cmd = command(job, grid, nproc)
-        began = time.monotonic()
-        with open(log, "a") as handle:
-            handle.write(f"\n$ {shlex.join(cmd)}\n")
-            handle.flush()
-            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            result = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-        if result.returncode != 0:
-            raise SystemExit(f"run '{job.label}' failed with exit code {result.returncode}; see {log}. "
-                             "Rerun the same command to continue.")
-        timings[job.label] = time.monotonic() - began
+    running: Dict[subprocess.Popen, tuple] = {}  # process -> (job, start time, log handle)
+    done, work_done = 0, 0
+    try:
+        while pending or running:
+            while len(running) < jobs:
+                job = next_job(pending)
+                if job is None:
+                    break
+                pending.remove(job)
+                if job.link_step0 is not None:
+                    link_step0(job, grid.out)
+                cmd = command(job, grid, nproc)
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(job.log, "a")
+                handle.write(f"\n$ {shlex.join(cmd)}\n")
+                handle.flush()
+                process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+                running[process] = (job, time.monotonic(), handle)
+            if not running:
+                raise SystemExit(f"runs {[job.label for job in pending]} wait for step-0 models that no run makes")
+            finished = _wait_any(running)
+            job, began, handle = running.pop(finished)
+            handle.close()
+            if finished.returncode != 0:
+                raise SystemExit(f"run '{job.label}' failed with exit code {finished.returncode}; see {job.log}. "
+                                 "Rerun the same command to continue.")
+            seconds = time.monotonic() - began
+            timings["runs"][job.label] = seconds
+            done += 1
+            work_done += job.work
+            elapsed = time.monotonic() - start
+            eta = elapsed / work_done * (total_work - work_done)
+            print(f"[{done}/{done + len(pending) + len(running)}] {job.label}: {seconds:.0f} s | elapsed "
+                  f"{_duration(elapsed)} | ETA {_duration(eta)}", flush=True)
+    finally:
+        # Interrupted or failed: stop the other runs the way a scheduler would (they write an
+        # in-step checkpoint and exit), so that a rerun resumes them.
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        for process in running:
+            process.wait()
+        timings["wall"] += time.monotonic() - start
+        timings_path.parent.mkdir(parents=True, exist_ok=True)
         timings_path.write_text(json.dumps(timings, indent=1))
-        work_done += job.work
-        elapsed = time.monotonic() - start
-        eta = elapsed / work_done * (total_work - work_done)
-        print(f"[{index}/{len(pending)}] {job.label}: {time.monotonic() - began:.0f} s | elapsed "
-              f"{_duration(elapsed)} | ETA {_duration(eta)}", flush=True)
-    return sum(timings.get(job.label, 0.0) for job in grid.jobs)
+    return timings["wall"]
+
+
+def _wait_any(running: Dict[subprocess.Popen, tuple]) -> subprocess.Popen:
+    while True:
+        for process in running:
+            if process.poll() is not None:
+                return process
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------ results
@@ -313,8 +366,7 @@ def write_report(grid: Grid, results, argv: List[str], wall: float, path: Path) 
         "python launch/benchmark_methods.py " + shlex.join(argv),
         "```",
         "",
-        f"Wall time of the grid's runs: {_duration(wall)}. Options of every run: "
-        f"`{shlex.join(grid.common)}`.",
+        f"Wall time of the grid: {_duration(wall)}. Options of every run: `{shlex.join(grid.common)}`.",
         "",
         "mIoU (%) after the last step. Foreground only (the MiB paper's convention, Table 1):",
         "",
@@ -343,6 +395,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run (torchrun when > 1); on a 2-core CPU one process with "
                              "two threads is faster than two processes")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at once; on a 2-core CPU two runs of one thread each take about the time "
+                             "of one run with two threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per process (OMP_NUM_THREADS); default: the CPU count divided by "
+                             "jobs x nproc, at least 1")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--crop_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8, help="per process")
@@ -367,6 +425,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     unknown = [method for method in methods if method not in REGISTRY and method != JOINT]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; available: {', '.join([*REGISTRY, JOINT])}")
+    if args.jobs < 1 or args.nproc < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs, --nproc and --threads must be at least 1")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
     settings = [s.strip() for s in args.settings.split(",")]
     if not set(settings) <= {"disjoint", "overlap"}:
         parser.error(f"--settings {args.settings}: use disjoint, overlap or both")
@@ -382,7 +443,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     out = Path(args.out).resolve()
     grid = Grid(methods, task_list, [setting == "overlap" for setting in settings], common, out)
     build_grid(grid)
-    wall = run_grid(grid, args.nproc, out / "train.log")
+    # Made here, once: concurrent runs would otherwise all start writing it.
+    ensure_synthetic_voc(args.data_root)
+    wall = run_grid(grid, args.nproc, args.jobs, threads)
     results = load_results(grid)
     report = out / "results.md"
     plot(grid, results, report.with_suffix(".png"))

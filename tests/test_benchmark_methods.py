@@ -1,4 +1,5 @@
 """launch/benchmark_methods.py on a tiny grid: runs, shares step 0, skips finished runs, writes table and plot."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -12,6 +13,14 @@ from train_cli_worker import REPO_ROOT, synthetic_root
 SCRIPT = os.path.join(REPO_ROOT, "launch", "benchmark_methods.py")
 
 
+def _script_module():
+    spec = importlib.util.spec_from_file_location("benchmark_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return synthetic_root(tmp_path_factory)
@@ -19,10 +28,9 @@ def data_root(tmp_path_factory):
 
 def _run(data_root, out):
     command = [sys.executable, SCRIPT, "--out", str(out), "--data_root", data_root, "--methods", "FT,EWC,MiB,Joint",
-               "--tasks", "15-5", "--settings", "disjoint", "--nproc", "1", "--epochs", "1", "--crop_size", "32",
-               "--extra", "--device cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+               "--tasks", "15-5", "--settings", "disjoint", "--nproc", "1", "--jobs", "2", "--threads", "1",
+               "--epochs", "1", "--crop_size", "32", "--extra", "--device cpu"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -32,7 +40,11 @@ def test_tiny_grid_writes_table_and_plot_and_restarts_without_training(data_root
     first = _run(data_root, tmp_path)
     # FT, EWC and MiB share one step-0 model, which estimates EWC's Fisher on the way:
     # 5 runs (shared step 0, FT, EWC, MiB, Joint).
-    assert "5 runs, 0 already finished, 5 to go" in first and "ETA" in first
+    assert "5 runs, 0 already finished, 5 to go (2 at a time, 1 thread(s) each)" in first and "ETA" in first
+    # Two at a time, each run waiting for its step 0: every run ended, each with its own log.
+    logs = tmp_path / "logs" / "synthetic-15-5"
+    for name in ("step0-shared", "FT", "EWC", "MiB"):
+        assert "results written" in (logs / name / "train.log").read_text(), name
     checkpoints = tmp_path / "checkpoints" / "synthetic-15-5"
     shared = checkpoints / "step0-shared" / "step0.pth"
     for method in ("FT", "EWC", "MiB"):
@@ -51,3 +63,17 @@ def test_tiny_grid_writes_table_and_plot_and_restarts_without_training(data_root
 
     second = _run(data_root, tmp_path)
     assert "5 runs, 5 already finished, 0 to go" in second
+
+
+def test_next_job_waits_for_step0_and_starts_the_costliest(tmp_path):
+    module = _script_module()
+    step0 = module.Job("step 0", [], tmp_path / "step0.json", work=16)
+    short = module.Job("15-5", [], tmp_path / "a.json", work=6, step0_results=step0.results)
+    long = module.Job("15-1", [], tmp_path / "b.json", work=10, step0_results=step0.results)
+    joint = module.Job("Joint", [], tmp_path / "c.json", work=21)
+    assert module.next_job([short, long, step0, joint]) is joint
+    assert module.next_job([short, long, step0]) is step0
+    assert module.next_job([short, long]) is None  # step 0 still running
+    step0.results.write_text("{}")
+    assert module.next_job([short, long]) is long
+    assert module.next_job([]) is None
