@@ -55,9 +55,12 @@ def test_tiny_grid_writes_table_and_plot_and_restarts_without_training(data_root
     report = (tmp_path / "results.md").read_text()
     for method in ("FT", "EWC", "MiB", "Joint"):
         rows = re.findall(rf"^\| {method} \|(.*)\|$", report, re.M)
-        assert len(rows) == 2, method  # both background conventions
-        for row in rows:
+        # Both background conventions, then (not for Joint) the share of step 0's old-class mIoU kept.
+        assert len(rows) == (2 if method == "Joint" else 3), method
+        for row in rows[:2]:
             assert all(re.fullmatch(r"\d+\.\d", cell.strip()) for cell in row.split("|"))
+        for row in rows[2:]:  # "–" where 1 epoch of step 0 left the old classes at 0.0
+            assert re.fullmatch(r"\d+% of \d+\.\d|–", row.strip()), row
     assert "15-5 disj. 1-15" in report and "15-5 disj. 0-15" in report
     assert (tmp_path / "results.png").stat().st_size > 0
 
@@ -77,3 +80,14 @@ def test_next_job_waits_for_step0_and_starts_the_costliest(tmp_path):
     step0.results.write_text("{}")
     assert module.next_job([short, long]) is long
     assert module.next_job([]) is None
+
+
+def test_retention_is_the_last_steps_old_miou_over_step0s(tmp_path):
+    module = _script_module()
+    grid = module.Grid(["MiB"], ["15-5"], [False], [], tmp_path)
+    step0 = {"channel_order": list(range(16)), "class_iou": [0.9] + [0.4] * 15}
+    step1 = {"channel_order": list(range(21)), "class_iou": [0.8] + [0.1] * 15 + [0.5] * 5}
+    table = module.retention_table(grid, {"MiB": {("15-5", False): [step0, step1]}})
+    assert table.splitlines()[-1] == "| MiB | 25% of 40.0 |"
+    unfinished = module.retention_table(grid, {"MiB": {("15-5", False): [step0]}})
+    assert unfinished.splitlines()[-1] == "| MiB | – |"
