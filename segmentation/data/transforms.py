@@ -16,7 +16,8 @@ nearest-neighbour with pixel-centre sampling ("nearest-exact", which is PIL's NE
 image. The random parameters are drawn from the given generator, never from the global RNG.
 
 The kernels are plain torch operations, the same ones torchvision's ``transforms.v2`` tensor
-kernels run (a test checks that both give bitwise the same output): importing torchvision costs
+kernels run on CPUs with AVX2 or on ARM (a test checks that both give bitwise the same output;
+elsewhere torchvision resizes uint8 images in float32 instead): importing torchvision costs
 every process about 4 s on a small CPU (its ``ops`` import ``torch._dynamo``), paid again by every
 rank of every launch.
 """
