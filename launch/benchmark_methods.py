@@ -80,6 +80,11 @@ class Grid:
     out: Path
     jobs: List[Job] = field(default_factory=list)
 
+    @property
+    def settings(self) -> List[tuple]:
+        """(task, overlap) of every column group of the tables and row of the plot."""
+        return [(task, overlap) for task in self.tasks for overlap in self.overlaps]
+
 
 def setting_name(task: str, overlap: bool) -> str:
     return f"{DATASET}-{task}" + ("-ov" if overlap else "")
@@ -190,8 +195,8 @@ def run_grid(grid: Grid, nproc: int, jobs: int, threads: int) -> float:
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {"runs": {}, "wall": 0.0}
     earlier_wall = timings["wall"]
     pending = [job for job in grid.jobs if not job.results.is_file()]
-    total_work = sum(job.work for job in pending)
-    print(f"{len(grid.jobs)} runs, {len(grid.jobs) - len(pending)} already finished, {len(pending)} to go "
+    to_run, total_work = len(pending), sum(job.work for job in pending)
+    print(f"{len(grid.jobs)} runs, {len(grid.jobs) - to_run} already finished, {to_run} to go "
           f"({jobs} at a time, {threads} thread(s) each)", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -235,7 +240,7 @@ def run_grid(grid: Grid, nproc: int, jobs: int, threads: int) -> float:
             work_done += job.work
             elapsed = time.monotonic() - start
             eta = elapsed / work_done * (total_work - work_done)
-            print(f"[{done}/{done + len(pending) + len(running)}] {job.label}: {seconds:.0f} s | elapsed "
+            print(f"[{done}/{to_run}] {job.label}: {seconds:.0f} s | elapsed "
                   f"{_duration(elapsed)} | ETA {_duration(eta)}", flush=True)
     finally:
         # Interrupted or failed: stop the other runs the way a scheduler would (they write an
@@ -298,19 +303,23 @@ def _percent(value: Optional[float]) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _markdown(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def markdown_table(grid: Grid, results, foreground: bool) -> str:
     suffix = "_fg" if foreground else ""
-    settings = [(task, overlap) for task in grid.tasks for overlap in grid.overlaps]
     header = ["method"]
-    for task, overlap in settings:
+    for task, overlap in grid.settings:
         name = f"{task} {'ov.' if overlap else 'disj.'}"
         first_new = len(tasks.labels_of_step(DATASET, task, 0))
         old = f"{1 if foreground else 0}-{first_new - 1}"
         header += [f"{name} {old}", f"{first_new}-20", "all"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for method in grid.methods:
         row = [REGISTRY[method].paper_row if method in REGISTRY else method]
-        for task, overlap in settings:
+        for task, overlap in grid.settings:
             runs = results[method][(task, overlap)]
             final = method == JOINT or len(runs) == tasks.num_steps(DATASET, task)
             if not runs or not final:
@@ -318,29 +327,28 @@ def markdown_table(grid: Grid, results, foreground: bool) -> str:
                 continue
             scores = group_scores(runs[-1], task)
             row += [_percent(scores[f"{key}{suffix}"]) for key in ("old", "new", "all")]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return _markdown(header, rows)
 
 
 def retention_table(grid: Grid, results) -> str:
     """Old classes' mIoU after the last step as a percentage of their mIoU after the run's own step 0
     (foreground only): forgetting, apart from how good the step-0 model was."""
-    settings = [(task, overlap) for task in grid.tasks for overlap in grid.overlaps]
-    header = ["method"] + [f"{task} {'ov.' if overlap else 'disj.'}" for task, overlap in settings]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = ["method"] + [f"{task} {'ov.' if overlap else 'disj.'}" for task, overlap in grid.settings]
+    rows = []
     for method in grid.methods:
         if method == JOINT:
             continue
         row = [REGISTRY[method].paper_row]
-        for task, overlap in settings:
+        for task, overlap in grid.settings:
             runs = results[method][(task, overlap)]
             if len(runs) < tasks.num_steps(DATASET, task):
                 row.append("–")
                 continue
             first, last = group_scores(runs[0], task)["old_fg"], group_scores(runs[-1], task)["old_fg"]
             row.append(f"{100 * last / first:.0f}% of {_percent(first)}" if first else "–")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return _markdown(header, rows)
 
 
 def plot(grid: Grid, results, path: Path) -> None:
@@ -349,7 +357,7 @@ def plot(grid: Grid, results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = [(task, overlap) for task in grid.tasks for overlap in grid.overlaps]
+    settings = grid.settings
     figure, axes = plt.subplots(len(settings), 3, figsize=(13, 3.2 * len(settings)), squeeze=False)
     for row, (task, overlap) in enumerate(settings):
         steps = tasks.num_steps(DATASET, task)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision.transforms import RandomResizedCrop
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms.v2 import functional as F
 
 from segmentation.data import build_dataset, sample_generator
 from segmentation.data.synthetic import generate_synthetic_voc
@@ -109,10 +111,6 @@ def test_eval_transform_resize_and_centre_crop():
 
 def _torchvision_train(image, label, crop_size, generator):
     """The training transform written with torchvision's transforms.v2 kernels."""
-    from torchvision import tv_tensors
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
     top, left, crop_h, crop_w = random_resized_crop_params(*image.shape[-2:], generator)
     flip = torch.rand(1, generator=generator).item() < 0.5
     size = [crop_size, crop_size]
@@ -127,10 +125,6 @@ def _torchvision_train(image, label, crop_size, generator):
 
 
 def _torchvision_eval(image, label, crop_size):
-    from torchvision import tv_tensors
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
     image, label = tv_tensors.Image(image), tv_tensors.Mask(label.to(torch.uint8))
     image = F.resize(image, [crop_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     label = F.resize_image(label[None], list(image.shape[-2:]), interpolation=InterpolationMode.NEAREST_EXACT)[0]
