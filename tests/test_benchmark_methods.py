@@ -1,5 +1,6 @@
 """launch/benchmark_methods.py on a tiny grid: runs, shares step 0, skips finished runs, writes table and plot."""
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -91,3 +92,22 @@ def test_retention_is_the_last_steps_old_miou_over_step0s(tmp_path):
     assert table.splitlines()[-1] == "| MiB | 25% of 40.0 |"
     unfinished = module.retention_table(grid, {"MiB": {("15-5", False): [step0]}})
     assert unfinished.splitlines()[-1] == "| MiB | – |"
+
+
+def test_a_failed_run_stops_the_others_and_keeps_the_wall_time(tmp_path, monkeypatch):
+    module = _script_module()
+    stopped = tmp_path / "stopped"
+    # The long run records the SIGTERM it gets (train.py writes an in-step checkpoint then).
+    sleeper = ("import signal, sys, time, pathlib\n"
+               f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(stopped)!r}).touch(), sys.exit(3)))\n"
+               "time.sleep(120)\n")
+    programs = {"long": ["-c", sleeper], "bad": ["-c", "import time; time.sleep(3); raise SystemExit(5)"]}
+    monkeypatch.setattr(module, "command", lambda job, grid, nproc: [sys.executable, *programs[job.label]])
+    grid = module.Grid([], [], [], [], tmp_path)
+    grid.jobs = [module.Job("long", [], tmp_path / "long" / "r.json", work=2),
+                 module.Job("bad", [], tmp_path / "bad" / "r.json", work=1)]
+    with pytest.raises(SystemExit, match="run 'bad' failed with exit code 5; see .*bad/train.log"):
+        module.run_grid(grid, nproc=1, jobs=2, threads=1)
+    assert stopped.is_file()
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert timings["runs"] == {} and timings["wall"] > 0
