@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = os.path.join(REPO_ROOT, "launch", "bench_train.py")
@@ -18,6 +20,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_quick_run_writes_one_row_per_variant(tmp_path):
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from segmentation.engine.checkpoint import load_checkpoint
-from train_cli_worker import REPO_ROOT, synthetic_root
+from train_cli_worker import REPO_ROOT
 
 SCRIPT = os.path.join(REPO_ROOT, "launch", "benchmark_methods.py")
 
@@ -22,11 +22,6 @@ def _script_module():
     return module
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
-
-
 def _run(data_root, out):
     command = [sys.executable, SCRIPT, "--out", str(out), "--data_root", data_root, "--methods", "FT,EWC,MiB,Joint",
                "--tasks", "15-5", "--settings", "disjoint", "--nproc", "1", "--jobs", "2", "--threads", "1",
@@ -36,6 +31,7 @@ def _run(data_root, out):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_tiny_grid_writes_table_and_plot_and_restarts_without_training(data_root, tmp_path):
     pytest.importorskip("matplotlib")
     first = _run(data_root, tmp_path)

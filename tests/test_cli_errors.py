@@ -1,9 +1,10 @@
-"""Mistakes on the command line, run through ``train.py`` as a user would.
+"""Mistakes on the command line, run through ``train.py``'s entry function as a user would.
 
 Each case checks the exit code (2: usage, 1: the rest), that the error is one paragraph (one
 "train.py: error:" line, the last one, naming the option or file at fault, no traceback), that it
 came before any training iteration, that the files of an earlier good run are unchanged and
-that the failed run left no folder behind.
+that the failed run left no folder behind. The cases run in this process; a few run as a
+``train.py`` process too, for the exit code the shell sees.
 """
 import hashlib
 import shutil
@@ -13,21 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from train_cli_worker import run_train, synthetic_root, train_args
+from train_cli_worker import run_train, run_train_in_process, train_args
 
 SETTING = "synthetic-15-5"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def good_run(data_root, tmp_path_factory):
     """A finished step 0 under --name good; the failing runs share its folders."""
     out = tmp_path_factory.mktemp("good")
-    run_train(train_args(data_root, out, "--step", "0", name="good"))
+    run_train_in_process(train_args(data_root, out, "--step", "0", name="good"))
     return out
 
 
@@ -77,9 +73,9 @@ def _assert_refused(result, code: int, *culprits: str) -> str:
     return lines[-1]
 
 
-def _run_bad(data_root, out, *extra, name="bad", data=None):
+def _run_bad(data_root, out, *extra, name="bad", data=None, in_process=True):
     args = train_args(str(data or data_root), out, *extra, name=name)
-    return run_train(args, check=False)
+    return run_train_in_process(args, check=False) if in_process else run_train(args, check=False)
 
 
 PARSE_ERRORS = [
@@ -135,16 +131,24 @@ def test_errors_found_before_training(data_root, good_run, files, extra, code, w
     assert not (good_run / "logs" / SETTING / "bad").exists()
 
 
+@pytest.mark.parametrize("extra, code, culprit", [
+    (["--task", "16-4"], 2, "16-4"),  # argparse's exit
+    (["--step", "1", "--test"], 1, "step1.pth"),  # train.py's return code
+])
+def test_exit_code_of_the_process(data_root, good_run, extra, code, culprit):
+    _assert_refused(_run_bad(data_root, good_run, *extra, in_process=False), code, culprit)
+
+
 def test_same_name_with_other_options_is_refused(data_root, good_run):
     before = _checksums(good_run)
     args = train_args(data_root, good_run, "--step", "0", "--weight_decay", "0.001", name="good")
     args[args.index("--lr") + 1] = "0.02"
-    message = _assert_refused(run_train(args, check=False), 2, "--name good", "--weight_decay",
+    message = _assert_refused(run_train_in_process(args, check=False), 2, "--name good", "--weight_decay",
                               "learning rate of step 0 0.01 -> 0.02", "another --name", "--overwrite")
     assert "--num_workers" not in message
     assert _checksums(good_run) == before
     # Options that do not change the result may differ: the finished step is skipped.
-    result = run_train(train_args(data_root, good_run, "--step", "0", "--print_interval", "5", name="good"))
+    result = run_train_in_process(train_args(data_root, good_run, "--step", "0", "--print_interval", "5", name="good"))
     assert "step 0 already finished" in result.stdout
     assert _checksums(good_run) == before
 
@@ -153,7 +157,7 @@ def test_overwrite_replaces_the_earlier_run(data_root, good_run, tmp_path):
     shutil.copytree(good_run, tmp_path / "out")
     out = tmp_path / "out"
     args = train_args(data_root, out, "--step", "0", "--weight_decay", "0.001", "--overwrite", name="good")
-    result = run_train(args)
+    result = run_train_in_process(args)
     assert "--overwrite: removed the files of step 0" in result.stdout
     saved = torch.load(out / "checkpoints" / SETTING / "good" / "step0.pth", weights_only=False)
     assert saved["options"]["weight_decay"] == 0.001
@@ -183,15 +187,15 @@ def test_real_dataset_errors(tmp_path):
     empty.mkdir()
     args = train_args(str(empty), tmp_path, "--step", "0")
     args[args.index("--dataset") + 1] = "voc"
-    _assert_refused(run_train(args, check=False), 2, "PascalVOC12", "--dataset synthetic")
+    _assert_refused(run_train_in_process(args, check=False), 2, "PascalVOC12", "--dataset synthetic")
     (empty / "PascalVOC12").mkdir()
     args[args.index("--dataset") + 1] = "synthetic"
-    _assert_refused(run_train(args, check=False), 2, "--allow_synthetic_in_data_root")
+    _assert_refused(run_train_in_process(args, check=False), 2, "--allow_synthetic_in_data_root")
     assert not (empty / "SyntheticVOC").exists()
     (empty / "ADEChallengeData2016").mkdir()
     args = train_args(str(empty), tmp_path, "--step", "1", "--no_pretrained", task="50")
     args[args.index("--dataset") + 1] = "ade"
-    _assert_refused(run_train(args, check=False), 2, "--split_dir", "--allow_regenerated_splits")
+    _assert_refused(run_train_in_process(args, check=False), 2, "--split_dir", "--allow_regenerated_splits")
 
 
 def test_debug_shows_the_traceback(data_root, tmp_path):
@@ -202,7 +206,7 @@ def test_debug_shows_the_traceback(data_root, tmp_path):
 def test_original_checkpoint_continues_as_step_ckpt(data_root, good_run, files, tmp_path):
     args = train_args(data_root, tmp_path, "--step", "1", "--method", "MiB",
                       "--step_ckpt", str(files / "original-step0.pth"))
-    result = run_train(args)
+    result = run_train_in_process(args)
     assert "a checkpoint of the original MiB/PLOP code, converted" in result.stdout
     step1 = torch.load(tmp_path / "checkpoints" / SETTING / "run" / "step1.pth", weights_only=False)
     assert step1["classes"] == [16, 5]

@@ -236,6 +236,7 @@ def _distributed_worker(rank, store, root, broken_root, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_distributed_rank0_computes_and_broadcasts(voc_root, tmp_path):
     import torch.multiprocessing as mp
 

@@ -100,6 +100,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

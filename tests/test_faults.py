@@ -3,26 +3,17 @@ checkpoints, a second launch, write errors, a diverging loss. Kills come from
 ``SEGMENTATION_FAULT`` (segmentation/faults.py), so each lands exactly where it is meant to."""
 import json
 import resource
-import shutil
 import signal
 
 import pytest
 import torch
 
+from conftest import copy_run, mib_args
 from segmentation.engine.run_lock import RunLock
-from train_cli_worker import assert_states_equal, model_state, run_train, synthetic_root, train_args
+from train_cli_worker import assert_states_equal, model_state, run_train, run_train_in_process, train_args
 
 EXIT_FAILED = 1
 SCORES = ("class_iou", "miou_all", "miou_old", "miou_new", "overall_acc", "mean_acc")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
-
-
-def _args(data_root, out, *extra):
-    return train_args(data_root, out, "--step", "all", "--method", "MiB", "--ckpt_interval", "2", *extra)
 
 
 def _run_dir(out):
@@ -31,13 +22,6 @@ def _run_dir(out):
 
 def _log_dir(out):
     return out / "logs" / "synthetic-15-5" / "run"
-
-
-@pytest.fixture(scope="module")
-def reference(data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    run_train(_args(data_root, out))
-    return out
 
 
 def _output(result):
@@ -50,16 +34,17 @@ def _killed_at(args, point):
     return _output(result)
 
 
-def _failed(args, **kwargs):
-    result = run_train(args, check=False, **kwargs)
+def _failed(args, in_process=True, **kwargs):
+    result = run_train_in_process(args, check=False) if in_process else run_train(args, check=False, **kwargs)
     output = _output(result)
     assert result.returncode == EXIT_FAILED, output
     assert "Traceback" not in output, output
     return output
 
 
-def test_sigkill_at_every_point_of_a_step_then_rerun_is_bit_identical(reference, data_root, tmp_path):
-    args = _args(data_root, tmp_path)
+@pytest.mark.slow
+def test_sigkill_at_every_point_of_a_step_then_rerun_is_bit_identical(mib_run, data_root, tmp_path):
+    args = mib_args(data_root, tmp_path)
     run_dir, log_dir = _run_dir(tmp_path), _log_dir(tmp_path)
 
     # 1. During the validation at the end of step 0: the in-step checkpoints are the restart point.
@@ -91,35 +76,29 @@ def test_sigkill_at_every_point_of_a_step_then_rerun_is_bit_identical(reference,
     run_train(args)
     for step in (0, 1):
         assert_states_equal(model_state(run_dir / f"step{step}.pth"),
-                            model_state(_run_dir(reference) / f"step{step}.pth"))
+                            model_state(_run_dir(mib_run) / f"step{step}.pth"))
         ours = json.loads((log_dir / f"step{step}.json").read_text())
-        theirs = json.loads((_log_dir(reference) / f"step{step}.json").read_text())
+        theirs = json.loads((_log_dir(mib_run) / f"step{step}.json").read_text())
         assert {key: ours[key] for key in SCORES} == {key: theirs[key] for key in SCORES}
     assert sorted(p.name for p in run_dir.iterdir()) == ["step0.pth", "step0.pth.corrupt", "step1.pth"]
     assert not list(log_dir.glob(".*.tmp"))
 
 
-def _copy_of(reference, tmp_path):
-    out = tmp_path / "copy"
-    shutil.copytree(reference, out)
-    return out
-
-
-def test_corrupt_step_checkpoint_without_in_step_checkpoints_stops_with_a_message(reference, data_root, tmp_path):
-    out = _copy_of(reference, tmp_path)
+def test_corrupt_step_checkpoint_without_in_step_checkpoints_stops_with_a_message(mib_run, data_root, tmp_path):
+    out = copy_run(mib_run, tmp_path)
     broken = _run_dir(out) / "step0.pth"
     broken.write_bytes(b"\0" * 4096)
     (_log_dir(out) / "step0.json").unlink()
-    output = _failed(_args(data_root, out))
+    output = _failed(mib_args(data_root, out))
     assert f"error: cannot read checkpoint {broken}" in output
     assert "delete it (or restore it from a backup) and rerun the same command to train step 0 again" in output
     assert not (_log_dir(out) / "step0.json").exists()
 
 
-def test_corrupt_checkpoint_options_are_reported(reference, data_root, tmp_path):
+def test_corrupt_checkpoint_options_are_reported(data_root, tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"PK\x03\x04 not really a zip")
-    step1 = _args(data_root, tmp_path / "out")
+    step1 = mib_args(data_root, tmp_path / "out")
     step1[step1.index("--step") + 1] = "1"
     output = _failed([*step1, "--step_ckpt", str(garbage)])
     assert f"cannot read checkpoint {garbage}" in output and "pass another --step_ckpt" in output
@@ -128,18 +107,18 @@ def test_corrupt_checkpoint_options_are_reported(reference, data_root, tmp_path)
 
 
 def test_second_launch_of_a_running_run_is_refused(data_root, tmp_path):
-    args = _args(data_root, tmp_path)
+    args = mib_args(data_root, tmp_path)
     with RunLock(_run_dir(tmp_path)):  # as a running launch holds it
         output = _failed(args)
     assert f"another run is writing to {_run_dir(tmp_path)}" in output and "choose another --name" in output
     assert not (_run_dir(tmp_path) / "step0.pth").exists()
 
 
-def test_overwrite_by_a_second_launch_leaves_the_running_run_alone(reference, data_root, tmp_path):
-    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+def test_overwrite_by_a_second_launch_leaves_the_running_run_alone(mib_run, data_root, tmp_path):
+    copy_run(mib_run, tmp_path)
     files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     with RunLock(_run_dir(tmp_path)):  # as a running launch holds it
-        output = _failed([*_args(data_root, tmp_path, "--weight_decay", "0.001"), "--overwrite"])
+        output = _failed([*mib_args(data_root, tmp_path, "--weight_decay", "0.001"), "--overwrite"])
     assert f"another run is writing to {_run_dir(tmp_path)}" in output
     assert {path: path.read_bytes() for path in files} == files
 
@@ -154,7 +133,7 @@ def test_write_error_stops_naming_the_file_and_leaves_no_temporary_file(data_roo
     # Files over 1 MB cannot be written (EFBIG, as a full disk gives ENOSPC): the first
     # in-step checkpoint fails.
     args = train_args(data_root, tmp_path, "--step", "0", "--ckpt_interval", "2")
-    output = _failed(args, preexec_fn=_file_size_limit(2**20))
+    output = _failed(args, in_process=False, preexec_fn=_file_size_limit(2**20))
     path = _run_dir(tmp_path) / "step0-iter2.pth"
     assert f"error: cannot write {path}: File too large" in output
     # No temporary file is left: the failed launch removes the run folder it created.

@@ -4,20 +4,16 @@ import time
 
 import pytest
 
-from train_cli_worker import TORCHRUN, assert_states_equal, model_state, run_train, synthetic_root, train_args
+from conftest import two_process_args
+from train_cli_worker import TORCHRUN, assert_states_equal, model_state, run_train
 
-LR = "0.001"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _args(data_root, out, *extra):
-    args = train_args(data_root, out, "--step", "0", "--ckpt_interval", "2", *extra)
-    args[args.index("--batch_size") + 1] = "2"
-    args[args.index("--lr") + 1] = LR
+    """Step 0 of the shared two-process run."""
+    args = two_process_args(data_root, out, *extra)
+    args[args.index("--step") + 1] = "0"
     return args
 
 
@@ -25,10 +21,7 @@ def _run_dir(out):
     return out / "checkpoints" / "synthetic-15-5" / "run"
 
 
-def test_elastic_restart_after_a_killed_worker_ends_with_the_same_weights(data_root, tmp_path):
-    reference = tmp_path / "reference"
-    run_train(_args(data_root, reference), nproc=2)
-
+def test_elastic_restart_after_a_killed_worker_ends_with_the_same_weights(two_process_run, data_root, tmp_path):
     out = tmp_path / "elastic"
     launcher = [*TORCHRUN, "--nproc_per_node", "2", "--max-restarts", "1"]
     # Rank 1 dies with SIGKILL after iteration 5 (the in-step checkpoint of iteration 4 exists);
@@ -37,7 +30,7 @@ def test_elastic_restart_after_a_killed_worker_ends_with_the_same_weights(data_r
                        env={"SEGMENTATION_FAULT": "kill:train-iteration:5@1"}, timeout=300)
     output = result.stdout + result.stderr
     assert "step 0: resumed from iteration 4" in output
-    assert_states_equal(model_state(_run_dir(out) / "step0.pth"), model_state(_run_dir(reference) / "step0.pth"))
+    assert_states_equal(model_state(_run_dir(out) / "step0.pth"), model_state(_run_dir(two_process_run) / "step0.pth"))
     assert sorted(p.name for p in _run_dir(out).iterdir()) == ["step0.pth"]
 
 

@@ -6,37 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from segmentation.models import norm_kernels
-from segmentation.models.norm import ABN, InPlaceABN, InPlaceABNFunction
+from segmentation.models.norm import ABN, InPlaceABN
 from segmentation.models.resnet import ResidualBlock
 
 EPS = 1e-5
-
-
-@pytest.fixture(params=["reference", "fused"])
-def kernels(request, monkeypatch):
-    """Both In-Place ABN implementations; the fused one eagerly (test_norm_kernels compiles it)."""
-    if request.param == "fused":
-        compiled = {function.__name__: function for function in norm_kernels.FUSED_FUNCTIONS}
-        monkeypatch.setattr(norm_kernels, "_compiled", compiled)
-        norm_kernels.set_kernel_mode("always")
-    else:
-        norm_kernels.set_kernel_mode("never")
-    yield request.param
-    norm_kernels.set_kernel_mode("auto")
-
-
-@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
-def test_function_with_residual_gradcheck(kernels, activation):
-    x = (torch.randn(3, 2, 3, 3, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
-    residual = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    weight = torch.tensor([0.8, -1.3], dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor([0.2, -0.1], dtype=torch.float64, requires_grad=True)
-
-    def function(x, residual, weight, bias):
-        return InPlaceABNFunction.apply(x.clone(), weight, bias, EPS, activation, 0.1, None, residual)[0]
-
-    assert torch.autograd.gradcheck(function, (x, residual, weight, bias))
 
 
 @pytest.mark.parametrize("layer_class", [InPlaceABN, ABN])

@@ -132,6 +132,7 @@ def test_group_scores_with_empty_groups():
         group_scores([0.5, 0.5], num_old_channels=0)
 
 
+@pytest.mark.distributed
 def test_all_reduce_over_two_processes_equals_single_process(tmp_path):
     num_classes, num_images = 6, 7  # odd: the ranks get shards of different sizes
     generator = torch.Generator().manual_seed(1234)

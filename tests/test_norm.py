@@ -48,24 +48,27 @@ def make_iabn(cls=InPlaceABN, num_features: int = 3, **kwargs) -> InPlaceABN:
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
-@pytest.mark.parametrize("shape", [(3, 2, 3, 3), (6, 2)])
-def test_function_gradcheck(activation, shape):
+@pytest.mark.parametrize("shape, affine, residual", [
+    ((3, 2, 3, 3), True, False),
+    ((6, 2), True, False),
+    ((3, 2, 3, 3), True, True),  # norm + residual add + activation in one layer
+    ((4, 2, 2, 2), False, False),
+])
+def test_function_gradcheck(kernels, activation, shape, affine, residual):
+    """float64 gradients of the reference operations and of the fused formulation (``kernels``)."""
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
-    weight = torch.tensor([0.8, -1.3], dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor([0.2, -0.1], dtype=torch.float64, requires_grad=True)
+    inputs = [x]
+    if affine:
+        inputs += [torch.tensor([0.8, -1.3], dtype=torch.float64, requires_grad=True),
+                   torch.tensor([0.2, -0.1], dtype=torch.float64, requires_grad=True)]
+    if residual:
+        inputs.append(torch.randn(shape, dtype=torch.float64, requires_grad=True))
 
-    def function(x, weight, bias):
+    def function(x, weight=None, bias=None, shortcut=None):
         # clone: the Function overwrites its input, which must not be gradcheck's leaf.
-        return InPlaceABNFunction.apply(x.clone(), weight, bias, EPS, activation, 0.1, None)[0]
+        return InPlaceABNFunction.apply(x.clone(), weight, bias, EPS, activation, 0.1, None, shortcut)[0]
 
-    assert torch.autograd.gradcheck(function, (x, weight, bias))
-
-
-def test_function_gradcheck_without_affine():
-    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x: InPlaceABNFunction.apply(x.clone(), None, None, EPS, "leaky_relu", 0.1, None)[0], (x,)
-    )
+    assert torch.autograd.gradcheck(function, tuple(inputs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +285,8 @@ def load_worker():
     return module
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_sync_over_two_processes_matches_full_batch(tmp_path):
     worker = load_worker()
     splits = [3, 2]  # uneven: the ranks contribute different counts

@@ -50,19 +50,6 @@ def test_selection(kernel_mode):
         kernel_mode("fast")
 
 
-@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
-@pytest.mark.parametrize("shape", [(3, 2, 3, 3), (6, 2)])
-def test_fused_gradcheck(eager_fused, activation, shape):
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
-    weight = torch.tensor([0.8, -1.3], dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor([0.2, -0.1], dtype=torch.float64, requires_grad=True)
-
-    def function(x, weight, bias):
-        return InPlaceABNFunction.apply(x.clone(), weight, bias, EPS, activation, 0.1, None)[0]
-
-    assert torch.autograd.gradcheck(function, (x, weight, bias))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_matches_reference(kernel_mode, monkeypatch, dtype, channels_last):
@@ -91,6 +78,7 @@ def test_fused_matches_reference(kernel_mode, monkeypatch, dtype, channels_last)
         assert fused[3].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_compiled_kernels_match_reference_on_cpu(kernel_mode, with_residual):
     """The kernels torch.compile generates (inductor, CPU) equal the reference in float64."""

@@ -18,13 +18,17 @@ import pytest
 from segmentation.data.synthetic import DIR_NAME, generate_synthetic_voc
 from segmentation.distributed import read_env
 from slurm import jobscript, submit
-from train_cli_worker import REPO_ROOT, assert_states_equal, model_state, run_train, synthetic_root, train_args
+from conftest import two_process_args
+from train_cli_worker import REPO_ROOT, assert_states_equal, model_state, train_args
 
 UP = os.path.join(REPO_ROOT, "slurm", "local-cluster", "up.sh")
 DOWN = os.path.join(REPO_ROOT, "slurm", "local-cluster", "down.sh")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE"}
 CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1"]
+
+# One cluster, one test at a time: its 2 CPUs run one 2-task job.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 
 # ---------------------------------------------------------------- the cluster
@@ -35,7 +39,7 @@ def _cluster_answers() -> bool:
     return result.returncode == 0 and "UP" in result.stdout
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
     """A running local Slurm: the one already up, or one started here (and stopped after)."""
     if _cluster_answers():
@@ -81,26 +85,17 @@ def _submit(options, train_options, cwd) -> list:
 
 
 # ---------------------------------------------------------------- the task
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
-
-
 def _task_args(data_root, out):
-    # Batches of 2 per process: 7 iterations in step 0, time enough to stop it mid-step.
-    return train_args(data_root, out, "--method", "MiB", "--ckpt_interval", "1", "--batch_size", "2")
-
-
-@pytest.fixture(scope="module")
-def reference(data_root, tmp_path_factory):
-    """Step checkpoints of the same task trained without Slurm (torchrun, 2 processes)."""
-    out = tmp_path_factory.mktemp("reference")
-    run_train([*_task_args(data_root, out), "--step", "all"], nproc=2)
-    return out / "checkpoints" / "synthetic-15-5" / "run"
+    """The shared two-process run's task, one job per step (submit.py's --step all), an in-step
+    checkpoint every iteration: 7 iterations in step 0, time enough to stop it mid-step."""
+    args = two_process_args(data_root, out, "--ckpt_interval", "1")
+    del args[args.index("--step"):args.index("--step") + 2]
+    return args
 
 
 # ---------------------------------------------------------------- tests with jobs
-def test_chain_stopped_mid_step_requeues_and_ends_bit_identical(cluster, data_root, reference, tmp_path):
+@pytest.mark.slow
+def test_chain_stopped_mid_step_requeues_and_ends_bit_identical(cluster, data_root, two_process_run, tmp_path):
     """One job per step (afterok); the step-0 job is stopped mid-step as before a time limit or on
     preemption, checkpoints, requeues itself and resumes; the final weights equal a run without Slurm."""
     jobs = _submit(CPU_JOB, _task_args(data_root, tmp_path), tmp_path)
@@ -130,7 +125,8 @@ def test_chain_stopped_mid_step_requeues_and_ends_bit_identical(cluster, data_ro
     assert "done: step 0 of synthetic 15-5" in logs[0] and "done: step 1 of synthetic 15-5" in logs[1]
     assert "2 process(es)" in logs[1]
     for step in (0, 1):
-        assert_states_equal(model_state(run_dir / f"step{step}.pth"), model_state(reference / f"step{step}.pth"))
+        reference = two_process_run / "checkpoints" / "synthetic-15-5" / "run" / f"step{step}.pth"
+        assert_states_equal(model_state(run_dir / f"step{step}.pth"), model_state(reference))
 
 
 def test_failed_step_cancels_the_steps_that_depend_on_it(cluster, tmp_path):

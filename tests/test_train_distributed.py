@@ -7,34 +7,14 @@ import signal
 import pytest
 import torch
 
-from train_cli_worker import (
-    assert_states_equal, model_state, run_srun_like, run_train, run_until, synthetic_root, train_args,
-)
+from conftest import copy_run, two_process_args
+from train_cli_worker import assert_states_equal, model_state, run_srun_like, run_train, run_until, train_args
 
-LR = "0.001"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
-
-
-def _args(data_root, out, batch_size):
-    args = train_args(data_root, out, "--step", "all", "--method", "MiB", "--ckpt_interval", "2")
-    args[args.index("--batch_size") + 1] = str(batch_size)
-    args[args.index("--lr") + 1] = LR
-    return args
+pytestmark = pytest.mark.distributed
 
 
 def _run_dir(out):
     return out / "checkpoints" / "synthetic-15-5" / "run"
-
-
-@pytest.fixture(scope="module")
-def two_process_run(data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("torchrun")
-    run_train(_args(data_root, out, batch_size=2), nproc=2)
-    return out
 
 
 def test_torchrun_trains_both_steps(two_process_run):
@@ -47,7 +27,8 @@ def test_torchrun_trains_both_steps(two_process_run):
 
 
 def _float64_ewc_args(data_root, out, batch_size):
-    args = train_args(data_root, out, "--step", "all", "--method", "EWC", "--dtype", "float64")
+    # 32 px crops: float64 convolutions are slow on CPU.
+    args = train_args(data_root, out, "--step", "all", "--method", "EWC", "--dtype", "float64", "--crop_size", "32")
     args[args.index("--batch_size") + 1] = str(batch_size)
     args[args.index("--lr") + 1] = "0.001"  # measured: ~1e-13 apart (~1e-11 at LR 0.01)
     return args
@@ -59,6 +40,7 @@ def _assert_close(one, two, key, rel=1e-9):
     assert (one - two).abs().max().item() <= rel * scale + 1e-300, key
 
 
+@pytest.mark.slow
 def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
     # Same global batch (1 x 4 images, 2 x 2 images), two steps of EWC from scratch. In exact
     # arithmetic the runs are equal; float64 keeps the reduction-order rounding (~1e-16) from
@@ -82,8 +64,9 @@ def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
             _assert_close(value, fisher_two[key], f"step {step} Fisher {key}")
 
 
+@pytest.mark.slow
 def test_torchrun_killed_mid_step_resumes_bit_identically(two_process_run, data_root, tmp_path):
-    args = _args(data_root, tmp_path, batch_size=2)
+    args = two_process_args(data_root, tmp_path)
     run_dir = _run_dir(tmp_path)
     code, _ = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGKILL, nproc=2)
     assert code != 0 and not (run_dir / "step0.pth").exists()
@@ -94,6 +77,7 @@ def test_torchrun_killed_mid_step_resumes_bit_identically(two_process_run, data_
                             model_state(_run_dir(two_process_run) / f"step{step}.pth"))
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_path):
     args = train_args(data_root, tmp_path, "--step", "0", "--epochs", "3", "--ckpt_interval", "2")
     run_dir = _run_dir(tmp_path)
@@ -105,13 +89,14 @@ def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_p
     assert (run_dir / f"step0-iter{stopped_at}.pth").exists()
 
 
-def test_two_process_test_scores_equal_single_process_scores(two_process_run, data_root):
+def test_two_process_test_scores_equal_single_process_scores(two_process_run, data_root, tmp_path):
     # The 2-process run tested step 1 on 2 shards; a 1-process --test of the same checkpoint
     # must count exactly the same pixels (no padded or dropped samples).
-    args = _args(data_root, two_process_run, batch_size=2)
+    out = copy_run(two_process_run, tmp_path)
+    args = two_process_args(data_root, out)
     args[args.index("--step") + 1] = "1"
     run_train([*args, "--test"])
-    logs = two_process_run / "logs" / "synthetic-15-5" / "run"
+    logs = out / "logs" / "synthetic-15-5" / "run"
     sharded = json.loads((logs / "step1.json").read_text())
     single = json.loads((logs / "eval-step1.json").read_text())
     for key in ("class_iou", "overall_acc", "mean_acc", "miou_all", "miou_new_fg"):
@@ -121,7 +106,7 @@ def test_two_process_test_scores_equal_single_process_scores(two_process_run, da
 def test_srun_launch_equals_torchrun_launch(two_process_run, data_root, tmp_path):
     # Same world size and batch split, so the weights must be bit-identical to the torchrun run.
     step0 = _run_dir(two_process_run) / "step0.pth"
-    args = _args(data_root, tmp_path, batch_size=2)
+    args = two_process_args(data_root, tmp_path)
     args[args.index("--step") + 1] = "1"
     outputs = run_srun_like([*args, "--step_ckpt", str(step0)], ntasks=2)
     assert "2 process(es)" in outputs[0]

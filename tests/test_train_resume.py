@@ -4,27 +4,18 @@ import signal
 import pytest
 import torch
 
-from train_cli_worker import assert_states_equal, model_state, run_train, run_until, synthetic_root, train_args
+from conftest import mib_args
+from train_cli_worker import assert_states_equal, model_state, run_train, run_train_in_process, run_until, train_args
 
 EXIT_INTERRUPTED = 3
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
+pytestmark = pytest.mark.slow
 
 
-def _args(data_root, out):
-    return train_args(data_root, out, "--step", "all", "--method", "MiB", "--num_workers", "1",
-                      "--ckpt_interval", "2")
-
-
-def test_killed_and_stopped_chained_run_ends_bit_identical(data_root, tmp_path):
-    reference = tmp_path / "reference"
-    run_train(_args(data_root, reference))
-
+def test_killed_and_stopped_chained_run_ends_bit_identical(mib_run, data_root, tmp_path):
+    # With a data-loader worker, unlike the shared run (which loads in the main process).
     out = tmp_path / "interrupted"
-    args = _args(data_root, out)
+    args = mib_args(data_root, out, "--num_workers", "1")
     run_dir = out / "checkpoints" / "synthetic-15-5" / "run"
 
     # 1. SIGKILL in the middle of step 0, once an in-step checkpoint exists.
@@ -46,7 +37,7 @@ def test_killed_and_stopped_chained_run_ends_bit_identical(data_root, tmp_path):
     assert "step 1: resumed from iteration" in output
     assert (run_dir / "step0.pth").stat().st_mtime_ns == step0_mtime
 
-    reference_dir = reference / "checkpoints" / "synthetic-15-5" / "run"
+    reference_dir = mib_run / "checkpoints" / "synthetic-15-5" / "run"
     for step in (0, 1):
         assert_states_equal(model_state(run_dir / f"step{step}.pth"),
                             model_state(reference_dir / f"step{step}.pth"))
@@ -57,7 +48,7 @@ def test_no_resume_starts_the_step_again(data_root, tmp_path):
     args = train_args(data_root, tmp_path, "--step", "0", "--ckpt_interval", "2")
     run_dir = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
     run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGKILL)
-    result = run_train([*args, "--no_resume"])
+    result = run_train_in_process([*args, "--no_resume"])
     assert "resumed" not in result.stdout + result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["step0.pth"]
 

@@ -1,8 +1,13 @@
-"""Helpers of the test_train_* files: a tiny synthetic dataset and ``train.py`` subprocesses.
+"""Helpers of the tests that run ``train.py``: its options for a tiny run, and running it as a
+subprocess (a user's launch, torchrun, srun) or in this process (for errors, which need no fresh
+interpreter: about 4 s less each).
 
-Every run uses a ResNet-18 at 48 px crops on a 40-image synthetic set, single-threaded, so a
-two-step task trains in seconds on a CPU.
+Every run uses a ResNet-18 at 48 px crops on a 40-image synthetic set (conftest.py's
+``data_root``), single-threaded, so a two-step task trains in seconds on a CPU.
 """
+import contextlib
+import io
+import logging
 import os
 import signal
 import socket
@@ -17,15 +22,6 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO_ROOT, "train.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-
-
-def synthetic_root(tmp_path_factory) -> str:
-    """A data root holding a small synthetic VOC set, generated once per pytest session."""
-    from segmentation.data.synthetic import DIR_NAME, generate_synthetic_voc
-
-    root = tmp_path_factory.getbasetemp() / "train-synthetic-data"
-    generate_synthetic_voc(str(root / DIR_NAME), num_train=40, num_val=20, width=64, height=48)
-    return str(root)
 
 
 def train_args(data_root: str, out: Path, *extra: str, task: str = "15-5", name: str = "run") -> List[str]:
@@ -63,6 +59,32 @@ def run_train(args: List[str], nproc: int = 1, check: bool = True, timeout: floa
                             text=True, timeout=timeout, preexec_fn=preexec_fn)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_train_in_process(args: List[str], check: bool = True) -> subprocess.CompletedProcess:
+    """``train.py``'s entry function in this process, its exit code and output captured as
+    ``run_train`` does (``check``: fail unless it succeeded). The root logger is restored afterwards."""
+    sys.path.insert(0, REPO_ROOT)
+    try:
+        import train
+    finally:
+        sys.path.remove(REPO_ROOT)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = train.cli(args)
+            except SystemExit as exit_info:  # argparse's usage errors
+                code = exit_info.code
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    result = subprocess.CompletedProcess([TRAIN, *args], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"train.py failed ({code}):\n{result.stdout}\n{result.stderr}")
     return result
 
 
