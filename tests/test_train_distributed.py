@@ -66,15 +66,15 @@ def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_killed_mid_step_resumes_bit_identically(two_process_run, data_root, tmp_path):
+    # Step 0 only: what follows a resumed step is the chained-run test's (test_train_resume.py).
     args = two_process_args(data_root, tmp_path)
+    args[args.index("--step") + 1] = "0"
     run_dir = _run_dir(tmp_path)
     code, _ = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGKILL, nproc=2)
     assert code != 0 and not (run_dir / "step0.pth").exists()
     result = run_train(args, nproc=2)
     assert "step 0: resumed from iteration" in result.stdout + result.stderr
-    for step in (0, 1):
-        assert_states_equal(model_state(run_dir / f"step{step}.pth"),
-                            model_state(_run_dir(two_process_run) / f"step{step}.pth"))
+    assert_states_equal(model_state(run_dir / "step0.pth"), model_state(_run_dir(two_process_run) / "step0.pth"))
 
 
 @pytest.mark.slow
