@@ -395,7 +395,7 @@ def markdown(info: Dict[str, str], args: argparse.Namespace, command: str, rows:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke test: resnet18 (torchvision: resnet50), 64 px, batch 2, few iterations")
+                        help="CPU smoke test: resnet18 (torchvision: resnet50), 64 px, batch 2, one iteration")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     parser.add_argument("--backbone", default="resnet101")
     parser.add_argument("--tv_backbone", default="resnet101", help="backbone of torchvision's DeepLabV3")
@@ -417,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.backbone, args.tv_backbone, args.crop_size, args.batch = "resnet18", "resnet50", 64, 2
-        args.warmup, args.iterations = 1, 2
+        args.warmup, args.iterations = 0, 1  # a smoke test: one timed iteration
     plan = quick_plan() if args.quick else full_plan()
     if args.variants:
         wanted = args.variants.split(",")

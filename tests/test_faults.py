@@ -73,7 +73,7 @@ def test_sigkill_at_every_point_of_a_step_then_rerun_is_bit_identical(mib_run, d
     _killed_at(args, "validation")
     assert (log_dir / "step0.json").exists() and not (run_dir / "step1.pth").exists()
 
-    run_train(args)
+    run_train_in_process(args)
     for step in (0, 1):
         assert_states_equal(model_state(run_dir / f"step{step}.pth"),
                             model_state(_run_dir(mib_run) / f"step{step}.pth"))

@@ -10,7 +10,7 @@ import torch
 
 from conftest import build_once, copy_run, mib_run_args
 from segmentation.engine.checkpoint import load_checkpoint
-from train_cli_worker import run_train, run_train_in_process, train_args
+from train_cli_worker import run_train_in_process, train_args
 
 RESULT_KEYS = {
     "dataset", "task", "overlap", "step", "num_steps", "method", "name", "channel_order", "class_names",
@@ -157,7 +157,8 @@ def test_methods_and_options_train_step1(mib_run, data_root, tmp_path, flags, lo
 def rw_run(data_root, tmp_path_factory):
     """A 15-5 RW run of both steps, its score updated every iteration; its output in ``output.txt``."""
     def build(out):
-        result = run_train(train_args(data_root, out, "--step", "all", "--method", "RW", "--reg_iterations", "1"))
+        result = run_train_in_process(
+            train_args(data_root, out, "--step", "all", "--method", "RW", "--reg_iterations", "1"))
         (out / "output.txt").write_text(result.stdout + result.stderr)
 
     return build_once(tmp_path_factory, "rw-run", build)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import mib_args
-from train_cli_worker import assert_states_equal, model_state, run_train, run_train_in_process, run_until, train_args
+from train_cli_worker import assert_states_equal, model_state, run_train_in_process, run_until, train_args
 
 EXIT_INTERRUPTED = 3
 
@@ -30,8 +30,8 @@ def test_killed_and_stopped_chained_run_ends_bit_identical(mib_run, data_root, t
     assert not list(run_dir.glob("step0-iter*.pth")), "finished steps keep no in-step checkpoints"
     step0_mtime = (run_dir / "step0.pth").stat().st_mtime_ns
 
-    # 3. The last rerun continues step 1 only.
-    result = run_train(args)
+    # 3. The last rerun continues step 1 only (in this process: a process of its own adds nothing here).
+    result = run_train_in_process(args)
     output = result.stdout + result.stderr
     assert "step 0 already finished" in output
     assert "step 1: resumed from iteration" in output
@@ -56,7 +56,7 @@ def test_no_resume_starts_the_step_again(data_root, tmp_path):
 def test_ewc_run_killed_mid_step_resumes_bit_identically_with_its_regularizer_state(data_root, tmp_path):
     reference = tmp_path / "reference"
     ewc = ("--method", "EWC", "--ckpt_interval", "1")
-    run_train(train_args(data_root, reference, "--step", "all", *ewc))
+    run_train_in_process(train_args(data_root, reference, "--step", "all", *ewc))
     reference_dir = reference / "checkpoints" / "synthetic-15-5" / "run"
 
     out = tmp_path / "interrupted"
@@ -66,7 +66,7 @@ def test_ewc_run_killed_mid_step_resumes_bit_identically_with_its_regularizer_st
     assert not (run_dir / "step1.pth").exists()
     in_step = torch.load(next(run_dir.glob("step1-iter*.pth")), map_location="cpu", weights_only=False)
     assert set(in_step["regularizer_states"]) == {"ewc"}
-    result = run_train(args)
+    result = run_train_in_process(args)
     assert "step 1: resumed from iteration" in result.stdout + result.stderr
 
     resumed = torch.load(run_dir / "step1.pth", map_location="cpu", weights_only=False)
