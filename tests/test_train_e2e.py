@@ -146,7 +146,12 @@ def test_methods_and_options_train_step1(mib_run, data_root, tmp_path, flags, lo
     logged = set(re.findall(r" (loss_\w+)=", result.stdout))
     assert logged == loss_terms
     results = json.loads((tmp_path / "logs" / "synthetic-15-5" / "run" / "step1.json").read_text())
-    assert 0.0 <= results["miou_all"] <= 1.0
+    # As the shared run's step 1, one epoch leaves the model predicting background almost everywhere
+    # (measured: overall accuracy 0.8877, or 0.8508 on the training images of --val_on_trainset).
+    low, high = (0.84, 0.86) if "--val_on_trainset" in flags else MIB_RUN_SCORES[1]["overall_acc"]
+    assert low <= results["overall_acc"] <= high, results["overall_acc"]
+    low, high = MIB_RUN_SCORES[1]["miou_new"]
+    assert low <= results["miou_new"] <= high, results["miou_new"]
     output = result.stdout + result.stderr
     assert ("validating on 3 held-out training images" in output) == ("--cross_val" in flags)
     if "--val_on_trainset" in flags:  # tested on the training images, with their own index file
