@@ -22,8 +22,6 @@ from train_cli_worker import run_train, train_args
 # process keeps parallel runs predictable.
 torch.set_num_threads(1)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # The shared MiB run: synthetic 15-5, both steps, in-step checkpoints every 2 iterations.
 MIB_OPTIONS = ("--step", "all", "--method", "MiB", "--ckpt_interval", "2")
 # The shared two-process run: the same with 2 images per process and LR 0.001.

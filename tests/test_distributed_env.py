@@ -10,7 +10,7 @@ import torch
 from segmentation import distributed
 from segmentation.distributed import DistEnv, expand_nodelist, read_env
 
-from conftest import REPO_ROOT
+from train_cli_worker import REPO_ROOT
 
 
 def test_single_process_without_launcher():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from train_cli_worker import REPO_ROOT
 
 SCRIPT = os.path.join(REPO_ROOT, "launch", "summarize.py")
 
