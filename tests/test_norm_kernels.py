@@ -78,29 +78,43 @@ def test_fused_matches_reference(kernel_mode, monkeypatch, dtype, channels_last)
         assert fused[3].is_contiguous(memory_format=torch.channels_last)
 
 
+def _layer_call(with_residual: bool, device: str = "cpu") -> list:
+    """Output, batch statistics and gradients of one float64 In-Place ABN call (channels-last)."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=generator) * 2 + 0.5)
+    residual = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=generator) if with_residual else None
+    grad_out = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=generator).to(device)
+    weight = torch.tensor([0.8, -1.3, 0.1, 2.0], dtype=torch.float64)
+    bias = torch.tensor([0.2, -0.1, 0.0, 0.5], dtype=torch.float64)
+    inputs = [t.to(device).requires_grad_(True) for t in (x.to(memory_format=torch.channels_last), weight, bias)]
+    res = residual.to(device).requires_grad_(True) if with_residual else None
+    y, mean, var = InPlaceABNFunction.apply(inputs[0] * 1, inputs[1], inputs[2], EPS, "leaky_relu", 0.1, None, res)
+    y.backward(grad_out)
+    return [y.detach(), mean, var] + [t.grad for t in inputs] + ([res.grad] if with_residual else [])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_compiled_kernels_match_reference_on_cpu(kernel_mode, with_residual):
     """The kernels torch.compile generates (inductor, CPU) equal the reference in float64."""
-    x = (torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2 + 0.5).to(memory_format=torch.channels_last)
-    residual = torch.randn(3, 4, 5, 5, dtype=torch.float64) if with_residual else None
-    grad_out = torch.randn(3, 4, 5, 5, dtype=torch.float64)
-    weight = torch.tensor([0.8, -1.3, 0.1, 2.0], dtype=torch.float64)
-    bias = torch.tensor([0.2, -0.1, 0.0, 0.5], dtype=torch.float64)
-
-    def run():
-        inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
-        res = residual.clone().requires_grad_(True) if with_residual else None
-        y, mean, var = InPlaceABNFunction.apply(inputs[0] * 1, inputs[1], inputs[2], EPS, "leaky_relu", 0.1, None, res)
-        y.backward(grad_out)
-        return [y.detach(), mean, var] + [t.grad for t in inputs] + ([res.grad] if with_residual else [])
-
     kernel_mode("never")
-    reference = run()
+    reference = _layer_call(with_residual)
     kernel_mode("always")
-    compiled = run()
+    compiled = _layer_call(with_residual)
     for expected, actual in zip(reference, compiled):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_cuda_kernels_match_the_cpu_reference(kernel_mode, with_residual):
+    """On a CUDA device the automatic selection compiles the fused kernels; in float64 they equal
+    the reference operations on the CPU."""
+    kernel_mode("auto")
+    reference = _layer_call(with_residual)
+    on_cuda = _layer_call(with_residual, device="cuda")
+    for expected, actual in zip(reference, on_cuda):
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture
