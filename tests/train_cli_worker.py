@@ -1,5 +1,5 @@
 """Helpers of the tests that run ``train.py``: its options for a tiny run, and running it as a
-subprocess (a user's launch, torchrun, srun) or in this process (for errors, which need no fresh
+subprocess (a user's launch, torchrun, srun) or in this process (errors and short runs, which need no fresh
 interpreter: about 4 s less each).
 
 Every run uses a ResNet-18 at 48 px crops on a 40-image synthetic set (conftest.py's
