@@ -44,15 +44,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+def use_eager_fused_kernels(monkeypatch) -> None:
+    """Select In-Place ABN's fused formulation for every tensor, run eagerly instead of compiled."""
+    from segmentation.models import norm_kernels
+
+    monkeypatch.setattr(norm_kernels, "_compiled", {f.__name__: f for f in norm_kernels.FUSED_FUNCTIONS})
+    norm_kernels.set_kernel_mode("always")
+
+
 @pytest.fixture(params=["reference", "fused"])
 def kernels(request, monkeypatch):
     """Both In-Place ABN implementations; the fused one eagerly (test_norm_kernels compiles it)."""
     from segmentation.models import norm_kernels
 
     if request.param == "fused":
-        compiled = {function.__name__: function for function in norm_kernels.FUSED_FUNCTIONS}
-        monkeypatch.setattr(norm_kernels, "_compiled", compiled)
-        norm_kernels.set_kernel_mode("always")
+        use_eager_fused_kernels(monkeypatch)
     else:
         norm_kernels.set_kernel_mode("never")
     yield request.param

@@ -7,6 +7,7 @@ compiling takes a while on CPU).
 import pytest
 import torch
 
+from conftest import use_eager_fused_kernels
 from segmentation.models import norm_kernels
 from segmentation.models.norm import InPlaceABN, InPlaceABNFunction
 
@@ -23,8 +24,7 @@ def kernel_mode():
 @pytest.fixture
 def eager_fused(monkeypatch, kernel_mode):
     """The fused formulation without compiling it."""
-    monkeypatch.setattr(norm_kernels, "_compiled", {f.__name__: f for f in norm_kernels.FUSED_FUNCTIONS})
-    kernel_mode("always")
+    use_eager_fused_kernels(monkeypatch)
 
 
 def run_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, grad_out: torch.Tensor):
@@ -64,8 +64,7 @@ def test_fused_matches_reference(kernel_mode, monkeypatch, dtype, channels_last)
 
     kernel_mode("never")
     reference = run_layer(*args)
-    monkeypatch.setattr(norm_kernels, "_compiled", {f.__name__: f for f in norm_kernels.FUSED_FUNCTIONS})
-    kernel_mode("always")
+    use_eager_fused_kernels(monkeypatch)
     fused = run_layer(*args)
 
     # The reference rounds to the input dtype after every in-place step, the fused path once.
