@@ -534,7 +534,11 @@ class Trainer:
         # raise the same error again at the next child process exit.
         shutdown = getattr(self._batches, "_shutdown_workers", None)
         if shutdown is not None:
-            shutdown()
+            try:
+                shutdown()
+            except RuntimeError as error:  # the handler fired once more, for the same dead worker
+                if "DataLoader worker" not in str(error):
+                    raise
         self._batches = None
         raise DataLoaderFailure(message)
 
