@@ -188,20 +188,19 @@ def test_parallel_scan_equals_serial(voc_root):
     )
 
 
-def test_scan_workers_die_on_sigterm_under_the_trainers_handler(voc_root):
-    # The trainer catches SIGTERM before datasets are built, and forked scan workers inherit that
-    # handler. A pool that stops its workers with SIGTERM then waits forever for a worker that
-    # swallows it, so every scan worker must get the default handler back. The probe below runs in
-    # the workers (fork carries the patched function) and reports their SIGTERM disposition.
+def test_scan_workers_survive_the_stop_signals(voc_root):
+    # Slurm sends the stop signals to every process of a job step. A scan worker that died of one
+    # would make the pool wait for its files for ever; the trainer (the parent) handles them. The
+    # probe below runs in the workers (fork carries the patched function) and signals itself.
     script = (
-        "import signal, sys\n"
+        "import os, signal, sys\n"
         "import numpy as np\n"
         "from segmentation.data import splits\n"
         "signal.signal(signal.SIGTERM, lambda signum, frame: None)\n"
         "def probe(image, label, dataset):\n"
-        "    row = np.zeros(256, dtype=bool)\n"
-        "    row[0] = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
-        "    return row\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return np.ones(256, dtype=bool)\n"
         "splits.labels_present = probe\n"
         "base = splits.read_base_list('voc', sys.argv[1], 'train')\n"
         "rows = splits.scan_presence(base, num_workers=2)\n"

@@ -19,7 +19,7 @@ from segmentation.data.synthetic import DIR_NAME, generate_synthetic_voc
 from segmentation.distributed import read_env
 from slurm import jobscript, submit
 from conftest import two_process_args
-from train_cli_worker import REPO_ROOT, assert_states_equal, model_state, train_args
+from train_cli_worker import REPO_ROOT, assert_states_equal, default_workers, model_state, train_args
 
 UP = os.path.join(REPO_ROOT, "slurm", "local-cluster", "up.sh")
 DOWN = os.path.join(REPO_ROOT, "slurm", "local-cluster", "down.sh")
@@ -87,10 +87,9 @@ def _submit(options, train_options, cwd) -> list:
 # ---------------------------------------------------------------- the task
 def _task_args(data_root, out):
     """The shared two-process run's task, one job per step (submit.py's --step all), an in-step
-    checkpoint every iteration: 7 iterations in step 0, time enough to stop it mid-step."""
-    args = two_process_args(data_root, out, "--ckpt_interval", "1")
-    del args[args.index("--step"):args.index("--step") + 2]
-    return args
+    checkpoint every iteration: 7 iterations in step 0, time enough to stop it mid-step. With the
+    default data-loader workers: Slurm signals them too."""
+    return default_workers(two_process_args(data_root, out, "--ckpt_interval", "1"))
 
 
 # ---------------------------------------------------------------- tests with jobs
@@ -121,6 +120,8 @@ def test_chain_stopped_mid_step_requeues_and_ends_bit_identical(cluster, data_ro
     # One log across the requeue: both starts, with the restart count, and the resumption.
     assert "SLURM_RESTART_COUNT=0" in logs[0] and "SLURM_RESTART_COUNT=1" in logs[0]
     assert "received SIGUSR1" in logs[0] and "requeueing the job (restart 1)" in logs[0]
+    # Every process, the data-loader workers included, got the signal: the ranks wrote a checkpoint.
+    assert "stopped with an in-step checkpoint" in logs[0] and "train.py: error" not in logs[0], logs[0]
     assert re.search(r"step 0: resumed from iteration \d+", logs[0]), logs[0]
     assert "done: step 0 of synthetic 15-5" in logs[0] and "done: step 1 of synthetic 15-5" in logs[1]
     assert "2 process(es)" in logs[1]

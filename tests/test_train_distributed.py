@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import copy_run, two_process_args
-from train_cli_worker import assert_states_equal, model_state, run_srun_like, run_train, run_until, train_args
+from train_cli_worker import (
+    assert_states_equal, default_workers, model_state, run_srun_like, run_train, run_until, train_args,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -79,9 +81,12 @@ def test_torchrun_killed_mid_step_resumes_bit_identically(two_process_run, data_
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_path):
-    args = train_args(data_root, tmp_path, "--step", "0", "--epochs", "3", "--ckpt_interval", "2")
+    # SIGTERM to every process (torchrun, the ranks, their default data-loader workers), as
+    # Slurm or `kill -TERM -- -<process group>` sends it.
+    args = default_workers(train_args(data_root, tmp_path, "--step", "0", "--epochs", "3", "--ckpt_interval", "2"))
     run_dir = _run_dir(tmp_path)
-    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGTERM, nproc=2)
+    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGTERM, nproc=2,
+                             tree=True)
     assert code != 0
     assert output.count("stopped by a signal") == 2  # both ranks agreed on the same iteration
     assert not (run_dir / "step0.pth").exists()

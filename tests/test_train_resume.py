@@ -1,11 +1,14 @@
-"""Interrupted runs resume exactly: SIGKILL mid-step, SIGTERM (exit code 3), chained steps."""
+"""Interrupted runs resume exactly: SIGKILL mid-step, a stop signal (exit code 3), chained steps."""
+import re
 import signal
 
 import pytest
 import torch
 
 from conftest import mib_args
-from train_cli_worker import assert_states_equal, model_state, run_train_in_process, run_until, train_args
+from train_cli_worker import (
+    assert_states_equal, default_workers, model_state, run_train_in_process, run_until, train_args,
+)
 
 EXIT_INTERRUPTED = 3
 
@@ -13,19 +16,23 @@ pytestmark = pytest.mark.slow
 
 
 def test_killed_and_stopped_chained_run_ends_bit_identical(mib_run, data_root, tmp_path):
-    # With a data-loader worker, unlike the shared run (which loads in the main process).
+    # With the default data-loader workers, unlike the shared run (which loads in the main process).
     out = tmp_path / "interrupted"
-    args = mib_args(data_root, out, "--num_workers", "1")
+    args = default_workers(mib_args(data_root, out))
     run_dir = out / "checkpoints" / "synthetic-15-5" / "run"
 
-    # 1. SIGKILL in the middle of step 0, once an in-step checkpoint exists.
-    run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGKILL)
-    assert not (run_dir / "step0.pth").exists()
+    # 1. Mid-step 0, SIGUSR1 to every process, the data-loader workers included, as Slurm signals
+    # a job step: an in-step checkpoint, exit code 3.
+    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGUSR1, tree=True)
+    assert code == EXIT_INTERRUPTED, output
+    assert f"step 0: no in-step checkpoint in {run_dir}: training starts at iteration 0" in output
+    stopped_at = int(re.search(r"step 0 stopped by a signal after iteration (\d+)", output).group(1))
+    assert (run_dir / f"step0-iter{stopped_at}.pth").exists() and not (run_dir / "step0.pth").exists()
 
-    # 2. The rerun resumes step 0 mid-epoch; SIGTERM once step 0 is done stops it in step 1.
+    # 2. The rerun resumes step 0 mid-epoch; SIGTERM to it once step 0 is done stops it in step 1.
     code, output = run_until(args, lambda: (run_dir / "step0.pth").exists(), sig=signal.SIGTERM)
-    assert "step 0: resumed from iteration" in output
-    assert code == EXIT_INTERRUPTED
+    assert f"step 0: resumed from iteration {stopped_at}" in output
+    assert code == EXIT_INTERRUPTED, output
     assert list(run_dir.glob("step1-iter*.pth")), "SIGTERM must leave an in-step checkpoint"
     assert not list(run_dir.glob("step0-iter*.pth")), "finished steps keep no in-step checkpoints"
     step0_mtime = (run_dir / "step0.pth").stat().st_mtime_ns

@@ -35,6 +35,12 @@ def train_args(data_root: str, out: Path, *extra: str, task: str = "15-5", name:
     ]
 
 
+def default_workers(args: List[str]) -> List[str]:
+    """``args`` without ``--num_workers``: the default data-loader workers, as a user runs."""
+    index = args.index("--num_workers")
+    return args[:index] + args[index + 2:]
+
+
 def _env(extra: Optional[Dict[str, str]] = None) -> dict:
     env = dict(os.environ)
     env.update(extra or {})
@@ -109,9 +115,10 @@ def run_srun_like(args: List[str], ntasks: int, timeout: float = 600) -> List[st
 
 
 def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,
-              nproc: int = 1, timeout: float = 600) -> Tuple[int, str]:
-    """Start ``train.py``; once ``condition()`` holds, send ``sig`` (SIGKILL: to its whole process
-    group, so torchrun's workers die too; other signals: to the launched process).
+              nproc: int = 1, timeout: float = 600, tree: bool = False) -> Tuple[int, str]:
+    """Start ``train.py``; once ``condition()`` holds, send ``sig`` (SIGKILL: to every process
+    below the launched one, then to it; other signals: to the launched process, or with ``tree``
+    to it and every process below it, data-loader workers included, as Slurm signals a job step).
 
     Returns the exit code and the output; fails if the run ended before the condition was met.
     """
@@ -131,6 +138,9 @@ def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.
             # torchrun starts each worker in a session of its own: kill them by id, then torchrun.
             for pid in [*_descendants(process.pid), process.pid]:
                 _kill(pid)
+        elif tree:
+            for pid in [process.pid, *_descendants(process.pid)]:
+                _signal(pid, sig)
         else:
             process.send_signal(sig)
         output, _ = process.communicate(timeout=timeout)
@@ -162,8 +172,12 @@ def _descendants(pid: int) -> List[int]:
 
 
 def _kill(pid: int) -> None:
+    _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass
 

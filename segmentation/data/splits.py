@@ -37,6 +37,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 from itertools import repeat
 from typing import Callable, Dict, List, Optional, TypeVar
 
@@ -44,7 +45,7 @@ import numpy as np
 import torch.distributed as dist
 
 from ..files import atomic_write
-from ..signals import restore_default_stop_handlers
+from ..signals import detach_worker_from_stop_signals
 from ..tasks import TASKS, num_steps
 from .protocol import SplitFilter, filter_presence, keep_image, split_filter
 from .synthetic import ensure_synthetic_voc
@@ -81,16 +82,40 @@ def scan_presence(base: BaseList, num_workers: Optional[int] = None) -> np.ndarr
     workers = default_num_workers() if num_workers is None else num_workers
     args = list(zip(base.images, base.labels, repeat(base.dataset)))
     if workers <= 1 or (num_workers is None and len(args) < PARALLEL_MIN_FILES):
-        rows = [labels_present(*arg) for arg in args]
-    else:
-        # fork starts workers instantly; the workers only use numpy and PIL.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(workers, initializer=restore_default_stop_handlers) as pool:
-            rows = pool.starmap(labels_present, args, chunksize=max(1, len(args) // (workers * 8)))
-            # A graceful shutdown: leaving the block alone would terminate the workers with SIGTERM.
-            pool.close()
-            pool.join()
+        return np.stack([labels_present(*arg) for arg in args])
+    # fork starts workers instantly; the workers only use numpy and PIL.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    abort = context.Event()
+    pool = context.Pool(workers, initializer=_start_scan_worker, initargs=(abort,))
+    try:
+        rows = pool.starmap(_scan_one, args, chunksize=max(1, len(args) // (workers * 8)))
+    except BaseException:
+        abort.set()  # the queued files are skipped: the pool empties quickly
+        raise
+    finally:
+        # The workers ignore SIGTERM (see _start_scan_worker), so the pool cannot terminate them;
+        # they end once the queue is done.
+        pool.close()
+        pool.join()
     return np.stack(rows)
+
+
+_abort_scan = None
+
+
+def _start_scan_worker(abort) -> None:
+    """A scan worker survives the stop signals and Ctrl-C: a worker that died with its files
+    would make the pool wait for them for ever. The parent handles those and sets ``abort``."""
+    global _abort_scan
+    _abort_scan = abort
+    detach_worker_from_stop_signals()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _scan_one(image: str, label: str, dataset: str) -> Optional[np.ndarray]:
+    if _abort_scan is not None and _abort_scan.is_set():
+        return None
+    return labels_present(image, label, dataset)
 
 
 def compute_split_indices(

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from segmentation import distributed
 from segmentation.engine.sampler import EvalShardSampler
 from segmentation.metrics import ConfusionMatrix, group_scores, segmentation_scores
-from segmentation.signals import restore_default_stop_handlers
+from segmentation.signals import detach_worker_from_stop_signals
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -40,7 +40,7 @@ def build_eval_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
-        worker_init_fn=restore_default_stop_handlers,
+        worker_init_fn=detach_worker_from_stop_signals,
     )
 
 

@@ -2,11 +2,13 @@
 
 ``SampleTracker`` wraps a dataset; each worker writes the index it is reading into a slot of a
 shared-memory array before loading it and clears it after. When the loader fails (a worker
-killed by the out-of-memory killer, a timeout), ``describe_failure`` names those samples.
+killed by the out-of-memory killer, a timeout), ``describe_failure`` names those samples and
+``kill_workers`` ends the workers still running (they ignore SIGTERM, see ``segmentation.signals``).
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
 from typing import Any, List
 
 from torch.utils.data import Dataset, get_worker_info
@@ -20,6 +22,7 @@ class SampleTracker(Dataset):
     def __init__(self, dataset: Dataset, num_workers: int) -> None:
         self.dataset = dataset
         self.reading = multiprocessing.Array("q", [_IDLE] * max(1, num_workers), lock=False)
+        self.pids = multiprocessing.Array("q", [0] * max(1, num_workers), lock=False)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -27,6 +30,7 @@ class SampleTracker(Dataset):
     def __getitem__(self, index: int) -> Any:
         info = get_worker_info()
         slot = info.id if info is not None else 0
+        self.pids[slot] = os.getpid()
         self.reading[slot] = index
         item = self.dataset[index]
         self.reading[slot] = _IDLE
@@ -42,6 +46,15 @@ class SampleTracker(Dataset):
             name = f" ({paths[index]})" if paths is not None and 0 <= index < len(paths) else ""
             found.append(f"worker {worker}: sample {index}{name}")
         return found
+
+    def kill_workers(self) -> None:
+        """SIGKILL the workers of the failed loader that are still alive (a stalled one would
+        otherwise live on: the loader ends its workers with SIGTERM, which they ignore)."""
+        pids = set(self.pids)
+        for child in multiprocessing.active_children():
+            if child.pid in pids:
+                child.kill()
+                child.join()
 
     def describe_failure(self, error: BaseException) -> str:
         reading = self.samples_being_read()

@@ -407,9 +407,11 @@ class StepRunner:
         state = self._resume_state(in_step)
         if state is not None:
             trainer.resume(state)
-            LOGGER.info(
-                "step %d: resumed from iteration %d (epoch %d)", self.step, state["iteration"], trainer.epoch
-            )
+            LOGGER.info("step %d: resumed from iteration %d (epoch %d of %d)",
+                        self.step, state["iteration"], trainer.epoch + 1, opts.epochs)
+        elif opts.resume:
+            LOGGER.info("step %d: no in-step checkpoint in %s: training starts at iteration 0",
+                        self.step, self.checkpoint_dir)
         LOGGER.info(
             "step %d: %d training images, %d iterations per epoch, %d epochs, global batch %d",
             self.step, len(train_set), len(sampler), opts.epochs, opts.batch_size * world_size,

@@ -49,7 +49,7 @@ from segmentation.engine.methods import MethodLoss
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.faults import fault_point
 from segmentation.methods.regularizer import Regularizer
-from segmentation.signals import STOP_SIGNALS, restore_default_stop_handlers
+from segmentation.signals import STOP_SIGNALS, detach_worker_from_stop_signals
 
 LOGGER = logging.getLogger(__name__)
 
@@ -167,8 +167,9 @@ def build_scheduler(
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in a DataLoader worker from its (deterministic) torch seed."""
-    restore_default_stop_handlers()
+    """Seed numpy and random in a DataLoader worker from its (deterministic) torch seed; the
+    worker ignores the stop signals and dies with the trainer."""
+    detach_worker_from_stop_signals()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -539,6 +540,8 @@ class Trainer:
             except RuntimeError as error:  # the handler fired once more, for the same dead worker
                 if "DataLoader worker" not in str(error):
                     raise
+        if self._tracker is not None:
+            self._tracker.kill_workers()
         self._batches = None
         raise DataLoaderFailure(message)
 
