@@ -12,10 +12,13 @@ SEGMENTATION_DEBUG=1) shows the Python traceback instead.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 # Only the option parser is imported before parsing: --help and usage errors need no torch.
-from segmentation.engine.options import debug_requested, parse_options
+from segmentation.engine.options import HELP_POINTER, debug_requested, parse_options
+from segmentation.launch_env import read_env
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -23,35 +26,49 @@ EXIT_INTERRUPTED = 3
 
 
 def cli(argv: list[str] | None = None) -> int:
-    opts = parse_options(argv)
-    from segmentation import distributed
+    env = read_env()
+    # Every process of a launch parses the same options: the first one reports what is wrong.
+    with _quiet(env.rank != 0):
+        opts = parse_options(argv)
     from segmentation.engine.logger import setup_logging
     from segmentation.engine.preflight import SetupError, UsageError
     from segmentation.engine.run import RUN_FAILURES, main
     from segmentation.engine.trainer import TrainingInterrupted
 
-    env = distributed.read_env()
     setup_logging(env.rank)
     try:
         main(opts)
     except TrainingInterrupted as stopped:
-        print(f"{stopped}; an in-step checkpoint was written, rerun the same command to resume",
-              file=sys.stderr)
+        if env.rank == 0:  # every process stopped after the same iteration
+            print(f"{stopped}; an in-step checkpoint was written, rerun the same command to resume",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
         if opts.debug or debug_requested(argv):
             raise
-        checked = isinstance(error, (UsageError, SetupError))
-        # A failed check is the same on every rank (they were gathered): rank 0 reports it.
-        if not checked or env.rank == 0:
-            where = f"rank {env.rank}: " if env.world_size > 1 and not checked else ""
+        # An error that every process raises alike (a failed check, a diverged loss, a locked run
+        # or corrupt checkpoint) is reported by rank 0 alone; the error of one process by it.
+        every_rank = getattr(error, "raised_on_every_rank", False)
+        if env.rank == 0 or not every_rank:
+            where = f"rank {env.rank}: " if env.world_size > 1 and not every_rank else ""
             # Run failures (corrupt file, lock, write error, NaN, timeout) say what to do themselves.
-            known = checked or isinstance(error, RUN_FAILURES)
+            known = isinstance(error, (UsageError, SetupError, *RUN_FAILURES))
             hint = "" if known else f" ({type(error).__name__}; rerun with --debug for the traceback)"
+            pointer = HELP_POINTER if isinstance(error, UsageError) else ""
             sys.stdout.flush()
-            print(f"train.py: error: {where}{error}{hint}", file=sys.stderr)
+            print(f"train.py: error: {where}{error}{hint}{pointer}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
     return 0
+
+
+@contextlib.contextmanager
+def _quiet(quiet: bool):
+    """Discard what is printed to stdout and stderr inside the block when ``quiet``."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield
 
 
 if __name__ == "__main__":

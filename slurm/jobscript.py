@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from segmentation.distributed import SLURM_PORT_BASE, SLURM_PORT_RANGE
+from segmentation.launch_env import SLURM_PORT_BASE, SLURM_PORT_RANGE
 
 # train.py's EXIT_INTERRUPTED: stopped by a signal, once an in-step checkpoint was written.
 EXIT_INTERRUPTED = 3

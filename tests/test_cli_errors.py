@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from segmentation.engine.options import HELP_POINTER
+from segmentation.engine.run_lock import RunLock
 from train_cli_worker import run_train, run_train_in_process, train_args
 
 SETTING = "synthetic-15-5"
@@ -68,6 +70,8 @@ def _assert_refused(result, code: int, *culprits: str) -> str:
     assert sum(line.startswith("train.py: error") for line in lines) == 1, output
     for culprit in culprits:
         assert culprit in lines[-1], lines[-1]
+    if code == 2:
+        assert lines[-1].endswith(HELP_POINTER), lines[-1]
     # Before any training iteration: no iteration count logged, no progress line.
     assert "iterations per epoch" not in output and " loss=" not in output
     return lines[-1]
@@ -92,6 +96,9 @@ PARSE_ERRORS = [
     (["--pretrained", "/nonexistent/w.pth"], "--pretrained"),
     (["--lr", "0.01", "0.001"], "--lr"),
     (["--step", "1", "--step_ckpt", "/nonexistent/step0.pth"], "--step_ckpt /nonexistent/step0.pth"),
+    # No abbreviations: a typo must not set another option.
+    (["--epoch", "3"], "unrecognized arguments: --epoch"),
+    (["--batch", "4"], "unrecognized arguments: --batch"),
 ]
 
 
@@ -137,6 +144,22 @@ def test_errors_found_before_training(data_root, good_run, files, extra, code, w
 ])
 def test_exit_code_of_the_process(data_root, good_run, extra, code, culprit):
     _assert_refused(_run_bad(data_root, good_run, *extra, in_process=False), code, culprit)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["option", "locked run"])
+def test_torchrun_reports_an_error_once(data_root, good_run, tmp_path, case):
+    # Every process meets the error alike: only rank 0 reports it. (torchrun then adds its own
+    # report of the failed processes.)
+    if case == "option":
+        result = run_train(train_args(data_root, tmp_path, "--task", "16-4"), nproc=2, check=False)
+    else:
+        with RunLock(tmp_path / "checkpoints" / SETTING / "run"):  # as a running launch holds it
+            result = run_train(train_args(data_root, tmp_path, "--step", "0"), nproc=2, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("train.py: error") == 1, output
+    assert ("16-4" if case == "option" else "another run is writing to") in output
 
 
 def test_same_name_with_other_options_is_refused(data_root, good_run):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segmentation import distributed
-from segmentation.distributed import DistEnv, expand_nodelist, read_env
+from segmentation.launch_env import DistEnv, expand_nodelist, read_env
 
 from train_cli_worker import REPO_ROOT
 
@@ -82,8 +82,9 @@ WORKER = textwrap.dedent(
     import torch
     from segmentation import distributed
     from segmentation.engine.sampler import EvalShardSampler
+    from segmentation.launch_env import read_env
 
-    env = distributed.read_env()
+    env = read_env()
     distributed.init_distributed(env, "cpu")
     total = torch.tensor([float(env.rank + 1), 10.0])
     distributed.all_reduce_sum(total)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from segmentation.data.synthetic import DIR_NAME, generate_synthetic_voc
-from segmentation.distributed import read_env
+from segmentation.launch_env import read_env
 from slurm import jobscript, submit
 from conftest import two_process_args
 from train_cli_worker import REPO_ROOT, assert_states_equal, default_workers, model_state, train_args

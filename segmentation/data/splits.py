@@ -314,7 +314,9 @@ def on_main_process(prepare: Callable[[], T]) -> T:
             raise
     dist.broadcast_object_list(payload, src=0)
     if payload[1] is not None:
-        raise DatasetError(f"rank 0 failed to prepare the dataset: {payload[1]}")
+        error = DatasetError(f"rank 0 failed to prepare the dataset: {payload[1]}")
+        error.raised_on_every_rank = True  # rank 0 reports its own
+        raise error
     return payload[0]  # type: ignore[return-value]
 
 

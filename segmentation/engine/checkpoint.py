@@ -39,6 +39,8 @@ CHECKSUM_KEY = "checksum"
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or not a checkpoint of this code."""
 
+    raised_on_every_rank = True  # every rank reads the checkpoints it loads; rank 0 alone reads back what it wrote
+
 
 def tensor_checksum(obj: Any) -> int:
     """CRC-32 of the bytes of every tensor in ``obj`` (nested dicts, lists, tuples), in order."""

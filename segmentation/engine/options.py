@@ -74,11 +74,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# The end of every usage error train.py prints.
+HELP_POINTER = " (train.py --help lists every option)"
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (no usage block): what is wrong and where to look."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (train.py --help lists every option)\n")
+        self.exit(2, f"{self.prog}: error: {message}{HELP_POINTER}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Class-incremental semantic segmentation (MiB and baselines): train and/or "
         "test one or more incremental steps.",
         formatter_class=_HelpFormatter,
+        # A typo such as --epoch must not silently set --epochs (or, later, another option).
+        allow_abbrev=False,
     )
 
     data = parser.add_argument_group("data")

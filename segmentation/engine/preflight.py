@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -35,9 +34,13 @@ NOT_RESULT_CHANGING = frozenset({
 class UsageError(ValueError):
     """An option value that cannot work (exit code 2)."""
 
+    raised_on_every_rank = True  # the ranks gather their checks' failures
+
 
 class SetupError(RuntimeError):
     """A file or folder the run needs is missing, unreadable or unwritable (exit code 1)."""
+
+    raised_on_every_rank = True
 
 
 def step_lr(options: Dict[str, Any], step: int) -> Optional[float]:

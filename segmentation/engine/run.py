@@ -46,6 +46,7 @@ from segmentation.engine.original_checkpoint import adapt_checkpoint
 from segmentation.engine.preflight import remove_created, run_checks
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.engine.loader_watch import DataLoaderFailure
+from segmentation.launch_env import read_env
 from segmentation.engine.trainer import (
     NonFiniteLossError, StopSignal, Trainer, TrainingInterrupted, build_optimizer, build_scheduler,
 )
@@ -593,7 +594,7 @@ def main(opts: argparse.Namespace) -> None:
 
     Raises ``TrainingInterrupted`` when a stop signal ended training after an in-step checkpoint.
     """
-    env = distributed.read_env()
+    env = read_env()
     device = select_device(opts.device, env.local_rank)
     distributed.init_distributed(env, device.type, opts.collective_timeout)
     stop_signal = StopSignal()

@@ -20,6 +20,8 @@ LOCK_NAME = ".lock"
 class RunLockedError(RuntimeError):
     """Another process is running with the same run folder."""
 
+    raised_on_every_rank = True  # rank 0 holds the lock and tells the others
+
 
 class RunLock:
     """The exclusive lock of one run folder (``acquire`` / ``release``, or a ``with`` block)."""

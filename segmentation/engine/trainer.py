@@ -72,6 +72,8 @@ class TrainingInterrupted(Exception):
 class NonFiniteLossError(RuntimeError):
     """A loss term or the gradient became NaN/Inf (more often than ``max_bad_iterations`` allows)."""
 
+    raised_on_every_rank = True  # the ranks agree on it in one all-reduce
+
     def __init__(self, step: int, iteration: int, terms: List[str], last_checkpoint: Optional[int]) -> None:
         kept = (f"the last in-step checkpoint (iteration {last_checkpoint}) is kept"
                 if last_checkpoint is not None else "no in-step checkpoint was written yet")
