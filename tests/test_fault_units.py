@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from segmentation.engine import checkpoint
 from segmentation.engine.checkpoint import CheckpointError, InStepCheckpoints, atomic_save, load_checkpoint
 from segmentation.engine.loader_watch import DataLoaderFailure
 from segmentation.engine.methods import MethodLoss
