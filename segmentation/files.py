@@ -18,14 +18,16 @@ class WriteError(OSError):
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[IO[Any]], None], mode: str = "wb") -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, sync it, then rename it to ``path``.
 
-    The folder is created if needed and its entry is synced after the rename. A failed write
-    leaves ``path`` as it was and no temporary file behind, and raises ``WriteError`` naming
-    ``path``.
+    The folder is created if needed and its entry is synced after the rename. The file gets the
+    permissions of any new file (0666 less the umask; e.g. group-readable on a shared cluster).
+    A failed write leaves ``path`` as it was and no temporary file behind, and raises
+    ``WriteError`` naming ``path``.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp creates it private (0600)
     except OSError as error:
         raise _write_error(path, error) from error
     try:
@@ -43,6 +45,21 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[IO[Any]], None]
             raise _write_error(path, os_error) from error
         raise
     _fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it, and another thread
+    creating a file meanwhile would get the wrong permissions)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _os_error_in(error: BaseException) -> "OSError | None":

@@ -1,15 +1,17 @@
 """train.py under torchrun and srun-style launches (2 processes, gloo): outputs, equivalence with 1
 process (float64), exact resume, stop signals, sharded evaluation."""
 import json
+import os
 import re
 import signal
+import sys
 
 import pytest
 import torch
 
 from conftest import copy_run, two_process_args
 from train_cli_worker import (
-    assert_states_equal, default_workers, model_state, run_srun_like, run_train, run_until, train_args,
+    REPO_ROOT, assert_states_equal, default_workers, model_state, run_srun_like, run_train, run_until, train_args,
 )
 
 pytestmark = pytest.mark.distributed
@@ -117,3 +119,16 @@ def test_srun_launch_equals_torchrun_launch(two_process_run, data_root, tmp_path
     assert "2 process(es)" in outputs[0]
     assert_states_equal(model_state(_run_dir(tmp_path) / "step1.pth"),
                         model_state(_run_dir(two_process_run) / "step1.pth"))
+
+
+def test_original_launcher_and_entry_point(data_root, tmp_path):
+    # The original README's launch: `python -m torch.distributed.launch --nproc_per_node=2 run.py ...`
+    # (the launcher passes --local-rank=<k> to each process; its options are the original's, see
+    # test_original_command_lines.py).
+    args = train_args(data_root, tmp_path, "--step", "0", "--batch_size", "2", "--crop_size", "32")
+    launcher = [sys.executable, "-m", "torch.distributed.launch", "--standalone", "--nproc_per_node=2"]
+    result = run_train(args, launcher=launcher, script=os.path.join(REPO_ROOT, "run.py"))
+    assert "2 process(es)" in result.stdout
+    assert (_run_dir(tmp_path) / "step0.pth").exists()
+    assert (tmp_path / "logs" / "synthetic-15-5" / "run" / "step0.json").exists()
+

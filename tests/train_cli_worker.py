@@ -57,10 +57,10 @@ def command(args: List[str], nproc: int = 1) -> List[str]:
 
 def run_train(args: List[str], nproc: int = 1, check: bool = True, timeout: float = 600,
               env: Optional[Dict[str, str]] = None, launcher: Optional[List[str]] = None,
-              preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.CompletedProcess:
-    """Run ``train.py`` (under torchrun when ``nproc`` > 1, or under ``launcher``) to completion,
-    with ``env`` added to the environment."""
-    cmd = [*launcher, TRAIN, *args] if launcher else command(args, nproc)
+              preexec_fn: Optional[Callable[[], None]] = None, script: str = TRAIN) -> subprocess.CompletedProcess:
+    """Run ``train.py`` (under torchrun when ``nproc`` > 1, or ``script`` under ``launcher``) to
+    completion, with ``env`` added to the environment."""
+    cmd = [*launcher, script, *args] if launcher else command(args, nproc)
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(env), capture_output=True,
                             text=True, timeout=timeout, preexec_fn=preexec_fn)
     if check and result.returncode != 0:
