@@ -34,8 +34,11 @@ def cli(argv: list[str] | None = None) -> int:
     from segmentation.engine.preflight import SetupError, UsageError
     from segmentation.engine.run import RUN_FAILURES, main
     from segmentation.engine.trainer import TrainingInterrupted
+    from segmentation.signals import stop_when_launcher_dies
 
     setup_logging(env.rank)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+        stop_when_launcher_dies()
     try:
         main(opts)
     except TrainingInterrupted as stopped:

@@ -3,7 +3,8 @@
 The trainer catches them to write a checkpoint. Slurm sends them to every process of a job step,
 the data-loader and split workers included; a worker that died of one would fail the run before
 the trainer could write its checkpoint. So workers ignore the stop signals (their parent stops
-them) and are killed when their parent dies, whatever killed it.
+them) and are killed when their parent dies, whatever killed it. A training process started by
+torchrun stops (with a checkpoint) when torchrun dies.
 """
 from __future__ import annotations
 
@@ -24,8 +25,20 @@ def detach_worker_from_stop_signals(worker_id: Optional[int] = None) -> None:
     for name in STOP_SIGNALS:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    # The trainer starts its loaders' workers from its main thread.
+    _on_parent_death(signal.SIGKILL)
+
+
+def stop_when_launcher_dies() -> None:
+    """In a training process started by torchrun: get SIGTERM (stop with a checkpoint) when
+    torchrun dies. torchrun passes SIGTERM and SIGINT on to its processes, but a signal it does
+    not handle, SIGUSR1 included, kills it and would leave them training without a launcher."""
+    _on_parent_death(signal.SIGTERM)
+
+
+def _on_parent_death(signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when the thread that started it exits
+    (Linux only; elsewhere nothing)."""
     if sys.platform.startswith("linux"):
-        # SIGKILL when the thread that started this process exits: the main thread of the
-        # trainer, which starts its loaders' workers.
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)

@@ -82,13 +82,14 @@ def test_torchrun_killed_mid_step_resumes_bit_identically(two_process_run, data_
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_path):
-    # SIGTERM to every process (torchrun, the ranks, their default data-loader workers), as
-    # Slurm or `kill -TERM -- -<process group>` sends it.
+@pytest.mark.parametrize("sig, tree", [(signal.SIGTERM, True), (signal.SIGUSR1, False)], ids=["TERM-all", "USR1-torchrun"])
+def test_stop_signal_under_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_path, sig, tree):
+    # SIGTERM to every process (torchrun, the ranks, their default data-loader workers), as Slurm
+    # or `kill -TERM -- -<process group>` sends it; or SIGUSR1 to torchrun alone, which kills it
+    # (torchrun does not handle it): its ranks then stop as if they had got SIGTERM.
     args = default_workers(train_args(data_root, tmp_path, "--step", "0", "--epochs", "3", "--ckpt_interval", "2"))
     run_dir = _run_dir(tmp_path)
-    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGTERM, nproc=2,
-                             tree=True)
+    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=sig, nproc=2, tree=tree)
     assert code != 0
     assert output.count("stopped by a signal") == 1, output  # reported once: every rank stopped alike
     assert not (run_dir / "step0.pth").exists()

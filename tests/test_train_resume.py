@@ -31,7 +31,7 @@ def test_killed_and_stopped_chained_run_ends_bit_identical(mib_run, data_root, t
 
     # 2. The rerun resumes step 0 mid-epoch; SIGTERM to it once step 0 is done stops it in step 1.
     code, output = run_until(args, lambda: (run_dir / "step0.pth").exists(), sig=signal.SIGTERM)
-    assert f"step 0: resumed from iteration {stopped_at}" in output
+    assert f"step 0: resumed from iteration {stopped_at} (epoch 1 of 1)" in output
     assert code == EXIT_INTERRUPTED, output
     assert list(run_dir.glob("step1-iter*.pth")), "SIGTERM must leave an in-step checkpoint"
     assert not list(run_dir.glob("step0-iter*.pth")), "finished steps keep no in-step checkpoints"
