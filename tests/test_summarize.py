@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from train_cli_worker import REPO_ROOT
 
@@ -24,7 +25,8 @@ summarize = _load_module()
 
 
 def _write_step(logdir, dataset, task, overlap, name, method, step, num_steps, base):
-    """A results file like the training run writes; mIoU values derived from ``base`` and ``step``."""
+    """A results file like the training run writes; mIoU values derived from ``base`` and ``step``, ``new``
+    null at step 0."""
     folder = logdir / (f"{dataset}-{task}" + ("-ov" if overlap else "")) / name
     folder.mkdir(parents=True, exist_ok=True)
     result = {"dataset": dataset, "task": task, "overlap": overlap, "step": step, "num_steps": num_steps,
@@ -34,6 +36,8 @@ def _write_step(logdir, dataset, task, overlap, name, method, step, num_steps, b
     for offset, key in enumerate(("miou_old", "miou_new", "miou_all", "miou_old_fg", "miou_new_fg",
                                   "miou_all_fg")):
         result[key] = base + step / 10 + offset / 100
+    if step == 0:
+        result["miou_new"] = result["miou_new_fg"] = None
     (folder / f"step{step}.json").write_text(json.dumps(result))
     return result
 
@@ -125,3 +129,97 @@ def test_command_line(logdir, tmp_path_factory):
     assert empty.returncode == 1 and "no step" in empty.stderr
     missing = run(str(folder / "nowhere"))
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+@pytest.fixture
+def plot_logdir(tmp_path):
+    """voc 10-5-5 (3 steps): MiB finished, FT stopped after step 1; voc 10-5-5 ov: MiB at step 0 only."""
+    folder = tmp_path / "logs"
+    runs = {"mib": [], "ft": [], "mib_ov": []}
+    for step in range(3):
+        runs["mib"].append(_write_step(folder, "voc", "10-5-5", False, "MiB", "MiB", step, 3, 0.5))
+    for step in range(2):
+        runs["ft"].append(_write_step(folder, "voc", "10-5-5", False, "ft-run", "FT", step, 3, 0.1))
+    runs["mib_ov"].append(_write_step(folder, "voc", "10-5-5", True, "MiB", "MiB", 0, 3, 0.4))
+    return folder, runs
+
+
+def test_plot_draws_every_step_of_every_run(plot_logdir, tmp_path):
+    folder, runs = plot_logdir
+    out = tmp_path / "plots" / "miou.png"  # the missing folder is created
+    figure = summarize.plot_runs(summarize.load_runs(folder), out)
+    assert figure.get_suptitle() == "mIoU per step, with background"
+    axes = {axis.get_title(): axis for axis in figure.axes}
+    assert list(axes) == ["voc 10-5-5", "voc 10-5-5 ov"]
+    lines = {line.get_label(): line for line in axes["voc 10-5-5"].get_lines()}
+    # x: the steps found (step 0 has no new value); y: the JSON's with-background values in percent.
+    expected_steps = {("MiB/MiB", "mib"): {"old": [0, 1, 2], "new": [1, 2], "all": [0, 1, 2]},
+                      ("FT/ft-run", "ft"): {"old": [0, 1], "new": [1], "all": [0, 1]}}
+    assert sorted(lines) == sorted(f"{row} {quantity}" for row, _ in expected_steps
+                                   for quantity in ("old", "new", "all"))
+    for (row, run), by_quantity in expected_steps.items():
+        for quantity, steps in by_quantity.items():
+            line = lines[f"{row} {quantity}"]
+            assert list(line.get_xdata()) == steps
+            values = [100 * runs[run][step][f"miou_{quantity}"] for step in steps]
+            assert list(line.get_ydata()) == pytest.approx(values)
+            assert line.get_marker() != "None"
+    # One colour per run, one line style per quantity.
+    assert {lines[f"MiB/MiB {q}"].get_color() for q in ("old", "new", "all")} == {lines["MiB/MiB old"].get_color()}
+    assert lines["MiB/MiB old"].get_color() != lines["FT/ft-run old"].get_color()
+    assert len({lines[f"MiB/MiB {q}"].get_linestyle() for q in ("old", "new", "all")}) == 3
+    assert lines["MiB/MiB new"].get_linestyle() == lines["FT/ft-run new"].get_linestyle()
+    ov_lines = {line.get_label(): line for line in axes["voc 10-5-5 ov"].get_lines()}
+    assert sorted(ov_lines) == ["MiB/MiB all", "MiB/MiB old"]  # step 0 only: no new value, no new line
+    assert list(ov_lines["MiB/MiB all"].get_ydata()) == pytest.approx([100 * runs["mib_ov"][0]["miou_all"]])
+    for axis in axes.values():
+        assert axis.get_xlabel() == "step" and axis.get_ylabel() == "mIoU (%)"
+        assert axis.get_xlim() == (-0.25, 2.25)  # the whole task, also for unfinished runs
+        assert all(float(tick).is_integer() for tick in axis.get_xticks())
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["FT/ft-run", "MiB/MiB", "old", "new", "all"]
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > 0 and image.height > 0
+        image.verify()
+    assert out.stat().st_size > 0
+    assert list(out.parent.iterdir()) == [out]  # no temporary file left
+
+
+def test_plot_command_line(plot_logdir, tmp_path, capsys):
+    folder, _ = plot_logdir
+    out = tmp_path / "miou.png"
+    assert summarize.main([str(folder), "--plot", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "| MiB/MiB |" in captured.out  # the tables are still printed
+    assert captured.err == f"plot written to {out}\n"
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+    assert summarize.main([str(folder), "--csv", "--plot", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("method,name,dataset")  # stdout stays plain CSV
+
+
+def test_tables_do_not_import_matplotlib(plot_logdir):
+    folder, _ = plot_logdir
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('summarize', sys.argv[1]); "
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+            "assert module.main([sys.argv[2]]) == 0; assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+    run = subprocess.run([sys.executable, "-c", code, SCRIPT, str(folder)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_plot_errors(plot_logdir, tmp_path, capsys):
+    folder, _ = plot_logdir
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert summarize.main([str(empty), "--plot", str(tmp_path / "miou.png")]) == 1
+    assert "no step" in capsys.readouterr().err and not (tmp_path / "miou.png").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker / "miou.png", tmp_path / "a-folder.png"):  # no folder can be made; a folder is in the way
+        (tmp_path / "a-folder.png").mkdir(exist_ok=True)
+        assert summarize.main([str(folder), "--plot", str(out)]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"cannot write {out}:") and len(error.splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "a-folder.png", "empty", "logs"]
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main([str(folder), "--plot", str(tmp_path / "miou.pdf")])
+    assert exit_info.value.code == 2 and "miou.pdf" in capsys.readouterr().err
