@@ -115,10 +115,12 @@ _TEMPLATE = """\
 # Time limit and preemption: Slurm sends USR1 to this script shortly before the time limit
 # (--signal; it may come up to a minute early) and USR1 or TERM on preemption. The script passes
 # the signal on to every rank; they finish the current iteration, write an in-step checkpoint and
-# exit with code 3. The script then requeues the job (scontrol requeue): it starts again with the
-# same job id and log, resumes from the checkpoint and ends with the same weights as a run that
-# was never stopped. Any other failure is final: the job fails and cancels the pending jobs that
-# wait for it to succeed (--dependency=afterok), so no job of a chain is left pending forever.
+# exit with code 3. srun logs that as "srun: error: <node>: task N: Exited with exit code 3"; it is
+# the expected stop, not a failure, as the script's next log line says. The script then requeues
+# the job (scontrol requeue): it starts again with the same job id and log, resumes from the
+# checkpoint and ends with the same weights as a run that was never stopped. Any other failure is
+# final: the job fails and cancels the pending jobs that wait for it to succeed
+# (--dependency=afterok), so no job of a chain is left pending forever.
 #
 # Options on the sbatch command line win over the #SBATCH lines below.
 {sbatch_lines}
@@ -211,7 +213,7 @@ if [ "$status" = "$EXIT_INTERRUPTED" ] || [ -n "$stopped" ]; then
         exit "$status"
     fi
     if [ "$status" = "$EXIT_INTERRUPTED" ]; then
-        log "stopped with an in-step checkpoint; requeueing the job (restart $((RESTARTS + 1))), it resumes from the checkpoint"
+        log "stopped with an in-step checkpoint: exit code $EXIT_INTERRUPTED (srun's 'Exited with exit code $EXIT_INTERRUPTED' above) is the expected stop after a signal, not a failure; requeueing the job (restart $((RESTARTS + 1))), it resumes from the checkpoint"
     else
         log "stopped by SIG$stopped before a checkpoint (train.py exit code $status); requeueing the job (restart $((RESTARTS + 1))), it resumes from its last checkpoint"
     fi

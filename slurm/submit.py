@@ -6,12 +6,14 @@
 
 The train.py options are checked now, so that a wrong task, method, dataset folder or an
 unwritable output folder is reported before anything is queued. The job scripts (see
-``slurm/jobscript.py``) and the job logs go to ``<logdir>/<dataset>-<task>[-ov]/<name>/slurm/``.
+``slurm/jobscript.py``) and the job logs go to ``<logdir>/<dataset>-<task>[-ov]/<name>/slurm/``;
+squeue shows the jobs as ``<dataset>-<task>[-ov]-<name>-<step>``, e.g. ``voc-15-5-ov-MiB-step1``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -148,6 +150,15 @@ def check_train_options(train_args: List[str]) -> argparse.Namespace:
     return opts
 
 
+def job_name(setting: str, name: str, label: str) -> str:
+    """``<dataset>-<task>[-ov]-<name>-<step label>``, e.g. ``voc-15-5-ov-MiB-step1``: what squeue shows.
+
+    Other characters than letters, digits, ``.``, ``_`` and ``-`` become ``_``: a space would end
+    the #SBATCH line's value and a ``/`` would make a folder of the log file pattern's ``%x``.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{setting}-{name}-{label}")
+
+
 def plan_jobs(args: argparse.Namespace, train_args: List[str]) -> List[Job]:
     """The jobs to submit, in order (each one after the previous one)."""
     if args.nodes < 1 or args.gpus_per_node < 0 or args.cpus_per_task < 1:
@@ -183,7 +194,7 @@ def plan_jobs(args: argparse.Namespace, train_args: List[str]) -> List[Job]:
         step_text = f"step {steps[0]}" if len(steps) == 1 else f"steps {','.join(map(str, steps))}"
         log_path = str(slurm_dir / f"{label}-%j.log")
         spec = JobSpec(
-            job_name=f"{opts.name}-{setting}-{label}",
+            job_name=job_name(setting, opts.name, label),
             description=f"{step_text} of {opts.dataset} {opts.task}"
             + (" overlapped" if opts.overlap else "") + f", run {opts.name}",
             nodes=args.nodes,

@@ -101,6 +101,7 @@ def test_chain_stopped_mid_step_requeues_and_ends_bit_identical(cluster, data_ro
     assert [label for label, _, _ in jobs] == ["step0", "step1"]
     ids = [job_id for _, job_id, _ in jobs]
     assert _job_field(ids[1], "Dependency") == f"afterok:{ids[0]}(unfulfilled)"
+    assert _job_field(ids[0], "JobName") == "synthetic-15-5-run-step0"
 
     run_dir = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
     log0 = jobs[0][2]
@@ -192,7 +193,15 @@ def test_dry_run_prints_the_chain(data_root, tmp_path, capsys):
         f"job1=$(sbatch --parsable --dependency=afterok:$job0 --kill-on-invalid-dep=yes {run_logs / 'step1.sbatch'})",
     ]
     assert "--step 0 " in out.split("step1.sbatch")[0] and "--step 1 " in out.split("step1.sbatch")[1]
+    assert re.findall(r"^#SBATCH --job-name=(\S+)", out, flags=re.M) == ["synthetic-15-5-run-step0",
+                                                                         "synthetic-15-5-run-step1"]
     assert not (tmp_path / "logs").exists()
+
+
+def test_job_names_say_dataset_task_name_and_step():
+    assert submit.job_name("voc-15-5-ov", "MiB", "step1") == "voc-15-5-ov-MiB-step1"
+    # Nothing that would end the #SBATCH value or make a folder of the log pattern's %x.
+    assert submit.job_name("ade-100-50", "my run/2%", "all") == "ade-100-50-my_run_2_-all"
 
 
 @pytest.mark.parametrize(

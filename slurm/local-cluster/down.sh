@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# slurm/local-cluster/down.sh: stop the single-node Slurm cluster started by up.sh.
-# Cancels all jobs, waits for them to end, then stops slurmd, slurmctld and (only if up.sh started it) munged, each
-# by the PID in its PID file (checked against /proc/PID/comm first).
-# Never kills by process name. Safe to run when nothing is running.
+# slurm/local-cluster/down.sh: stop the single-node Slurm cluster that up.sh started with the same
+# SLURM_LOCAL_ROOT (default /tmp/slurm-local). Cancels its jobs, waits for them to end, then stops
+# slurmd, slurmctld and (only if up.sh started it) munged, each by the PID in its PID file under
+# $SLURM_LOCAL_ROOT (checked against /proc/PID/comm first). Never kills by process name.
+# Safe to run when nothing is running.
+#
+# A slurmctld or slurmd that those PID files do not name (another cluster, or up.sh's with another
+# SLURM_LOCAL_ROOT) is reported and left alone: its jobs are not cancelled, and munged keeps running
+# for it.
 #
 #   --wipe    also remove $SLURM_LOCAL_ROOT (state, spool, logs)
-#   --purge   also --wipe, remove /etc/slurm/slurm.conf (if ours) and apt-get
-#             purge slurmctld slurmd slurm-client slurm-wlm-basic-plugins munge
+#   --purge   also --wipe, remove the config (if up.sh wrote it) and apt-get purge slurmctld
+#             slurmd slurm-client slurm-wlm-basic-plugins munge; refused while such a daemon runs
+#
+# Tunables (environment): SLURM_LOCAL_ROOT and SLURM_LOCAL_CONF, as for up.sh.
 set -uo pipefail
 
 ROOT=${SLURM_LOCAL_ROOT:-/tmp/slurm-local}
-CONF=/etc/slurm/slurm.conf
+CONF=${SLURM_LOCAL_CONF:-/etc/slurm/slurm.conf}
+export SLURM_CONF=$CONF
 MARK="# managed by slurm/local-cluster/up.sh"
 WIPE=0; PURGE=0
 for a in "$@"; do
-  case "$a" in --wipe) WIPE=1 ;; --purge) PURGE=1; WIPE=1 ;; *) echo "unknown arg $a" >&2; exit 2 ;; esac
+  case "$a" in
+    --wipe) WIPE=1 ;;
+    --purge) PURGE=1; WIPE=1 ;;
+    *) echo "[slurm-down] unknown argument '$a'; usage: bash $0 [--wipe|--purge]" >&2; exit 2 ;;
+  esac
 done
 log() { echo "[slurm-down] $*" >&2; }
+if [ "$(id -u)" != 0 ]; then   # the daemons are root's: a user runs the script through sudo
+  command -v sudo >/dev/null || { log "must run as root, and sudo is not installed"; exit 1; }
+  exec sudo -E bash "$0" "$@"
+fi
 
 pid_alive() {
   local f=$1 name=$2 pid
@@ -34,10 +50,38 @@ stop_pid() {   # stop_pid FILE NAME
   fi
   rm -f "$f"
 }
+# stray_daemons: "NAME PID" for each slurmctld/slurmd running that $ROOT/NAME.pid does not name.
+# Only those seen twice, 0.3 s apart, count: slurmd forks briefly as a job step starts.
+stray_daemons() {
+  local first
+  first=$(scan_daemons)
+  [ -n "$first" ] || return 0
+  sleep 0.3
+  scan_daemons | grep -Fx -- "$first"
+}
+scan_daemons() {
+  local f name pid
+  for f in /proc/[0-9]*/comm; do
+    { read -r name <"$f"; } 2>/dev/null || continue
+    case "$name" in slurmctld|slurmd) ;; *) continue ;; esac
+    pid=${f#/proc/}; pid=${pid%/comm}
+    [ "$pid" = "$(cat "$ROOT/$name.pid" 2>/dev/null)" ] || echo "$name $pid"
+  done
+}
 
-# 1. cancel every job while the controller still answers, and wait for the
-#    job steps (slurmstepd + user processes) to be gone
-if pid_alive "$ROOT/slurmctld.pid" slurmctld && command -v squeue >/dev/null; then
+mapfile -t strays < <(stray_daemons)
+for d in "${strays[@]}"; do
+  log "left alone, with its jobs: ${d% *} (pid ${d#* }), not started by up.sh with SLURM_LOCAL_ROOT=$ROOT ($ROOT/${d% *}.pid does not name it)"
+done
+if [ ${#strays[@]} -gt 0 ] && [ "$PURGE" = 1 ]; then
+  log "ERROR: --purge would remove the packages those Slurm daemons run on; nothing was changed"
+  exit 1
+fi
+
+# 1. cancel every job while our controller still answers (the config must be ours too: squeue
+#    asks the controller it names), and wait for the job steps (slurmstepd + user processes) to be gone
+if pid_alive "$ROOT/slurmctld.pid" slurmctld && grep -qF "$MARK" "$CONF" 2>/dev/null \
+   && command -v squeue >/dev/null; then
   jobs=$(squeue -h -o '%A' 2>/dev/null | tr '\n' ' ')
   if [ -n "${jobs// /}" ]; then
     log "cancelling jobs: $jobs"
@@ -56,10 +100,12 @@ fi
 # 2. daemons, in reverse order of start
 stop_pid "$ROOT/slurmd.pid" slurmd
 stop_pid "$ROOT/slurmctld.pid" slurmctld
-if [ -f "$ROOT/munged.pid" ]; then     # only if up.sh started it
-  stop_pid "$ROOT/munged.pid" munged
-else
+if [ ! -f "$ROOT/munged.pid" ]; then
   log "munged not started by up.sh; left alone"
+elif [ ${#strays[@]} -gt 0 ]; then
+  log "munged left running for the Slurm daemons above"
+else
+  stop_pid "$ROOT/munged.pid" munged
 fi
 
 if [ "$WIPE" = 1 ]; then log "removing $ROOT"; rm -rf "$ROOT"; fi

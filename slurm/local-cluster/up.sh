@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # slurm/local-cluster/up.sh: bring up a real single-node Slurm cluster on this machine
-# (Debian/Ubuntu with Slurm 22.05 or later, root, no systemd needed), to try slurm/submit.py
+# (Debian/Ubuntu with Slurm 22.05 or later, root (a user runs it through sudo), no systemd), to try slurm/submit.py
 # without a cluster; the Slurm tests (tests/test_slurm.py) run against it.
 #
-# Idempotent: installs packages only if missing, rewrites the config only if it
-# changed, starts only the daemons that are not already running (restarts them
-# when the config changed), then waits until the node is idle.
+#   bash slurm/local-cluster/up.sh [--replace-existing]
+#
+# Idempotent for its own cluster: installs packages only if missing, rewrites the config only if
+# it changed, starts only the daemons that are not already running (restarts them when the
+# config changed), then waits until the node is idle.
+#
+# It never takes over a Slurm it did not start: when the config lacks this script's marker line,
+# or a slurmctld or slurmd runs that its PID files under $SLURM_LOCAL_ROOT do not name (another
+# cluster, or this script's with another SLURM_LOCAL_ROOT), or a slurmctld answers 'scontrol ping'
+# while its own is not running, it says what it found and exits with 1, changing nothing.
+# --replace-existing takes such a cluster over instead: it stops those daemons by PID (their jobs
+# are lost), backs up a foreign config to slurm.conf.bak.<time> and starts its own. A munged
+# already running is used as it is and left alone.
 #
 # Everything lives under $SLURM_LOCAL_ROOT (default /tmp/slurm-local): state,
 # spool, logs and the PID files of the daemons this script started. The
@@ -22,18 +32,37 @@
 #   SLURM_LOCAL_FRESH    1 = start the daemons with -c: forget queued/running
 #                        jobs of an earlier run (default 1). Job ids restart
 #                        at 1 only after down.sh --wipe.
+#   SLURM_LOCAL_CONF     the config file (default /etc/slurm/slurm.conf); another path is
+#                        for tests only: Slurm commands outside this script would need
+#                        SLURM_CONF to find it
 set -euo pipefail
 
 ROOT=${SLURM_LOCAL_ROOT:-/tmp/slurm-local}
-CONF=/etc/slurm/slurm.conf
+CONF=${SLURM_LOCAL_CONF:-/etc/slurm/slurm.conf}
+export SLURM_CONF=$CONF   # the daemons and commands started here read this config
 MARK="# managed by slurm/local-cluster/up.sh"
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
 FRESH=${SLURM_LOCAL_FRESH:-1}
+HERE=$(dirname "$0")
+USAGE="usage: bash $0 [--replace-existing]"
 
 log() { echo "[slurm-up] $*" >&2; }
 die() { echo "[slurm-up] ERROR: $*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || die "must run as root (daemons, /etc/slurm, munge key)"
+REPLACE=0
+for a in "$@"; do
+  case "$a" in
+    --replace-existing) REPLACE=1 ;;
+    -h|--help) echo "$USAGE"; exit 0 ;;
+    *) echo "[slurm-up] unknown argument '$a'; $USAGE" >&2; exit 2 ;;
+  esac
+done
+
+# Root is needed (daemons, /etc/slurm, the munge key): a user runs the script through sudo.
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null || die "must run as root (daemons, /etc/slurm, munge key), and sudo is not installed"
+  exec sudo -E bash "$0" "$@"
+fi
 
 # pid_alive FILE NAME: true when FILE holds the PID of a live process called NAME
 pid_alive() {
@@ -42,6 +71,67 @@ pid_alive() {
   pid=$(cat "$f" 2>/dev/null) || return 1
   [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$name" ]
 }
+
+# stop_process PID NAME: TERM, and KILL after 10 s, if PID is still a process called NAME
+stop_process() {
+  local pid=$1 name=$2
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 0
+  log "stopping $name (pid $pid)"
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+  [ -d "/proc/$pid" ] && kill -9 "$pid" 2>/dev/null || true
+}
+
+# stray_daemons: "NAME PID" for each slurmctld/slurmd running that $ROOT/NAME.pid does not name.
+# Only those seen twice, 0.3 s apart, count: slurmd forks briefly as a job step starts.
+stray_daemons() {
+  local first
+  first=$(scan_daemons)
+  [ -n "$first" ] || return 0
+  sleep 0.3
+  scan_daemons | grep -Fx -- "$first" || true
+}
+scan_daemons() {
+  local f name pid
+  for f in /proc/[0-9]*/comm; do
+    { read -r name <"$f"; } 2>/dev/null || continue
+    case "$name" in slurmctld|slurmd) ;; *) continue ;; esac
+    pid=${f#/proc/}; pid=${pid%/comm}
+    [ "$pid" = "$(cat "$ROOT/$name.pid" 2>/dev/null)" ] || echo "$name $pid"
+  done
+}
+
+# ---------------------------------------------------------------- 0. someone else's Slurm?
+found=()   # what this script did not start, one phrase each
+if [ -s "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
+  found+=("$CONF was not written by up.sh (it lacks the line '$MARK')")
+fi
+mapfile -t strays < <(stray_daemons)
+for d in "${strays[@]}"; do
+  found+=("${d% *} (pid ${d#* }) is running and $ROOT/${d% *}.pid does not name it")
+done
+unseen=0
+# A controller this script cannot see as a process (e.g. in another PID namespace) still answers.
+if [ ${#found[@]} = 0 ] && [ -s "$CONF" ] && ! pid_alive "$ROOT/slurmctld.pid" slurmctld \
+   && timeout 10 scontrol ping 2>/dev/null | grep -q UP; then
+  found+=("a slurmctld answers 'scontrol ping', but no slurmctld process runs here")
+  unseen=1
+fi
+if [ ${#found[@]} -gt 0 ]; then
+  what=$(printf '%s; ' "${found[@]}"); what=${what%; }
+  if [ "$REPLACE" = 0 ]; then
+    other=$(grep -F "$MARK" "$CONF" 2>/dev/null | sed -n '1s/.* root=\(.*\))$/\1/p' || true)
+    if [ -n "$other" ] && [ "$other" != "$ROOT" ]; then
+      hint="$CONF says up.sh started it with SLURM_LOCAL_ROOT=$other: to stop it, run 'SLURM_LOCAL_ROOT=$other bash $HERE/down.sh'"
+    else
+      hint="if up.sh started it with another SLURM_LOCAL_ROOT, stop it with 'SLURM_LOCAL_ROOT=<that root> bash $HERE/down.sh'"
+    fi
+    die "found a Slurm that up.sh did not start with SLURM_LOCAL_ROOT=$ROOT: $what. Nothing was changed. To use that cluster as it is, submit to it without running up.sh; to take it over (the daemons found are stopped and their jobs lost; a config up.sh did not write is backed up, then replaced), rerun with --replace-existing; $hint."
+  fi
+  [ "$unseen" = 0 ] || die "--replace-existing cannot stop a slurmctld that it cannot see: $what"
+  log "--replace-existing: taking over: $what"
+  for d in "${strays[@]}"; do stop_process "${d#* }" "${d% *}"; done
+fi
 
 # ---------------------------------------------------------------- 1. install
 mkdir -p "$ROOT"/{state,spool,log}
@@ -146,31 +236,26 @@ PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTi
 PartitionName=high  Nodes=$NODE Default=NO  MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 
-mkdir -p /etc/slurm
+mkdir -p "$(dirname "$CONF")"
 changed=0
 if ! cmp -s "$new" "$CONF"; then
   if [ -s "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
-    cp -p "$CONF" "$CONF.bak.$(date +%s)"; log "backed up foreign $CONF"
+    backup=$CONF.bak.$(date +%s)
+    cp -p "$CONF" "$backup"; log "backed up foreign $CONF to $backup"
   fi
   install -m 644 "$new" "$CONF"; changed=1; log "wrote $CONF"
 fi
 rm -f "$new"
 # cgroup.conf is not read with proctrack/linuxproc + task/none; keep a stub
 # so a later switch to cgroup plugins does not trip over a missing file.
-[ -e /etc/slurm/cgroup.conf ] || echo "CgroupPlugin=autodetect" >/etc/slurm/cgroup.conf
+CGROUP_CONF=$(dirname "$CONF")/cgroup.conf
+[ -e "$CGROUP_CONF" ] || echo "CgroupPlugin=autodetect" >"$CGROUP_CONF"
 
 # ---------------------------------------------------------------- 4. daemons
-stop_pid() {   # stop_pid FILE NAME
-  local f=$1 name=$2 pid
-  pid_alive "$f" "$name" || return 0
-  pid=$(cat "$f"); log "stopping $name (pid $pid)"
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-  [ -d "/proc/$pid" ] && kill -9 "$pid" 2>/dev/null || true
-}
 if [ "$changed" = 1 ]; then
-  stop_pid "$ROOT/slurmd.pid" slurmd
-  stop_pid "$ROOT/slurmctld.pid" slurmctld
+  for name in slurmd slurmctld; do
+    if pid_alive "$ROOT/$name.pid" "$name"; then stop_process "$(cat "$ROOT/$name.pid")" "$name"; fi
+  done
 fi
 
 clean=(); [ "$FRESH" = 1 ] && clean=(-c)

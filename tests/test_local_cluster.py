@@ -1,0 +1,186 @@
+"""slurm/local-cluster/up.sh and down.sh never take over, stop or cancel the jobs of a Slurm they did not start.
+
+Most tests run the scripts against the local cluster of tests/test_slurm.py (the one up.sh runs with
+its default SLURM_LOCAL_ROOT, started here when none answers) without disturbing it: with another
+SLURM_LOCAL_ROOT that cluster is someone else's. The takeover (--replace-existing) runs in namespaces
+of its own (unshare: processes, network, /etc/slurm), where a second cluster cannot meet the first.
+"""
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from train_cli_worker import REPO_ROOT
+
+UP = os.path.join(REPO_ROOT, "slurm", "local-cluster", "up.sh")
+DOWN = os.path.join(REPO_ROOT, "slurm", "local-cluster", "down.sh")
+DEFAULT_ROOT = Path("/tmp/slurm-local")
+CONF = Path("/etc/slurm/slurm.conf")
+
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+
+
+def _answers() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    result = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return result.returncode == 0 and "UP" in result.stdout
+
+
+def _daemons() -> dict:
+    """{name: pid} of the slurmctld and slurmd that up.sh started with its default root; {} if not both run."""
+    pids = {}
+    for name in ("slurmctld", "slurmd"):
+        try:
+            pid = (DEFAULT_ROOT / f"{name}.pid").read_text().strip()
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                pids[name] = pid
+        except OSError:
+            pass
+    return pids if len(pids) == 2 else {}
+
+
+def _run(script, *args, **env):
+    return subprocess.run(["bash", script, *args], env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The PIDs of up.sh's running cluster, after the test as before it, and its config's bytes."""
+    if os.geteuid() != 0:
+        pytest.skip("slurm/local-cluster/up.sh needs root")
+    started = False
+    if not _daemons():
+        if _answers():
+            pytest.skip("a Slurm cluster that slurm/local-cluster/up.sh did not start runs here")
+        if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+            pytest.skip("Slurm is not installed and there is no apt-get to install it")
+        subprocess.run(["bash", UP], check=True, stdin=subprocess.DEVNULL, timeout=600)
+        started = True
+    pids, conf = _daemons(), CONF.read_bytes()
+    yield pids
+    try:
+        assert _daemons() == pids and CONF.read_bytes() == conf and _answers(), "the cluster was disturbed"
+    finally:
+        if started:
+            subprocess.run(["bash", DOWN], check=False, stdin=subprocess.DEVNULL, timeout=300)
+
+
+def test_up_refuses_a_cluster_it_did_not_start(cluster, tmp_path):
+    root = tmp_path / "root"
+    result = _run(UP, SLURM_LOCAL_ROOT=str(root))
+    assert result.returncode == 1, result.stderr
+    paragraph = result.stderr.strip()
+    assert "\n" not in paragraph and paragraph.startswith("[slurm-up] ERROR: found a Slurm that up.sh did not start")
+    for name, pid in cluster.items():
+        assert f"{name} (pid {pid}) is running and {root / name}.pid does not name it" in paragraph
+    assert "was not written by up.sh" not in paragraph  # the config is up.sh's, of another root
+    assert "rerun with --replace-existing" in paragraph
+    assert f"to stop it, run 'SLURM_LOCAL_ROOT={DEFAULT_ROOT} bash " in paragraph
+    assert not root.exists(), "nothing was changed"
+
+
+def test_up_refuses_a_config_it_did_not_write(cluster, tmp_path):
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=other\n")
+    result = _run(UP, SLURM_LOCAL_ROOT=str(tmp_path / "root"), SLURM_LOCAL_CONF=str(conf))
+    assert result.returncode == 1, result.stderr
+    assert f"{conf} was not written by up.sh (it lacks the line '# managed by slurm/local-cluster/up.sh')" in (
+        result.stderr)
+    assert conf.read_text() == "ClusterName=other\n" and list(tmp_path.iterdir()) == [conf], "no backup, no state"
+
+
+def test_up_again_is_a_quick_no_op(cluster):
+    # up.sh rewrites a config that differs and restarts the daemons, forgetting their jobs: run it
+    # only with the node and memory that the running cluster's config declares.
+    marker = re.search(r"\(node=(\S+) cpus=(\d+) mem=(\d+)M root=(.*)\)$", CONF.read_text().splitlines()[0])
+    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    if not marker or marker.group(1, 2, 4) != (node, str(len(os.sched_getaffinity(0))), str(DEFAULT_ROOT)):
+        pytest.skip("the running cluster was set up for another node or CPU count: up.sh would restart it")
+    started = time.monotonic()
+    result = _run(UP, SLURM_LOCAL_MEM_MB=marker.group(3))
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 10
+    assert f"slurmctld already running (pid {cluster['slurmctld']})" in result.stderr
+    assert "wrote" not in result.stderr and "starting" not in result.stderr
+
+
+def test_up_refuses_unknown_arguments():
+    result = _run(UP, "--replace")
+    assert result.returncode == 2
+    assert result.stderr == "[slurm-up] unknown argument '--replace'; usage: bash {} [--replace-existing]\n".format(UP)
+
+
+def test_down_with_another_root_leaves_the_cluster_and_its_jobs(cluster, tmp_path):
+    job = subprocess.run(["sbatch", "--parsable", "--hold", "--output=/dev/null", "--wrap", "true"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        result = _run(DOWN, SLURM_LOCAL_ROOT=str(tmp_path / "root"))
+        assert result.returncode == 0, result.stderr
+        for name, pid in cluster.items():
+            assert f"left alone, with its jobs: {name} (pid {pid})" in result.stderr
+        assert "cancelling" not in result.stderr and "stopping" not in result.stderr
+        # --purge would remove the packages the cluster runs on: refused (apt-get is a stand-in here).
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "apt-get").write_text(f"#!/bin/sh\ntouch {tmp_path}/apt-get-ran\n")
+        (tmp_path / "bin" / "apt-get").chmod(0o755)
+        result = _run(DOWN, "--purge", SLURM_LOCAL_ROOT=str(tmp_path / "root"),
+                      PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+        assert result.returncode == 1
+        assert "--purge would remove the packages those Slurm daemons run on; nothing was changed" in result.stderr
+        assert not (tmp_path / "apt-get-ran").exists()
+        state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        assert "JobState=PENDING" in state
+    finally:
+        subprocess.run(["scancel", job])
+
+
+# Runs in new PID, network and mount namespaces: only its own processes are visible, Slurm's ports are
+# its own, /etc/slurm is a tmpfs; munged is the machine's (its socket is a file). Slurm wants an address
+# besides loopback (getaddrinfo with AI_ADDRCONFIG), hence the veth pair.
+TAKEOVER = r"""
+set -u
+ip link set lo up && ip link add v0 type veth peer name v1 && ip addr add 10.254.0.1/24 dev v0 \
+  && ip link set v0 up && ip link set v1 up && mount -t tmpfs tmpfs /etc/slurm || exit 77
+printf 'ClusterName=other\n' >/etc/slurm/slurm.conf
+cp /bin/sleep "$TMP/slurmctld"; "$TMP/slurmctld" 60 &
+fake=$!; echo "fake slurmctld $fake"
+bash "$UP"; echo "refused: $?"
+bash "$UP" --replace-existing; echo "replaced: $?"
+[ -d "/proc/$fake" ] || echo "fake slurmctld stopped"
+ls /etc/slurm; cat /etc/slurm/slurm.conf.bak.*
+scontrol ping
+kill -9 "$(cat "$SLURM_LOCAL_ROOT/slurmctld.pid")" "$(cat "$SLURM_LOCAL_ROOT/slurmd.pid")"
+bash "$UP"; echo "restarted: $?"
+scontrol ping
+bash "$DOWN"; echo "down: $?"
+"""
+
+
+def test_replace_existing_takes_over_in_namespaces_of_its_own(tmp_path):
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("slurmctld") is None:
+        pytest.skip("needs root, unshare and Slurm installed")
+    munge = subprocess.run("munge -n | unmunge", shell=True, capture_output=True)
+    if munge.returncode != 0:
+        pytest.skip("munged does not answer (up.sh would start one for the namespace)")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    env.update({"UP": UP, "DOWN": DOWN, "TMP": str(tmp_path), "SLURM_LOCAL_ROOT": str(tmp_path / "root"),
+                "SLURM_LOCAL_TIMEOUT": "15"})
+    result = subprocess.run(["unshare", "--kill-child", "--pid", "--fork", "--mount-proc", "--net", "--mount",
+                             "bash", "-c", TAKEOVER], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=120)
+    if result.returncode == 77 or result.stderr.startswith("unshare: "):
+        pytest.skip(f"no namespaces for a second cluster here: {result.stderr.strip()}")
+    out = result.stdout + result.stderr
+    fake = re.search(r"fake slurmctld (\d+)", out).group(1)
+    assert "refused: 1" in out and f"slurmctld (pid {fake}) is running" in out, out
+    assert "/etc/slurm/slurm.conf was not written by up.sh" in out, out
+    assert "replaced: 0" in out and "fake slurmctld stopped" in out, out
+    assert re.search(r"slurm\.conf\.bak\.\d+\nClusterName=other\n", out), out  # the foreign config, kept
+    assert len(re.findall(r"Slurmctld\(primary\) at \S+ is UP", out)) == 2, out
+    assert "restarted: 0" in out and "down: 0" in out, out
