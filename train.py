@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 # Only the option parser is imported before parsing: --help and usage errors need no torch.
 from segmentation.engine.options import HELP_POINTER, debug_requested, parse_options
@@ -23,13 +24,21 @@ from segmentation.launch_env import read_env
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 3
+# How long a process other than rank 0 waits under torchrun before it exits with an error that
+# rank 0 reports: torchrun stops the other processes as soon as one exits.
+REPORT_GRACE_SECONDS = 5.0
 
 
 def cli(argv: list[str] | None = None) -> int:
     env = read_env()
     # Every process of a launch parses the same options: the first one reports what is wrong.
-    with _quiet(env.rank != 0):
-        opts = parse_options(argv)
+    try:
+        with _quiet(env.rank != 0):
+            opts = parse_options(argv)
+    except SystemExit as stop:
+        if stop.code:
+            _let_rank_0_report(env.rank)
+        raise
     from segmentation.engine.logger import setup_logging
     from segmentation.engine.preflight import SetupError, UsageError
     from segmentation.engine.run import RUN_FAILURES, main
@@ -37,7 +46,7 @@ def cli(argv: list[str] | None = None) -> int:
     from segmentation.signals import stop_when_launcher_dies
 
     setup_logging(env.rank)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+    if "TORCHELASTIC_RUN_ID" in os.environ:
         stop_when_launcher_dies()
     try:
         main(opts)
@@ -45,6 +54,8 @@ def cli(argv: list[str] | None = None) -> int:
         if env.rank == 0:  # every process stopped after the same iteration
             print(f"{stopped}; an in-step checkpoint was written, rerun the same command to resume",
                   file=sys.stderr)
+        else:
+            _let_rank_0_report(env.rank)
         return EXIT_INTERRUPTED
     except Exception as error:
         if opts.debug or debug_requested(argv):
@@ -60,8 +71,17 @@ def cli(argv: list[str] | None = None) -> int:
             pointer = HELP_POINTER if isinstance(error, UsageError) else ""
             sys.stdout.flush()
             print(f"train.py: error: {where}{error}{hint}{pointer}", file=sys.stderr)
+        else:
+            _let_rank_0_report(env.rank)
         return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
     return 0
+
+
+def _let_rank_0_report(rank: int) -> None:
+    """Under torchrun, on a rank other than 0: wait, so that rank 0 can print the error (or stop)
+    that every process met before torchrun ends it. srun waits for every process itself."""
+    if rank != 0 and "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(REPORT_GRACE_SECONDS)
 
 
 @contextlib.contextmanager

@@ -23,8 +23,8 @@ an ETA are printed after every run.
 ``--jobs`` runs that many trainings at once (each with its share of the cores as threads), a run
 starting once the step-0 model it needs is finished. On a small CPU this is much faster than one
 run at a time: a small model on 64-pixel crops keeps two threads poorly busy, and process start,
-checkpoints and evaluation are mostly single-threaded. Each run writes its output to
-``train.log`` in its own log folder.
+checkpoints and evaluation are mostly single-threaded. Each run's console output (its command
+first) goes to ``console.log`` in its own log folder, beside the ``train.log`` that train.py writes.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class Job:
 
     @property
     def log(self) -> Path:
-        return self.results.parent / "train.log"
+        return self.results.parent / "console.log"
 
 
 @dataclass

@@ -41,6 +41,7 @@ def test_tiny_grid_writes_table_and_plot_and_restarts_without_training(data_root
     # Two at a time, each run waiting for its step 0: every run ended, each with its own log.
     logs = tmp_path / "logs" / "synthetic-15-5"
     for name in ("step0-shared", "FT", "EWC", "MiB"):
+        assert "results written" in (logs / name / "console.log").read_text(), name
         assert "results written" in (logs / name / "train.log").read_text(), name
     checkpoints = tmp_path / "checkpoints" / "synthetic-15-5"
     shared = checkpoints / "step0-shared" / "step0.pth"
@@ -102,7 +103,7 @@ def test_a_failed_run_stops_the_others_and_keeps_the_wall_time(tmp_path, monkeyp
     grid = module.Grid([], [], [], [], tmp_path)
     grid.jobs = [module.Job("long", [], tmp_path / "long" / "r.json", work=2),
                  module.Job("bad", [], tmp_path / "bad" / "r.json", work=1)]
-    with pytest.raises(SystemExit, match="run 'bad' failed with exit code 5; see .*bad/train.log"):
+    with pytest.raises(SystemExit, match="run 'bad' failed with exit code 5; see .*bad/console.log"):
         module.run_grid(grid, nproc=1, jobs=2, threads=1)
     assert stopped.is_file()
     timings = json.loads((tmp_path / "timings.json").read_text())

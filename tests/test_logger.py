@@ -12,7 +12,9 @@ from segmentation.engine import logger as logger_module
 from segmentation.engine.logger import (
     Logger,
     Progress,
-    confusion_matrix_image,
+    RunLog,
+    confusion_matrix_figure,
+    figure_image,
     setup_logging,
     to_uint8_image,
 )
@@ -57,7 +59,7 @@ def _log_everything(log):
     log.image("Sample/0", torch.rand(3, 8, 8), 1)
     log.image("Sample_uint8/0", torch.zeros(3, 4, 4, dtype=torch.uint8), 1)
     log.text("Opts/0", "lr: 0.01", 0)
-    log.confusion_matrix("Confusion/0", np.array([[3, 1], [0, 2]]), 0)
+    log.confusion_matrix("Confusion/0", np.array([[3, 1], [0, 2]]), ["a", "b"], 0)
     log.close()
 
 
@@ -77,8 +79,9 @@ def test_writes_event_files_with_tensorboardx(tmp_path):
 class _RecordingWriter:
     instances = []
 
-    def __init__(self, logdir):
+    def __init__(self, logdir, **options):
         self.logdir = logdir
+        self.options = options
         self.calls = []
         _RecordingWriter.instances.append(self)
 
@@ -96,12 +99,14 @@ def test_falls_back_to_torch_tensorboard(tmp_path, monkeypatch):
     assert log.writes_events
     _log_everything(log)
     (writer,) = _RecordingWriter.instances
-    assert writer.logdir == str(tmp_path)
+    assert writer.logdir == str(tmp_path) and writer.options == {"filename_suffix": ""}
     names = [name for name, _, _ in writer.calls]
     assert names == ["add_scalar", "add_image", "add_image", "add_text", "add_image", "close"]
     assert writer.calls[0][1] == ("Loss/0", 0.5, 3)
     image = writer.calls[1][1][1]
     assert image.dtype == np.uint8 and image.shape == (3, 8, 8)
+    figure = writer.calls[4][1][1]
+    assert figure.dtype == np.uint8 and figure.shape == (3, 550, 650)  # 3 x 100 dpi plus 2.5 and 3.5 inches
 
 
 def test_real_torch_tensorboard_when_installed(tmp_path, monkeypatch):
@@ -148,17 +153,65 @@ def test_to_uint8_image():
         to_uint8_image(np.zeros((4, 4)))
 
 
-def test_confusion_matrix_image():
-    image = confusion_matrix_image(np.array([[3, 1], [0, 0]]), cell_pixels=2)
-    assert image.shape == (3, 4, 4) and image.dtype == np.uint8
-    # Row 0: fractions 0.75 and 0.25 between white (255) and dark blue (8, 48, 107); row 1 is empty.
-    white, blue = np.array([255, 255, 255]), np.array([8, 48, 107])
-    assert np.array_equal(image[:, 0, 0], np.round(white + 0.75 * (blue - white)))
-    assert np.array_equal(image[:, 1, 3], np.round(white + 0.25 * (blue - white)))
-    assert np.array_equal(image[:, 3, 0], white) and np.array_equal(image[:, 2, 3], white)
-    assert confusion_matrix_image(torch.eye(16)).shape == (3, 256, 256)
+def test_confusion_matrix_figure_names_both_axes_and_normalises_the_rows():
+    names = ["background", "solid disc", "striped cross"]
+    figure = confusion_matrix_figure(torch.tensor([[3, 1, 0], [0, 0, 0], [0, 2, 2]]), names)
+    matrix_axes, colour_bar = figure.axes
+    assert [label.get_text() for label in matrix_axes.get_xticklabels()] == names
+    assert [label.get_text() for label in matrix_axes.get_yticklabels()] == names
+    assert (matrix_axes.get_xlabel(), matrix_axes.get_ylabel()) == ("prediction", "ground truth")
+    assert "fraction" in colour_bar.get_ylabel()
+    shown = matrix_axes.images[0].get_array()
+    assert np.allclose(shown[0], [0.75, 0.25, 0.0]) and np.allclose(shown[2], [0.0, 0.5, 0.5])
+    assert shown.mask[1].all()  # no pixel of the class: drawn grey, not as zeros
+    image = figure_image(figure)
+    assert image.dtype == np.uint8 and image.shape == (3, 550, 650)
+    assert (image == 204).all(axis=0).any()  # the grey row
     with pytest.raises(ValueError, match="square"):
-        confusion_matrix_image(np.zeros((2, 3)))
+        confusion_matrix_figure(np.zeros((2, 3)), names[:2])
+    with pytest.raises(ValueError, match="3 class names for a 2x2"):
+        confusion_matrix_figure(np.zeros((2, 2)), names)
+
+
+def test_without_matplotlib_the_confusion_matrix_is_left_out_after_one_warning(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("tensorboardX")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    logger_module._matplotlib_available.cache_clear()
+    try:
+        log = Logger(str(tmp_path), enabled=True)
+        with caplog.at_level(logging.WARNING):
+            _log_everything(log)
+            again = Logger(str(tmp_path / "again"), enabled=True)
+            again.confusion_matrix("Confusion/1", np.eye(2), ["a", "b"], 0)
+            again.close()
+    finally:
+        logger_module._matplotlib_available.cache_clear()
+    assert [record.getMessage() for record in caplog.records if "matplotlib" in record.getMessage()] == [
+        "matplotlib is not installed: the confusion matrices are not written to TensorBoard (pip install matplotlib)"]
+    tags = {tag for tag, _, _ in _read_tensorboardx_events(tmp_path)}
+    assert "Loss/0" in tags and not any(tag.startswith("Confusion") for tag in tags)
+
+
+def test_tags_keep_only_the_characters_tensorboard_allows(tmp_path, caplog):
+    pytest.importorskip("tensorboardX")
+    log = Logger(str(tmp_path), enabled=True)
+    with caplog.at_level(logging.INFO):
+        log.scalar("val/class_iou/solid disc", 0.5, 1)
+        log.close()
+    assert ("val/class_iou/solid_disc", "simple_value", 0.5) in _read_tensorboardx_events(tmp_path)
+    assert not caplog.records  # the writer had nothing to replace, so nothing to report
+
+
+def test_file_suffix_replaces_the_earlier_event_file_of_the_same_suffix(tmp_path):
+    pytest.importorskip("tensorboardX")
+    for value, suffix in ((1.0, ".step1"), (2.0, ".step11"), (3.0, ".step1")):
+        log = Logger(str(tmp_path), enabled=True, file_suffix=suffix)
+        log.scalar("test/miou_all", value, int(suffix[5:]))
+        log.close()
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".step1") and files[1].endswith(".step11")
+    assert sorted(_read_tensorboardx_events(tmp_path), key=lambda event: event[2]) == [
+        ("test/miou_all", "simple_value", 2.0), ("test/miou_all", "simple_value", 3.0)]
 
 
 class _FakeClock:
@@ -244,3 +297,32 @@ def test_setup_logging_levels_and_prefix(restore_root_logger, capsys):
     assert "hidden" not in out
     assert "rank1 WARNING segmentation.test: shown" in out
     assert "rank0 INFO segmentation.test: info on rank 0" in out
+
+
+def test_run_log_appends_the_console_lines_and_the_progress_lines(tmp_path, restore_root_logger, capsys):
+    setup_logging(0)
+    log = logging.getLogger("segmentation.test")
+    path = tmp_path / "train.log"
+    path.write_text("an earlier launch\n")
+    run_log = RunLog(path)
+    log.info("step 0: validation on 12 images")
+    plain = Progress(total=3, desc="step 0", enabled=True, every=2, stream=io.StringIO())
+    terminal = Progress(total=2, desc="step 1", enabled=True, every=1, stream=_Terminal())
+    for progress in (plain, terminal):
+        for _ in range(progress.total):
+            progress.update(4)
+        progress.close()
+    run_log.write(log, logging.ERROR, "the run failed")  # printed by the caller
+    run_log.close()
+    run_log.close()  # again: nothing
+    log.info("after the run")
+    console = capsys.readouterr().out.splitlines()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 7 and lines[0] == "an earlier launch"
+    assert lines[1] == console[0]
+    assert lines[1].endswith(" rank0 INFO segmentation.test: step 0: validation on 12 images")
+    # The plain lines of both progresses, on a terminal too (which redraws one line instead).
+    assert [line.split(" INFO segmentation.progress: ")[1].split(" | ")[0] for line in lines[2:6]] == [
+        "step 0 2/3  67%", "step 0 3/3 100%", "step 1 1/2  50%", "step 1 2/2 100%"]
+    assert lines[6].endswith(" rank0 ERROR segmentation.test: the run failed")
+    assert console[1:] == [console[-1]] and console[-1].endswith("after the run")

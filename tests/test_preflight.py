@@ -6,8 +6,9 @@ import torch
 
 from segmentation.engine.original_checkpoint import adapt_checkpoint, convert_original_checkpoint, head_widths
 from segmentation.engine.options import parse_options
-from segmentation.engine.preflight import (Preflight, UsageError, differing_options, nesterov_stability_limit,
-                                           remove_created, stored_options, unstable_penalty_warning)
+from segmentation.engine.preflight import (Preflight, UsageError, _files_of_steps, differing_options,
+                                           nesterov_stability_limit, remove_created, stored_options,
+                                           unstable_penalty_warning)
 from segmentation.models import build_model
 
 BASE = {"lr": 0.01, "incremental_lr": 0.001, "loss_kd": 10.0, "num_workers": 2, "pretrained": "w.pth",
@@ -106,6 +107,21 @@ def test_stored_options_of_a_half_finished_step(tmp_path):
     assert stored_options(checkpoints, logs, 0)["loss_kd"] == 2.0  # the newest in-step checkpoint
     torch.save({"options": dict(BASE, loss_kd=3.0)}, checkpoints / "step0.pth")
     assert stored_options(checkpoints, logs, 0)["loss_kd"] == 3.0  # the step-final one first
+
+
+def test_overwrite_removes_the_files_of_the_replaced_steps_only(tmp_path):
+    checkpoints, logs = tmp_path / "ck", tmp_path / "logs"
+    kept = [checkpoints / "step0.pth", logs / "step0.json", logs / "step0" / "events.out.tfevents.1.host",
+            logs / "test" / "events.out.tfevents.1.host.a.b.step0", logs / "train.log"]
+    replaced = [checkpoints / "step1.pth", checkpoints / "step1-iter4.pth", checkpoints / "step2.pth.corrupt",
+                logs / "step1.json", logs / "eval-step1.json", logs / "step1",
+                logs / "test" / "events.out.tfevents.2.host.a.b.step1", logs / "eval" / "events.out.tfevents.3.host.step2"]
+    for path in kept + replaced:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.name != "step1":
+            path.write_text("")
+    (logs / "step1").mkdir(exist_ok=True)
+    assert sorted(_files_of_steps(checkpoints, logs, 1)) == sorted(replaced)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])

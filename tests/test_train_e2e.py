@@ -65,18 +65,6 @@ def test_rerun_skips_finished_steps(mib_run, data_root, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
-def test_test_mode_reproduces_results(mib_run, data_root, tmp_path):
-    out = copy_run(mib_run, tmp_path)
-    _, logs = _paths(out)
-    test_args = mib_run_args(data_root, out)
-    test_args[test_args.index("--step") + 1] = "1"
-    run_train_in_process([*test_args, "--test"])
-    trained = json.loads((logs / "step1.json").read_text())
-    tested = json.loads((logs / "eval-step1.json").read_text())
-    for key in ("class_iou", "miou_all", "miou_old", "miou_new", "overall_acc", "mean_acc"):
-        assert tested[key] == trained[key]
-
-
 def test_test_mode_without_checkpoint_is_an_error(data_root, tmp_path):
     result = run_train_in_process(train_args(data_root, tmp_path, "--step", "1", "--test"), check=False)
     assert result.returncode == 1
@@ -153,7 +141,7 @@ def test_methods_and_options_train_step1(mib_run, data_root, tmp_path, flags, lo
     low, high = MIB_RUN_SCORES[1]["miou_new"]
     assert low <= results["miou_new"] <= high, results["miou_new"]
     output = result.stdout + result.stderr
-    assert ("validating on 3 held-out training images" in output) == ("--cross_val" in flags)
+    assert ("validation on 3 training images held out by --cross_val" in output) == ("--cross_val" in flags)
     if "--val_on_trainset" in flags:  # tested on the training images, with their own index file
         assert (Path(data_root) / "SyntheticVOC" / "incremental-splits" / "15-5-ov" / "test_on_train-1.npy").is_file()
 
@@ -188,6 +176,7 @@ def test_regularizer_method_from_a_checkpoint_without_its_state_is_an_error(mib_
     assert result.returncode == 1
     assert str(step0) in result.stderr and "has no regularizer state" in result.stderr
     assert "Train step 0 with --method EWC" in result.stderr
+    assert not (tmp_path / "logs").exists()  # its train.log went with the folders it had created
 
 
 @pytest.mark.slow

@@ -1,22 +1,38 @@
-"""TensorBoard logging, console progress and the ``logging`` set-up.
+"""TensorBoard logging, console progress, the ``logging`` set-up and the run's log file.
 
-The caller enables the ``Logger`` and ``Progress`` on rank 0 only
+The caller enables the ``Logger`` and ``Progress`` and opens the ``RunLog`` on rank 0 only
 (``enabled=segmentation.distributed.is_main_process()``), as it does for checkpoint writes; a
 disabled one does nothing. The event-file writer is tensorboardX when installed, else
 ``torch.utils.tensorboard`` (which needs the ``tensorboard`` package), else none: the run goes on
-without event files after one warning.
+without event files after one warning. matplotlib draws the confusion matrices (without it they
+are left out, after one warning).
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
+import re
 import sys
 import time
-from typing import Any, Optional, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, TextIO
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 _log = logging.getLogger(__name__)
+
+# The progress lines also go to this logger, whose only handler is the run's log file (``RunLog``):
+# the console gets them from ``Progress`` itself.
+_progress_log = logging.getLogger("segmentation.progress")
+_progress_log.propagate = False
+
+_LOG_FORMAT = "%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
+_LOG_DATE_FORMAT = "%H:%M:%S"
 
 
 def _summary_writer_class() -> Optional[type]:
@@ -46,29 +62,70 @@ def to_uint8_image(image: Any) -> np.ndarray:
     return (np.clip(image.astype(np.float64), 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def confusion_matrix_image(matrix: Any, cell_pixels: Optional[int] = None) -> np.ndarray:
-    """A CHW uint8 heat map of a confusion matrix (rows: ground truth, columns: prediction).
+@functools.lru_cache(maxsize=None)  # one warning per process
+def _matplotlib_available() -> bool:
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    _log.warning("matplotlib is not installed: the confusion matrices are not written to TensorBoard "
+                 "(pip install matplotlib)")
+    return False
 
-    Each row is normalised by its total (rows without pixels stay white) and drawn from white (0)
-    to dark blue (1); each cell is ``cell_pixels`` wide (default: about 256 pixels in all).
-    """
+
+def confusion_matrix_figure(matrix: Any, class_names: Sequence[str]) -> Figure:
+    """A matplotlib figure of a confusion matrix: rows ground truth, columns prediction, both
+    labelled with ``class_names``; each row normalised by its pixels (grey: a class without
+    pixels); a colour bar. It is drawn on the Agg canvas (``figure_image``)."""
+    # Imported here, with the Agg canvas (no display): importing this module stays cheap.
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     counts = _to_numpy(matrix).astype(np.float64)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
         raise ValueError(f"expected a square confusion matrix, got shape {counts.shape}")
+    size = counts.shape[0]
+    if len(class_names) != size:
+        raise ValueError(f"{len(class_names)} class names for a {size}x{size} confusion matrix")
     totals = counts.sum(axis=1, keepdims=True)
-    fraction = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-    white, dark_blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
-    colours = white[:, None, None] + (dark_blue - white)[:, None, None] * fraction[None]
-    if cell_pixels is None:
-        cell_pixels = max(1, 256 // max(1, counts.shape[0]))
-    colours = colours.repeat(cell_pixels, axis=1).repeat(cell_pixels, axis=2)
-    return colours.round().astype(np.uint8)
+    fraction = np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
+    # About 0.22 inch per class, at most 16 inches (ADE's 151 classes), the labels as large as fits.
+    side = min(16.0, max(3.0, 0.22 * size))
+    font_size = min(8.0, 0.7 * side * 72 / size)
+    figure = Figure(figsize=(side + 3.5, side + 2.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # becomes figure.canvas
+    axes = figure.add_subplot()
+    colours = matplotlib.colormaps["Blues"].with_extremes(bad="0.8")
+    shown = axes.imshow(fraction, cmap=colours, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ticks = np.arange(size)
+    axes.set_xticks(ticks, labels=list(class_names), rotation=90, fontsize=font_size)
+    axes.set_yticks(ticks, labels=list(class_names), fontsize=font_size)
+    axes.set_xlabel("prediction")
+    axes.set_ylabel("ground truth")
+    figure.colorbar(shown, ax=axes, shrink=0.8, label="fraction of the row's ground-truth pixels (grey: none)")
+    return figure
+
+
+def figure_image(figure: Figure) -> np.ndarray:
+    """A figure on the Agg canvas drawn as a CHW uint8 RGB image."""
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].transpose(2, 0, 1).copy()
+
+
+def _tag(tag: str) -> str:
+    # TensorBoard tags keep only these characters; the writers would replace the others
+    # themselves, logging a line each time.
+    return re.sub(r"[^-/\w.]", "_", tag)
 
 
 class Logger:
-    """TensorBoard event files under ``logdir`` (nothing when disabled or ``logdir`` is None)."""
+    """TensorBoard event files under ``logdir`` (nothing when disabled or ``logdir`` is None).
 
-    def __init__(self, logdir: Optional[str], enabled: bool) -> None:
+    With ``file_suffix`` the event file's name ends with it, and the event files of ``logdir``
+    whose names end with it are removed first: a logger per step with the step as suffix keeps
+    one file per step in a folder shared by the steps, replaced when the step is logged again.
+    """
+
+    def __init__(self, logdir: Optional[str], enabled: bool, file_suffix: str = "") -> None:
         self._writer = None
         if not enabled or logdir is None:
             return
@@ -77,7 +134,10 @@ class Logger:
             _log.warning("neither tensorboardX nor tensorboard is installed: no TensorBoard event files "
                          "are written (pip install tensorboardX)")
             return
-        self._writer = writer_class(logdir)
+        if file_suffix:
+            for earlier in Path(logdir).glob(f"events.out.tfevents.*{file_suffix}"):
+                earlier.unlink()
+        self._writer = writer_class(logdir, filename_suffix=file_suffix)
 
     @property
     def writes_events(self) -> bool:
@@ -86,21 +146,22 @@ class Logger:
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self._writer is not None:
-            self._writer.add_scalar(tag, float(value), step)
+            self._writer.add_scalar(_tag(tag), float(value), step)
 
     def image(self, tag: str, image: Any, step: int) -> None:
         """Log a CHW image: uint8, or float with values in [0, 1]."""
         if self._writer is not None:
-            self._writer.add_image(tag, to_uint8_image(image), step, dataformats="CHW")
+            self._writer.add_image(_tag(tag), to_uint8_image(image), step, dataformats="CHW")
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self._writer is not None:
-            self._writer.add_text(tag, text, step)
+            self._writer.add_text(_tag(tag), text, step)
 
-    def confusion_matrix(self, tag: str, matrix: Any, step: int) -> None:
-        """Log a confusion matrix as a row-normalised heat-map image."""
-        if self._writer is not None:
-            self._writer.add_image(tag, confusion_matrix_image(matrix), step, dataformats="CHW")
+    def confusion_matrix(self, tag: str, matrix: Any, class_names: Sequence[str], step: int) -> None:
+        """Log a confusion matrix as a labelled figure (``confusion_matrix_figure``)."""
+        if self._writer is not None and _matplotlib_available():
+            image = figure_image(confusion_matrix_figure(matrix, class_names))
+            self._writer.add_image(_tag(tag), image, step, dataformats="CHW")
 
     def close(self) -> None:
         if self._writer is not None:
@@ -117,7 +178,8 @@ class Progress:
     """Progress of ``total`` iterations: done/total, images/s and ETA, plus caller values.
 
     On a terminal it redraws one line; otherwise (log files, SLURM output) it prints a plain line
-    every ``every`` iterations and at the end. A disabled one prints nothing but still counts.
+    every ``every`` iterations and at the end. These plain lines also go to the run's log file
+    (``RunLog``), on a terminal too. A disabled one prints nothing but still counts.
     """
 
     def __init__(self, total: int, desc: str, enabled: bool, every: int = 10,
@@ -163,32 +225,59 @@ class Progress:
         self.images += n_images
         if not self.enabled:
             return
+        line = self.line(**postfix)
         if self.is_tty:
-            self.stream.write("\r" + self.line(**postfix))
+            self.stream.write("\r" + line)
             self.stream.flush()
-        elif self.done % self.every == 0 or self.done == self.total:
-            self.stream.write(self.line(**postfix) + "\n")
-            self.stream.flush()
-            self._last_printed = self.done
+        if self.done % self.every == 0 or self.done == self.total:
+            self._plain_line(line)
 
     def close(self) -> None:
-        """End the line (terminal) or print the final state if it was not printed (log files)."""
+        """End the line (terminal) and print the final state if it was not printed."""
         if not self.enabled:
             return
         if self.is_tty:
             self.stream.write("\n")
-        elif self._last_printed != self.done:
-            self.stream.write(self.line() + "\n")
-            self._last_printed = self.done
+        if self._last_printed != self.done:
+            self._plain_line(self.line())
         self.stream.flush()
+
+    def _plain_line(self, line: str) -> None:
+        if not self.is_tty:  # a terminal shows it redrawn
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        _progress_log.info("%s", line)
+        self._last_printed = self.done
+
+
+def _formatter(rank: int) -> logging.Formatter:
+    return logging.Formatter(_LOG_FORMAT.format(rank=rank), datefmt=_LOG_DATE_FORMAT)
 
 
 def setup_logging(rank: int) -> None:
     """Configure ``logging``: INFO on rank 0, WARNING on the others, lines prefixed by the rank."""
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(_formatter(rank))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[console], force=True)
+
+
+class RunLog:
+    """The run's log file at ``path``, appended to: the lines ``logging`` prints (in the console's
+    format) and the progress lines, until ``close``. Opened on rank 0 only."""
+
+    def __init__(self, path: Path) -> None:
+        self._handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self._handler.setFormatter(_formatter(0))
+        logging.getLogger().addHandler(self._handler)
+        _progress_log.addHandler(self._handler)
+
+    def write(self, logger: logging.Logger, level: int, message: str) -> None:
+        """A line of ``logger`` for this file only: for what the caller prints on the console
+        without ``logging`` (the error that ends the run)."""
+        self._handler.handle(logger.makeRecord(logger.name, level, "", 0, message, None, None))
+
+    def close(self) -> None:
+        """Stop writing and close the file (again: nothing)."""
+        logging.getLogger().removeHandler(self._handler)
+        _progress_log.removeHandler(self._handler)
+        self._handler.close()

@@ -95,14 +95,23 @@ def stored_options(checkpoint_dir: Path, log_dir: Path, step: int) -> Optional[D
 
 
 def _files_of_steps(checkpoint_dir: Path, log_dir: Path, first_step: int) -> List[Path]:
+    """The files and folders of step ``first_step`` and later: checkpoints, results (``--test``'s
+    too), the steps' event folders, and the test's event files (``test/...step<t>``, ``eval/...``)."""
     found = []
     for folder in (checkpoint_dir, log_dir):
         if folder.is_dir():
             for entry in folder.iterdir():
-                stem = entry.name.split(".")[0].split("-")[0]
-                if stem.startswith("step") and stem[4:].isdigit() and int(stem[4:]) >= first_step:
+                if _is_of_step(entry.name.removeprefix("eval-").split(".")[0].split("-")[0], first_step):
                     found.append(entry)
+    for folder in (log_dir / "test", log_dir / "eval"):
+        if folder.is_dir():
+            found.extend(entry for entry in folder.iterdir() if _is_of_step(entry.name.rsplit(".", 1)[-1], first_step))
     return found
+
+
+def _is_of_step(part: str, first_step: int) -> bool:
+    """Whether ``part`` of a file name is ``step<t>`` with t >= ``first_step``."""
+    return part.startswith("step") and part[4:].isdigit() and int(part[4:]) >= first_step
 
 
 def _make_writable_folder(folder: Path, option: str, created: List[Path]) -> None:

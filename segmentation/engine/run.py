@@ -14,6 +14,11 @@ For each step t of ``opts.steps``:
 A run holds the lock of its checkpoint folder (a second launch of the same run is refused) and
 first removes the temporary files a killed write left there. With ``--test`` only the test runs, on ``--ckpt`` or the step-final checkpoint, and the results go
 to ``eval-step<t>.json`` so that the training results are kept.
+
+What the user reads, in the run's log folder (rank 0): ``train.log``, the console's lines,
+appended by every launch once the checks before training passed; with TensorBoard,
+``step<t>/`` (training and validation of step t, x = iteration or epoch) and ``test/`` (the test
+of every step, x = the step, so the scores draw curves over the steps; ``eval/`` for ``--test``).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,13 +38,14 @@ from segmentation import distributed, tasks
 from segmentation.data import CLASS_NAMES, build_dataset
 from segmentation.data.dataset import held_out_split
 from segmentation.data.palette import colorize
+from segmentation.data.readers import label_family, list_name_for_split
 from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segmentation.engine import checkpoint
 from segmentation.engine.run_lock import RunLock, RunLockedError
 from segmentation.faults import fault_point
 from segmentation.files import WriteError, atomic_write, remove_stale_temporaries
 from segmentation.engine.evaluation import build_eval_loader, evaluate
-from segmentation.engine.logger import Logger
+from segmentation.engine.logger import Logger, RunLog
 from segmentation.engine.methods import build_method_loss
 from segmentation.engine.options import ADE_BALANCED_SPLITS
 from segmentation.engine.original_checkpoint import adapt_checkpoint
@@ -55,6 +61,9 @@ from segmentation.methods.regularizer import Regularizer, build_regularizer
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
+
+# In the run's log folder: what the console showed, appended by every launch of the run.
+RUN_LOG_NAME = "train.log"
 
 # Failures a long run meets (a corrupt checkpoint, a second launch, a full disk, a diverged loss,
 # a hung or dead process): their messages say what happened and what to do, without a traceback.
@@ -315,6 +324,53 @@ class StepRunner:
     def _eval_transform(self):
         return eval_transform(self.opts.crop_size, full_image=self.opts.eval_full_image)
 
+    def _test_dataset(self):
+        return self._dataset("test", self._eval_transform())
+
+    def _evaluation_sets(self, val_set, test_set) -> str:
+        """One line: which images the validation and the test use, which classes they score, and
+        how many images they share."""
+        opts = self.opts
+        step_classes = self.classes[-1] - (1 if self.step == 0 else 0)  # without the background
+        background = " and the background" if label_family(opts.dataset) == "voc" else ""
+        if opts.cross_val:
+            labels = "old classes kept (--no_mask)" if opts.no_mask else "old classes as background"
+            val = (f"{len(val_set)} training images held out by --cross_val (not trained on; labelled as "
+                   f"for training: {labels})")
+        else:
+            val = (f"{len(val_set)} images of the {list_name_for_split(opts.dataset, 'val')!r} list that show "
+                   f"one of this step's {step_classes} classes, scored on these classes{background} (the "
+                   "other classes ignored)")
+        test_list = list_name_for_split(opts.dataset, "train" if opts.val_on_trainset else "test")
+        test = (f"{len(test_set)} images of the {test_list!r} list that show one of the "
+                f"{self.num_channels - 1} classes seen so far, scored on all of them{background}")
+        shared = len(set(val_set.image_paths) & set(test_set.image_paths))
+        if shared == len(val_set) == len(test_set):
+            relation = "the validation images are the test images"
+        elif shared == len(val_set):
+            relation = "every validation image is also a test image"
+        else:
+            relation = f"{shared} of the validation images are also test images"
+        return f"step {self.step}: validation on {val}; test on {test}; {relation}"
+
+    def _evaluate(self, model: nn.Module, loader, fault: str,
+                  num_old_channels: Optional[int] = None) -> Tuple[Dict[str, Any], List[torch.Tensor]]:
+        """The scores of ``model`` on ``loader`` (``evaluate``) and, on rank 0, the sample images of
+        its first ``--sample_num`` batches (their first image: image | ground truth | prediction)."""
+        opts = self.opts
+        samples: List[torch.Tensor] = []
+
+        def on_batch(index: int, images, labels, predictions) -> None:
+            fault_point(fault)
+            if self.main and index < opts.sample_num:
+                samples.append(sample_image(images[0], labels[0], predictions[0]))
+
+        scores = evaluate(
+            model, loader, self.num_channels, self.device, opts.amp, num_old_channels=num_old_channels,
+            channels_last=opts.channels_last, on_batch=on_batch,
+        )
+        return scores, samples
+
     # ---------------------------------------------------------------- training
     def train(self, stop_signal: Optional[StopSignal]) -> None:
         opts = self.opts
@@ -330,10 +386,9 @@ class StepRunner:
             train_positions, val_positions = held_out_split(len(train_set), opts.random_seed)
             val_set = train_set.subset(val_positions, self._eval_transform())
             train_set = train_set.subset(train_positions, train_set.transform)
-            LOGGER.info("step %d: --cross_val: validating on %d held-out training images",
-                        self.step, len(val_set))
         else:
             val_set = self._dataset("val", self._eval_transform())
+        LOGGER.info("%s", self._evaluation_sets(val_set, self._test_dataset()))
         num_old_channels = sum(self.classes[:-1])
         loss = build_method_loss(opts, num_old_channels)
         model, old_model, previous = self._build_models(loss.needs_old_model)
@@ -472,28 +527,14 @@ class StepRunner:
         return state
 
     def _validate(self, model: nn.Module, loader, logger: Logger, epoch: int) -> None:
-        opts = self.opts
-        samples: List[torch.Tensor] = []
-
-        def keep_samples(index: int, images, labels, predictions) -> None:
-            fault_point("validation")
-            if self.main and index < opts.sample_num:
-                samples.append(sample_image(images[0], labels[0], predictions[0]))
-
-        scores = evaluate(
-            model, loader, self.num_channels, self.device, opts.amp,
-            channels_last=opts.channels_last, on_batch=keep_samples,
-        )
+        scores, samples = self._evaluate(model, loader, "validation")
         LOGGER.info(
             "step %d epoch %d validation: mIoU %s, overall acc %s",
             self.step, epoch, _percent(scores["miou"]), _percent(scores["overall_acc"]),
         )
         logger.scalar("val/miou", scores["miou"] or 0.0, epoch)
         logger.scalar("val/overall_acc", scores["overall_acc"] or 0.0, epoch)
-        logger.text("val/class_iou", _class_table(scores["class_iou"], self._class_names()), epoch)
-        logger.confusion_matrix("val/confusion_matrix", scores["confusion_matrix"], epoch)
-        for index, image in enumerate(samples):
-            logger.image(f"val/sample_{index}", image, epoch)
+        _log_evaluation(logger, "val", scores, self._class_names(), samples, epoch)
 
     # ---------------------------------------------------------------- test
     def _class_names(self) -> List[str]:
@@ -515,13 +556,10 @@ class StepRunner:
         model = model.to(self.device)
         if opts.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        test_set = self._dataset("test", self._eval_transform())
+        test_set = self._test_dataset()
         with distributed.waiting_for(f"the test of step {self.step}"):
-            scores = evaluate(
-                model, self._eval_loader(test_set), self.num_channels, self.device, opts.amp,
-                num_old_channels=self.classes[0], channels_last=opts.channels_last,
-                on_batch=lambda *batch: fault_point("test"),
-            )
+            scores, samples = self._evaluate(model, self._eval_loader(test_set), "test",
+                                             num_old_channels=self.classes[0])
         results = {
             "dataset": opts.dataset,
             "task": opts.task,
@@ -544,17 +582,21 @@ class StepRunner:
         results["train_images_per_second"] = images / seconds if seconds and images else None
         results["options"] = vars(opts)
         if self.main:
-            write_json(results, results_path)
-            logger = Logger(str(self.log_dir / f"step{self.step}"), enabled=opts.visualize)
-            logger.text("test/class_iou", _class_table(scores["class_iou"], self._class_names()), self.step)
-            logger.confusion_matrix("test/confusion_matrix", scores["confusion_matrix"], self.step)
-            for key in ("miou_all", "miou_old", "miou_new", "miou_all_fg", "overall_acc"):
+            # One event folder for all the steps, the step as global step: TensorBoard draws each
+            # score as a curve over the steps. The events go before the results file, which marks
+            # the step as tested: a test killed in between is run again and replaces them.
+            logger = Logger(str(self.log_dir / ("eval" if opts.test else "test")), enabled=opts.visualize,
+                            file_suffix=f".step{self.step}")
+            for key in ("miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg",
+                        "overall_acc"):
                 if scores[key] is not None:
                     logger.scalar(f"test/{key}", scores[key], self.step)
+            _log_evaluation(logger, "test", scores, self._class_names(), samples, self.step)
             logger.close()
+            write_json(results, results_path)
             LOGGER.info(
-                "step %d test (%s): mIoU all %s old %s new %s | without background: all %s old %s new %s",
-                self.step, path, *(_percent(scores[key]) for key in (
+                "step %d test (%s, %d images): mIoU all %s old %s new %s | without background: all %s "
+                "old %s new %s", self.step, path, len(test_set), *(_percent(scores[key]) for key in (
                     "miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg")),
             )
             LOGGER.info("step %d results written to %s", self.step, results_path)
@@ -568,6 +610,19 @@ def _percent(value: Optional[float]) -> str:
 
 def _class_table(class_iou: List[Optional[float]], names: List[str]) -> str:
     return "\n".join(f"{name}: {_percent(iou)}" for name, iou in zip(names, class_iou))
+
+
+def _log_evaluation(logger: Logger, prefix: str, scores: Dict[str, Any], class_names: List[str],
+                    samples: List[torch.Tensor], step: int) -> None:
+    """The per-class IoU (a table, and a scalar for each class that has one), the confusion matrix
+    and the sample images of one evaluation, tagged ``<prefix>/...``."""
+    logger.text(f"{prefix}/class_iou", _class_table(scores["class_iou"], class_names), step)
+    for name, iou in zip(class_names, scores["class_iou"]):
+        if iou is not None:
+            logger.scalar(f"{prefix}/class_iou/{name}", iou, step)
+    logger.confusion_matrix(f"{prefix}/confusion_matrix", scores["confusion_matrix"], class_names, step)
+    for index, image in enumerate(samples):
+        logger.image(f"{prefix}/sample_{index}", image, step)
 
 
 def lock_run(folder: Path, log_folder: Path) -> Optional[RunLock]:
@@ -599,13 +654,15 @@ def main(opts: argparse.Namespace) -> None:
     distributed.init_distributed(env, device.type, opts.collective_timeout)
     stop_signal = StopSignal()
     stop_signal.install()
-    lock = None
+    lock = run_log = None
     try:
         preflight = run_checks(opts, setting_dir(opts.checkpoint_dir, opts), setting_dir(opts.logdir, opts))
         if not opts.test:
             # Outside the cleanup below: a refused lock means the folders belong to another launch.
             lock = lock_run(setting_dir(opts.checkpoint_dir, opts), setting_dir(opts.logdir, opts))
             preflight.remove_overwritten()
+        if distributed.is_main_process():
+            run_log = RunLog(setting_dir(opts.logdir, opts) / RUN_LOG_NAME)
         LOGGER.info(
             "%s %s%s, steps %s, method %s, device %s, %d process(es)",
             opts.dataset, opts.task, " overlapped" if opts.overlap else "", opts.steps,
@@ -618,13 +675,21 @@ def main(opts: argparse.Namespace) -> None:
         try:
             for step in opts.steps:
                 StepRunner(opts, step, device).run(stop_signal)
-        except TrainingInterrupted:
+        except TrainingInterrupted as stopped:
+            if run_log is not None:  # train.py prints it on the console
+                run_log.write(LOGGER, logging.WARNING,
+                              f"{stopped}; an in-step checkpoint was written, rerun the same command to resume")
             raise  # its in-step checkpoint and logs are resumed by the next launch
-        except Exception:
+        except Exception as error:
+            if run_log is not None:
+                run_log.write(LOGGER, logging.ERROR, f"{type(error).__name__}: {error}")
+                run_log.close()  # before its folder may be removed
             if distributed.is_main_process():
                 remove_created(preflight.created)
             raise
     finally:
+        if run_log is not None:
+            run_log.close()
         if lock is not None:
             lock.release()
         stop_signal.uninstall()
