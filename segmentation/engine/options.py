@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     logging_.add_argument("--debug", action="store_true",
                           help=f"show the Python traceback of an error (or set {DEBUG_ENV}=1)")
     logging_.add_argument("--sample_num", type=int, default=0,
-                          help="validation samples logged as images")
+                          help="sample predictions logged to TensorBoard as images (image | ground truth | "
+                          "prediction) at every validation and test")
     logging_.add_argument("--print_interval", type=int, default=10,
                           help="iterations between loss logs")
 
