@@ -147,19 +147,23 @@ def test_exit_code_of_the_process(data_root, good_run, extra, code, culprit):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["option", "locked run"])
-def test_torchrun_reports_an_error_once(data_root, good_run, tmp_path, case):
+def test_torchrun_reports_an_error_once(data_root, tmp_path):
     # Every process meets the error alike: only rank 0 reports it. (torchrun then adds its own
     # report of the failed processes.)
-    if case == "option":
-        result = run_train(train_args(data_root, tmp_path, "--task", "16-4"), nproc=2, check=False)
-    else:
-        with RunLock(tmp_path / "checkpoints" / SETTING / "run"):  # as a running launch holds it
-            result = run_train(train_args(data_root, tmp_path, "--step", "0"), nproc=2, check=False)
+    with RunLock(tmp_path / "checkpoints" / SETTING / "run"):  # as a running launch holds it
+        result = run_train(train_args(data_root, tmp_path, "--step", "0"), nproc=2, check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert output.count("train.py: error") == 1, output
-    assert ("16-4" if case == "option" else "another run is writing to") in output
+    assert output.count("train.py: error") == 1 and "another run is writing to" in output, output
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_only_rank_0_reports_an_option_error(data_root, tmp_path, monkeypatch, rank, printed):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_train_in_process(train_args(data_root, tmp_path, "--task", "16-4"), check=False)
+    assert result.returncode == 2
+    assert ("train.py: error: " in result.stderr) == printed, result.stderr
 
 
 def test_same_name_with_other_options_is_refused(data_root, good_run):

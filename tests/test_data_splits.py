@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from segmentation.data import DatasetError, build_dataset
 from segmentation.data import splits
 from segmentation.data.synthetic import item_with_labels, write_voc_layout
+from segmentation.signals import STOP_SIGNALS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,29 +190,29 @@ def test_parallel_scan_equals_serial(voc_root):
     )
 
 
-def test_scan_workers_survive_the_stop_signals(voc_root):
+def _probe_signalling_itself(image, label, dataset):
+    for name in STOP_SIGNALS:
+        os.kill(os.getpid(), getattr(signal, name))
+    return np.ones(256, dtype=bool)
+
+
+@pytest.fixture
+def trainer_handlers():
+    """The trainer's handlers of the stop signals in this process, which forked workers inherit."""
+    previous = {name: signal.signal(getattr(signal, name), lambda signum, frame: None) for name in STOP_SIGNALS}
+    yield
+    for name, handler in previous.items():
+        signal.signal(getattr(signal, name), handler)
+
+
+def test_scan_workers_survive_the_stop_signals(voc_root, monkeypatch, trainer_handlers):
     # Slurm sends the stop signals to every process of a job step. A scan worker that died of one
     # would make the pool wait for its files for ever; the trainer (the parent) handles them. The
-    # probe below runs in the workers (fork carries the patched function) and signals itself.
-    script = (
-        "import os, signal, sys\n"
-        "import numpy as np\n"
-        "from segmentation.data import splits\n"
-        "signal.signal(signal.SIGTERM, lambda signum, frame: None)\n"
-        "def probe(image, label, dataset):\n"
-        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return np.ones(256, dtype=bool)\n"
-        "splits.labels_present = probe\n"
-        "base = splits.read_base_list('voc', sys.argv[1], 'train')\n"
-        "rows = splits.scan_presence(base, num_workers=2)\n"
-        "print(len(rows), int(rows[:, 0].sum()))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, voc_root], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(len(TRAIN))] * 2
+    # probe runs in the forked workers and signals itself.
+    monkeypatch.setattr(splits, "labels_present", _probe_signalling_itself)
+    base = splits.read_base_list("voc", voc_root, "train")
+    rows = splits.scan_presence(base, num_workers=2)
+    assert rows.shape == (len(TRAIN), 256) and rows.all()
 
 
 def _distributed_worker(rank, store, root, broken_root, results):

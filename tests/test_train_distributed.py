@@ -11,7 +11,8 @@ import torch
 
 from conftest import copy_run, two_process_args
 from train_cli_worker import (
-    REPO_ROOT, assert_states_equal, default_workers, model_state, run_srun_like, run_train, run_until, train_args,
+    REPO_ROOT, assert_states_equal, default_workers, launcher_and_loader_workers, model_state, run_srun_like, run_train,
+    run_train_in_process, run_until, train_args,
 )
 
 pytestmark = pytest.mark.distributed
@@ -51,7 +52,7 @@ def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
     # growing to a visible size, so weights and Fisher must agree to 1e-9. (In float32 the same
     # rounding is amplified by training, as with a different thread count.)
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    run_train(_float64_ewc_args(data_root, one_dir, batch_size=4))
+    run_train_in_process(_float64_ewc_args(data_root, one_dir, batch_size=4))
     run_train(_float64_ewc_args(data_root, two_dir, batch_size=2), nproc=2)
     for step in (0, 1):
         one = torch.load(_run_dir(one_dir) / f"step{step}.pth", map_location="cpu", weights_only=False)
@@ -82,14 +83,14 @@ def test_torchrun_killed_mid_step_resumes_bit_identically(two_process_run, data_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, tree", [(signal.SIGTERM, True), (signal.SIGUSR1, False)], ids=["TERM-all", "USR1-torchrun"])
-def test_stop_signal_under_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_path, sig, tree):
-    # SIGTERM to every process (torchrun, the ranks, their default data-loader workers), as Slurm
-    # or `kill -TERM -- -<process group>` sends it; or SIGUSR1 to torchrun alone, which kills it
-    # (torchrun does not handle it): its ranks then stop as if they had got SIGTERM.
+def test_stop_signal_under_torchrun_stops_every_rank_with_a_checkpoint(data_root, tmp_path):
+    # SIGUSR1 to torchrun and to the ranks' default data-loader workers: the workers ignore it;
+    # torchrun does not handle it and dies, and its ranks then stop as if they had got SIGTERM.
+    # (SIGTERM to torchrun is passed on to the ranks by torchrun itself.)
     args = default_workers(train_args(data_root, tmp_path, "--step", "0", "--epochs", "3", "--ckpt_interval", "2"))
     run_dir = _run_dir(tmp_path)
-    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=sig, nproc=2, tree=tree)
+    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGUSR1, nproc=2,
+                             targets=launcher_and_loader_workers)
     assert code != 0
     assert output.count("stopped by a signal") == 1, output  # reported once: every rank stopped alike
     assert not (run_dir / "step0.pth").exists()
@@ -103,7 +104,7 @@ def test_two_process_test_scores_equal_single_process_scores(two_process_run, da
     out = copy_run(two_process_run, tmp_path)
     args = two_process_args(data_root, out)
     args[args.index("--step") + 1] = "1"
-    run_train([*args, "--test"])
+    run_train_in_process([*args, "--test"])
     logs = out / "logs" / "synthetic-15-5" / "run"
     sharded = json.loads((logs / "step1.json").read_text())
     single = json.loads((logs / "eval-step1.json").read_text())
@@ -122,14 +123,17 @@ def test_srun_launch_equals_torchrun_launch(two_process_run, data_root, tmp_path
                         model_state(_run_dir(two_process_run) / "step1.pth"))
 
 
-def test_original_launcher_and_entry_point(data_root, tmp_path):
-    # The original README's launch: `python -m torch.distributed.launch --nproc_per_node=2 run.py ...`
-    # (the launcher passes --local-rank=<k> to each process; its options are the original's, see
-    # test_original_command_lines.py).
-    args = train_args(data_root, tmp_path, "--step", "0", "--batch_size", "2", "--crop_size", "32")
+def test_original_launcher_and_entry_point(two_process_run, data_root, tmp_path):
+    # The original README's launch, `python -m torch.distributed.launch --nproc_per_node=2 run.py ...`
+    # (the launcher passes --local-rank=<k>; the original's options are test_original_command_lines.py's),
+    # here testing the shared run's step 1 again on the same 2 shards: the same scores.
+    out = copy_run(two_process_run, tmp_path)
+    args = two_process_args(data_root, out)
+    args[args.index("--step") + 1] = "1"
     launcher = [sys.executable, "-m", "torch.distributed.launch", "--standalone", "--nproc_per_node=2"]
-    result = run_train(args, launcher=launcher, script=os.path.join(REPO_ROOT, "run.py"))
+    result = run_train([*args, "--test"], launcher=launcher, script=os.path.join(REPO_ROOT, "run.py"))
     assert "2 process(es)" in result.stdout
-    assert (_run_dir(tmp_path) / "step0.pth").exists()
-    assert (tmp_path / "logs" / "synthetic-15-5" / "run" / "step0.json").exists()
-
+    logs = out / "logs" / "synthetic-15-5" / "run"
+    tested, trained = (json.loads((logs / name).read_text()) for name in ("eval-step1.json", "step1.json"))
+    for key in ("class_iou", "overall_acc", "miou_all", "miou_old", "miou_new"):
+        assert tested[key] == trained[key], key

@@ -7,7 +7,7 @@ import torch
 
 from conftest import mib_args
 from train_cli_worker import (
-    assert_states_equal, default_workers, model_state, run_train_in_process, run_until, train_args,
+    assert_states_equal, default_workers, every_process, model_state, run_train_in_process, run_until, train_args,
 )
 
 EXIT_INTERRUPTED = 3
@@ -23,7 +23,8 @@ def test_killed_and_stopped_chained_run_ends_bit_identical(mib_run, data_root, t
 
     # 1. Mid-step 0, SIGUSR1 to every process, the data-loader workers included, as Slurm signals
     # a job step: an in-step checkpoint, exit code 3.
-    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGUSR1, tree=True)
+    code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGUSR1,
+                             targets=every_process)
     assert code == EXIT_INTERRUPTED, output
     assert f"step 0: no in-step checkpoint in {run_dir}: training starts at iteration 0" in output
     stopped_at = int(re.search(r"step 0 stopped by a signal after iteration (\d+)", output).group(1))

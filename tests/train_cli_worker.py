@@ -115,10 +115,11 @@ def run_srun_like(args: List[str], ntasks: int, timeout: float = 600) -> List[st
 
 
 def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,
-              nproc: int = 1, timeout: float = 600, tree: bool = False) -> Tuple[int, str]:
+              nproc: int = 1, timeout: float = 600,
+              targets: Optional[Callable[[int], List[int]]] = None) -> Tuple[int, str]:
     """Start ``train.py``; once ``condition()`` holds, send ``sig`` (SIGKILL: to every process
-    below the launched one, then to it; other signals: to the launched process, or with ``tree``
-    to it and every process below it, data-loader workers included, as Slurm signals a job step).
+    below the launched one, then to it; other signals: to the launched process, or to the
+    processes ``targets(launched pid)`` names, e.g. ``every_process``).
 
     Returns the exit code and the output; fails if the run ended before the condition was met.
     """
@@ -138,8 +139,8 @@ def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.
             # torchrun starts each worker in a session of its own: kill them by id, then torchrun.
             for pid in [*_descendants(process.pid), process.pid]:
                 _kill(pid)
-        elif tree:
-            for pid in [process.pid, *_descendants(process.pid)]:
+        elif targets is not None:
+            for pid in targets(process.pid):
                 _signal(pid, sig)
         else:
             process.send_signal(sig)
@@ -152,8 +153,20 @@ def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.
     return process.returncode, output
 
 
-def _descendants(pid: int) -> List[int]:
-    """Ids of all processes below ``pid`` (read from /proc), deepest last."""
+def every_process(pid: int) -> List[int]:
+    """``pid`` and every process below it, data-loader workers included: whom Slurm signals."""
+    return [pid, *_descendants(pid)]
+
+
+def launcher_and_loader_workers(pid: int) -> List[int]:
+    """A torchrun ``pid`` and the data-loader workers of its processes, not the processes."""
+    ranks = _descendants(pid, depth=1)
+    return [pid, *(worker for rank in ranks for worker in _descendants(rank, depth=1))]
+
+
+def _descendants(pid: int, depth: Optional[int] = None) -> List[int]:
+    """Ids of the processes below ``pid`` (read from /proc), ``depth`` levels deep (all by
+    default), deepest last."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -163,11 +176,12 @@ def _descendants(pid: int) -> List[int]:
                     parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-    found, frontier = [], [pid]
-    while frontier:
+    found, frontier, level = [], [pid], 0
+    while frontier and (depth is None or level < depth):
         children = [child for child, parent in parents.items() if parent in frontier]
         found.extend(children)
         frontier = children
+        level += 1
     return found
 
 
