@@ -10,6 +10,8 @@ the options in which their users differ from them (``--num_workers``, ``--ckpt_i
 import fcntl
 import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 from typing import Callable, List
 
@@ -42,6 +44,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def trainer_handlers():
+    """The trainer's handlers of the stop signals in this process, which forked workers inherit."""
+    from segmentation.signals import STOP_SIGNALS
+
+    previous = {name: signal.signal(getattr(signal, name), lambda signum, frame: None) for name in STOP_SIGNALS}
+    yield
+    for name, handler in previous.items():
+        signal.signal(getattr(signal, name), handler)
+
+
+def slurm_answers() -> bool:
+    """Whether a Slurm controller answers ``scontrol ping`` here."""
+    if shutil.which("scontrol") is None:
+        return False
+    result = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return result.returncode == 0 and "UP" in result.stdout
 
 
 def use_eager_fused_kernels(monkeypatch) -> None:

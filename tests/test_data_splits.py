@@ -196,15 +196,6 @@ def _probe_signalling_itself(image, label, dataset):
     return np.ones(256, dtype=bool)
 
 
-@pytest.fixture
-def trainer_handlers():
-    """The trainer's handlers of the stop signals in this process, which forked workers inherit."""
-    previous = {name: signal.signal(getattr(signal, name), lambda signum, frame: None) for name in STOP_SIGNALS}
-    yield
-    for name, handler in previous.items():
-        signal.signal(getattr(signal, name), handler)
-
-
 def test_scan_workers_survive_the_stop_signals(voc_root, monkeypatch, trainer_handlers):
     # Slurm sends the stop signals to every process of a job step. A scan worker that died of one
     # would make the pool wait for its files for ever; the trainer (the parent) handles them. The

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slurm_answers
 from train_cli_worker import REPO_ROOT
 
 UP = os.path.join(REPO_ROOT, "slurm", "local-cluster", "up.sh")
@@ -22,13 +23,6 @@ DEFAULT_ROOT = Path("/tmp/slurm-local")
 CONF = Path("/etc/slurm/slurm.conf")
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
-
-
-def _answers() -> bool:
-    if shutil.which("scontrol") is None:
-        return False
-    result = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    return result.returncode == 0 and "UP" in result.stdout
 
 
 def _daemons() -> dict:
@@ -56,7 +50,7 @@ def cluster():
         pytest.skip("slurm/local-cluster/up.sh needs root")
     started = False
     if not _daemons():
-        if _answers():
+        if slurm_answers():
             pytest.skip("a Slurm cluster that slurm/local-cluster/up.sh did not start runs here")
         if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
             pytest.skip("Slurm is not installed and there is no apt-get to install it")
@@ -65,7 +59,7 @@ def cluster():
     pids, conf = _daemons(), CONF.read_bytes()
     yield pids
     try:
-        assert _daemons() == pids and CONF.read_bytes() == conf and _answers(), "the cluster was disturbed"
+        assert _daemons() == pids and CONF.read_bytes() == conf and slurm_answers(), "the cluster was disturbed"
     finally:
         if started:
             subprocess.run(["bash", DOWN], check=False, stdin=subprocess.DEVNULL, timeout=300)

@@ -28,15 +28,6 @@ class SignalledItems(Dataset):
         return torch.tensor(os.getpid())
 
 
-@pytest.fixture
-def trainer_handlers():
-    """The trainer's handlers in this process, which the forked workers inherit."""
-    previous = {name: signal.signal(getattr(signal, name), lambda signum, frame: None) for name in STOP_SIGNALS}
-    yield
-    for name, handler in previous.items():
-        signal.signal(getattr(signal, name), handler)
-
-
 def test_training_loader_workers_survive_the_stop_signals(trainer_handlers):
     loader = DataLoader(SignalledItems(), batch_size=1, num_workers=2, worker_init_fn=seed_worker)
     pids = torch.cat(list(loader))

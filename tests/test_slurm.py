@@ -18,7 +18,7 @@ import pytest
 from segmentation.data.synthetic import DIR_NAME, generate_synthetic_voc
 from segmentation.launch_env import read_env
 from slurm import jobscript, submit
-from conftest import two_process_args
+from conftest import slurm_answers, two_process_args
 from train_cli_worker import REPO_ROOT, assert_states_equal, default_workers, model_state, train_args
 
 UP = os.path.join(REPO_ROOT, "slurm", "local-cluster", "up.sh")
@@ -32,17 +32,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 
 # ---------------------------------------------------------------- the cluster
-def _cluster_answers() -> bool:
-    if shutil.which("scontrol") is None:
-        return False
-    result = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    return result.returncode == 0 and "UP" in result.stdout
-
-
 @pytest.fixture(scope="session")
 def cluster():
     """A running local Slurm: the one already up, or one started here (and stopped after)."""
-    if _cluster_answers():
+    if slurm_answers():
         yield
         return
     if os.geteuid() != 0:

@@ -34,39 +34,12 @@ if [ "$(id -u)" != 0 ]; then   # the daemons are root's: a user runs the script 
   exec sudo -E bash "$0" "$@"
 fi
 
-pid_alive() {
-  local f=$1 name=$2 pid
-  [ -s "$f" ] || return 1
-  pid=$(cat "$f" 2>/dev/null) || return 1
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$name" ]
-}
-stop_pid() {   # stop_pid FILE NAME
-  local f=$1 name=$2 pid
-  if pid_alive "$f" "$name"; then
-    pid=$(cat "$f"); log "stopping $name (pid $pid)"
-    kill "$pid" 2>/dev/null
-    for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-    if [ -d "/proc/$pid" ]; then log "$name $pid still alive, SIGKILL"; kill -9 "$pid" 2>/dev/null; fi
-  fi
+# shellcheck source=daemons.sh
+source "$(dirname "$0")/daemons.sh"
+stop_pid() {   # stop_pid FILE NAME: stop the process FILE names (if it is NAME), forget FILE
+  local f=$1 name=$2
+  if pid_alive "$f" "$name"; then stop_process "$(cat "$f")" "$name"; fi
   rm -f "$f"
-}
-# stray_daemons: "NAME PID" for each slurmctld/slurmd running that $ROOT/NAME.pid does not name.
-# Only those seen twice, 0.3 s apart, count: slurmd forks briefly as a job step starts.
-stray_daemons() {
-  local first
-  first=$(scan_daemons)
-  [ -n "$first" ] || return 0
-  sleep 0.3
-  scan_daemons | grep -Fx -- "$first"
-}
-scan_daemons() {
-  local f name pid
-  for f in /proc/[0-9]*/comm; do
-    { read -r name <"$f"; } 2>/dev/null || continue
-    case "$name" in slurmctld|slurmd) ;; *) continue ;; esac
-    pid=${f#/proc/}; pid=${pid%/comm}
-    [ "$pid" = "$(cat "$ROOT/$name.pid" 2>/dev/null)" ] || echo "$name $pid"
-  done
 }
 
 mapfile -t strays < <(stray_daemons)

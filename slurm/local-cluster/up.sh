@@ -64,42 +64,8 @@ if [ "$(id -u)" != 0 ]; then
   exec sudo -E bash "$0" "$@"
 fi
 
-# pid_alive FILE NAME: true when FILE holds the PID of a live process called NAME
-pid_alive() {
-  local f=$1 name=$2 pid
-  [ -s "$f" ] || return 1
-  pid=$(cat "$f" 2>/dev/null) || return 1
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$name" ]
-}
-
-# stop_process PID NAME: TERM, and KILL after 10 s, if PID is still a process called NAME
-stop_process() {
-  local pid=$1 name=$2
-  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 0
-  log "stopping $name (pid $pid)"
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-  [ -d "/proc/$pid" ] && kill -9 "$pid" 2>/dev/null || true
-}
-
-# stray_daemons: "NAME PID" for each slurmctld/slurmd running that $ROOT/NAME.pid does not name.
-# Only those seen twice, 0.3 s apart, count: slurmd forks briefly as a job step starts.
-stray_daemons() {
-  local first
-  first=$(scan_daemons)
-  [ -n "$first" ] || return 0
-  sleep 0.3
-  scan_daemons | grep -Fx -- "$first" || true
-}
-scan_daemons() {
-  local f name pid
-  for f in /proc/[0-9]*/comm; do
-    { read -r name <"$f"; } 2>/dev/null || continue
-    case "$name" in slurmctld|slurmd) ;; *) continue ;; esac
-    pid=${f#/proc/}; pid=${pid%/comm}
-    [ "$pid" = "$(cat "$ROOT/$name.pid" 2>/dev/null)" ] || echo "$name $pid"
-  done
-}
+# shellcheck source=daemons.sh
+source "$(dirname "$0")/daemons.sh"
 
 # ---------------------------------------------------------------- 0. someone else's Slurm?
 found=()   # what this script did not start, one phrase each
