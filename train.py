@@ -19,7 +19,7 @@ import time
 
 # Only the option parser is imported before parsing: --help and usage errors need no torch.
 from segmentation.engine.options import HELP_POINTER, debug_requested, parse_options
-from segmentation.launch_env import read_env
+from segmentation.launch_env import launched_by_torchrun, read_env
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -46,14 +46,13 @@ def cli(argv: list[str] | None = None) -> int:
     from segmentation.signals import stop_when_launcher_dies
 
     setup_logging(env.rank)
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if launched_by_torchrun():
         stop_when_launcher_dies()
     try:
         main(opts)
     except TrainingInterrupted as stopped:
         if env.rank == 0:  # every process stopped after the same iteration
-            print(f"{stopped}; an in-step checkpoint was written, rerun the same command to resume",
-                  file=sys.stderr)
+            print(stopped, file=sys.stderr)
         else:
             _let_rank_0_report(env.rank)
         return EXIT_INTERRUPTED
@@ -80,7 +79,7 @@ def cli(argv: list[str] | None = None) -> int:
 def _let_rank_0_report(rank: int) -> None:
     """Under torchrun, on a rank other than 0: wait, so that rank 0 can print the error (or stop)
     that every process met before torchrun ends it. srun waits for every process itself."""
-    if rank != 0 and "TORCHELASTIC_RUN_ID" in os.environ:
+    if rank != 0 and launched_by_torchrun():
         time.sleep(REPORT_GRACE_SECONDS)
 
 

@@ -94,3 +94,8 @@ def read_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
             master_port=master_port,
         )
     return DistEnv(0, 1, 0, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT)
+
+
+def launched_by_torchrun(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether torchrun started this process (it stops the others as soon as one exits)."""
+    return "TORCHELASTIC_RUN_ID" in (os.environ if environ is None else environ)

@@ -23,6 +23,7 @@ of every step, x = the step, so the scores draw curves over the steps; ``eval/``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -324,7 +325,9 @@ class StepRunner:
     def _eval_transform(self):
         return eval_transform(self.opts.crop_size, full_image=self.opts.eval_full_image)
 
-    def _test_dataset(self):
+    @functools.cached_property
+    def _test_set(self):
+        """The test split of this step (built once: training describes it, the test uses it)."""
         return self._dataset("test", self._eval_transform())
 
     def _evaluation_sets(self, val_set, test_set) -> str:
@@ -388,7 +391,7 @@ class StepRunner:
             train_set = train_set.subset(train_positions, train_set.transform)
         else:
             val_set = self._dataset("val", self._eval_transform())
-        LOGGER.info("%s", self._evaluation_sets(val_set, self._test_dataset()))
+        LOGGER.info("%s", self._evaluation_sets(val_set, self._test_set))
         num_old_channels = sum(self.classes[:-1])
         loss = build_method_loss(opts, num_old_channels)
         model, old_model, previous = self._build_models(loss.needs_old_model)
@@ -556,7 +559,7 @@ class StepRunner:
         model = model.to(self.device)
         if opts.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        test_set = self._test_dataset()
+        test_set = self._test_set
         with distributed.waiting_for(f"the test of step {self.step}"):
             scores, samples = self._evaluate(model, self._eval_loader(test_set), "test",
                                              num_old_channels=self.classes[0])
@@ -677,8 +680,7 @@ def main(opts: argparse.Namespace) -> None:
                 StepRunner(opts, step, device).run(stop_signal)
         except TrainingInterrupted as stopped:
             if run_log is not None:  # train.py prints it on the console
-                run_log.write(LOGGER, logging.WARNING,
-                              f"{stopped}; an in-step checkpoint was written, rerun the same command to resume")
+                run_log.write(LOGGER, logging.WARNING, str(stopped))
             raise  # its in-step checkpoint and logs are resumed by the next launch
         except Exception as error:
             if run_log is not None:

@@ -64,7 +64,8 @@ class TrainingInterrupted(Exception):
     """Raised after a stop signal once an in-step checkpoint was written on every rank's behalf."""
 
     def __init__(self, step: int, iteration: int) -> None:
-        super().__init__(f"training of step {step} stopped by a signal after iteration {iteration}")
+        super().__init__(f"training of step {step} stopped by a signal after iteration {iteration}; an in-step "
+                         "checkpoint was written, rerun the same command to resume")
         self.step = step
         self.iteration = iteration
 
