@@ -145,7 +145,7 @@ def build_dataset(
     ``name="synthetic"``, generated here on first use) ``SyntheticVOC/``. Image selection and
     label mapping follow ``protocol.py``; split files are cached as described in ``splits.py``.
     ``overlap`` only affects the train split. ``mask_old=False`` keeps old classes in the
-    training labels (``--no_mask``). ``images_from="train"`` draws the test split from the
+    training and validation labels (``--no_mask``). ``images_from="train"`` draws the test split from the
     training images (``--val_on_trainset``; its index files are named ``test_on_train-<step>``).
 
     In a distributed run every rank calls this; rank 0 prepares split files (and the synthetic

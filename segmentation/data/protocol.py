@@ -91,8 +91,9 @@ def filter_presence(presence: np.ndarray, split_filter: SplitFilter) -> np.ndarr
 def label_lut(dataset: str, task: str, step: int, split: str, mask_old: bool = True) -> np.ndarray:
     """Lookup table (256 int64 entries) from original label value to training/eval target.
 
-    ``mask_old=False`` (``--no_mask``): the train split keeps old classes at their channel
-    instead of mapping them to background.
+    ``mask_old=False`` (``--no_mask``): the train and val splits keep old classes at their
+    channel instead of mapping them to background (train) or ignoring them (val), as the original
+    built both with the same masking switch (spec §3.4).
     """
     check_split_name(split)
     order = channel_order(dataset, task, step)
@@ -102,7 +103,7 @@ def label_lut(dataset: str, task: str, step: int, split: str, mask_old: bool = T
 
     lut = np.full(256, INVALID, dtype=np.int64)
     lut[: NUM_LABELS[dataset]] = mask  # old and future classes unless kept below
-    kept = current | old if split == "test" or (split == "train" and not mask_old) else current
+    kept = current | old if split == "test" or not mask_old else current
     for label in kept:
         lut[label] = order.index(label)
     if label_family(dataset) == "voc":

@@ -280,12 +280,11 @@ class StepRunner:
             if previous is not None:
                 if name not in saved:
                     raise ValueError(self._missing_state_message(name, previous, saved))
-                state = saved[name]
-                if name == opts.regularizer:
-                    weights = previous["model_state"]
+                state, weights = saved[name], previous["model_state"]
             regularizers.append(build_regularizer(
                 name, model, state, weights, weight=opts.reg_importance,
                 normalize=not opts.reg_no_normalize, alpha=opts.reg_alpha, iterations=opts.reg_iterations,
+                penalize=name == opts.regularizer,
             ))
         return regularizers
 
@@ -341,9 +340,11 @@ class StepRunner:
             val = (f"{len(val_set)} training images held out by --cross_val (not trained on; labelled as "
                    f"for training: {labels})")
         else:
+            scored = (f"scored on the {self.num_channels - 1} classes seen so far{background} (--no_mask)"
+                      if opts.no_mask else
+                      f"scored on these classes{background} (the other classes ignored)")
             val = (f"{len(val_set)} images of the {list_name_for_split(opts.dataset, 'val')!r} list that show "
-                   f"one of this step's {step_classes} classes, scored on these classes{background} (the "
-                   "other classes ignored)")
+                   f"one of this step's {step_classes} classes, {scored}")
         test_list = list_name_for_split(opts.dataset, "train" if opts.val_on_trainset else "test")
         test = (f"{len(test_set)} images of the {test_list!r} list that show one of the "
                 f"{self.num_channels - 1} classes seen so far, scored on all of them{background}")

@@ -15,8 +15,8 @@ penalises with; it is stored in the step checkpoint under ``"regularizers"`` (a 
 regularizer name). The in-step checkpoints carry :meth:`Regularizer.state_dict` so that a
 resumed step is bit-identical.
 
-A regularizer built without the previous weights only estimates: it continues the previous
-importance but adds no penalty. ``--estimate_importance`` uses this so that one run (e.g. an FT
+A regularizer built with ``penalize=False`` only estimates: it continues the previous importance
+but adds no penalty. ``--estimate_importance`` uses this so that one run (e.g. an FT
 step 0) stores the importances of several methods.
 
 Distributed runs: the gradients seen by :meth:`update` are DDP's all-reduced averages and the
@@ -37,13 +37,18 @@ import torch.nn as nn
 Tensors = Dict[str, torch.Tensor]
 
 
+NORMALIZE_EPSILON = 1e-8
+
+
 def normalize_importance(importance: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation of one tensor to [0, 1]; a constant tensor gives zeros (not 0/0)."""
+    """Min-max normalisation of one tensor: ``(x - min) / (max - min + 1e-8)`` (spec §5.5).
+
+    The epsilon is the original's and it matters: Fisher values are squared gradients, and a
+    tensor whose importances spread over much less than 1e-8 stays far below 1 (a constant
+    tensor gives zeros).
+    """
     low, high = importance.min(), importance.max()
-    span = high - low
-    if span == 0:
-        return torch.zeros_like(importance)
-    return (importance - low) / span
+    return (importance - low) / (high - low + NORMALIZE_EPSILON)
 
 
 class Regularizer:
@@ -51,8 +56,8 @@ class Regularizer:
 
     ``model`` is the (unwrapped) current model; its parameters that require gradients are
     watched. ``previous`` is this regularizer's state in the step t-1 checkpoint and
-    ``previous_weights`` its ``model_state``; both are None at step 0 (no penalty then). With
-    ``previous`` but no ``previous_weights`` the importance is continued without a penalty.
+    ``previous_weights`` its ``model_state``; both are None at step 0 (no penalty then).
+    ``penalize=False`` (``--estimate_importance``) continues the importance without a penalty.
     """
 
     name = ""
@@ -67,6 +72,7 @@ class Regularizer:
         *,
         weight: float,
         normalize: bool = True,
+        penalize: bool = True,
     ) -> None:
         self.weight = weight
         self.normalize = normalize
@@ -75,7 +81,7 @@ class Regularizer:
         }
         self.reference: Tensors = {}
         self.penalty_importance: Tensors = {}
-        if previous is not None and previous_weights is not None:
+        if penalize and previous is not None and previous_weights is not None:
             importance = self.importance_to_penalize(previous)
             for name, parameter in self.parameters.items():
                 if name not in previous_weights or name not in importance:
@@ -142,6 +148,9 @@ class Regularizer:
             raise ValueError(f"in-step checkpoint holds {state.get('name')!r} regularizer state, "
                              f"this run uses {self.name!r}")
         for key in self.state_tensors:
+            if key not in state:
+                raise ValueError(f"in-step {self.name} regularizer state has no {key!r} (written by "
+                                 "another version of this code)")
             current = getattr(self, key)
             saved = state[key]
             if saved.keys() != current.keys():
@@ -185,8 +194,10 @@ class EWC(Regularizer):
 
     def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
                  previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
-                 normalize: bool = True, alpha: float = 0.9, iterations: int = 10) -> None:
-        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize)
+                 normalize: bool = True, penalize: bool = True, alpha: float = 0.9,
+                 iterations: int = 10) -> None:
+        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize,
+                         penalize=penalize)
         self._fisher = FisherEMA(self.parameters, self._previous(previous, "fisher"), alpha)
         self.fisher = self._fisher.values
 
@@ -207,19 +218,28 @@ class PI(Regularizer):
     """PI, path integral (Zenke et al.) as in the paper's tables: CE + 500 * score-weighted L2 to step t-1.
 
     Every iteration ``delta += g * (theta_prev - theta_now)``; at the end of the step the score is
-    ``max(0, delta / ((theta_end - theta_start)^2 + 1e-20)) + score_{t-1}`` (spec §5.5).
+    ``max(0, delta / ((theta_end - theta_origin)^2 + 1e-20)) + score_{t-1}`` (spec §5.5), where
+    ``theta_origin`` is the step t-1 model's weight and, for a new classifier (or at step 0), the
+    weight at the start of the step. The two differ where the step starts from other weights than
+    the old model's: the background bias that ``--init_balanced`` moves.
     """
     name = "pi"
-    state_tensors = ("delta", "previous_params", "start_params")
+    state_tensors = ("delta", "previous_params", "origin")
 
     def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
                  previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
-                 normalize: bool = True, alpha: float = 0.9, iterations: int = 10) -> None:
-        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize)
+                 normalize: bool = True, penalize: bool = True, alpha: float = 0.9,
+                 iterations: int = 10) -> None:
+        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize,
+                         penalize=penalize)
         self.previous_score = self._previous(previous, "score")
         self.delta: Tensors = {name: torch.zeros_like(p).detach() for name, p in self.parameters.items()}
         self.previous_params: Tensors = {name: p.detach().clone() for name, p in self.parameters.items()}
-        self.start_params: Tensors = {name: p.detach().clone() for name, p in self.parameters.items()}
+        weights = previous_weights or {}
+        self.origin: Tensors = {
+            name: (weights[name].detach().to(p).clone() if name in weights else p.detach().clone())
+            for name, p in self.parameters.items()
+        }
 
     def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
         return self._normalized(previous["score"])
@@ -236,7 +256,7 @@ class PI(Regularizer):
     def step_state(self) -> Dict[str, Any]:
         score: Tensors = {}
         for name, parameter in self.parameters.items():
-            moved = (parameter - self.start_params[name]) ** 2
+            moved = (parameter - self.origin[name]) ** 2
             value = (self.delta[name] / (moved + PI_EPSILON)).clamp(min=0)
             if name in self.previous_score:
                 value = value + self.previous_score[name].to(value)
@@ -250,20 +270,23 @@ RW_EPSILON = 1e-8
 class RW(Regularizer):
     """RW, Riemannian Walk (Chaudhry et al.) as in the paper's tables: CE + 100 * (Fisher + score)-weighted L2.
 
-    Fisher EMA as in EWC every iteration; every ``--reg_iterations`` (10) iterations
-    ``s += g * (theta_k - theta) / (0.5 * F * (theta - theta_k)^2 + 1e-8)`` with ``theta_k`` the
-    weights at the previous score update; the saved score is ``0.5 * (max(s, 0) + score_{t-1})``
-    (spec §5.5).
+    Fisher EMA as in EWC every iteration. At iterations 0, k, 2k, ... (k = ``--reg_iterations``,
+    10) ``s += g * (theta_k - theta) / (0.5 * F * (theta - theta_k)^2 + 1e-8)``, with ``theta_k``
+    the weights at the previous such iteration and ``F`` the Fisher before this iteration's update
+    (nothing is added at iteration 0). The saved score is ``max(s, 0)``, averaged with the previous
+    score, ``0.5 * (max(s, 0) + score_{t-1})``, where one exists (spec §5.5).
     """
     name = "rw"
     state_tensors = ("fisher", "score", "previous_params")
 
     def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
                  previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
-                 normalize: bool = True, alpha: float = 0.9, iterations: int = 10) -> None:
+                 normalize: bool = True, penalize: bool = True, alpha: float = 0.9,
+                 iterations: int = 10) -> None:
         if iterations <= 0:
             raise ValueError(f"RW: the score update period must be positive, got {iterations}")
-        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize)
+        super().__init__(model, previous, previous_weights, weight=weight, normalize=normalize,
+                         penalize=penalize)
         self.iterations = iterations
         self.count = 0
         self._fisher = FisherEMA(self.parameters, self._previous(previous, "fisher"), alpha)
@@ -279,17 +302,17 @@ class RW(Regularizer):
 
     @torch.no_grad()
     def update(self) -> None:
-        self._fisher.update(self.parameters)
+        if self.count % self.iterations == 0:
+            for name, parameter in self.parameters.items():
+                if parameter.grad is not None:
+                    previous = self.previous_params[name]
+                    if self.count > 0:
+                        moved = parameter - previous
+                        self.score[name].add_(
+                            parameter.grad * (-moved) / (0.5 * self.fisher[name] * moved * moved + RW_EPSILON))
+                    previous.copy_(parameter)
         self.count += 1
-        if self.count % self.iterations != 0:
-            return
-        for name, parameter in self.parameters.items():
-            if parameter.grad is not None:
-                previous = self.previous_params[name]
-                moved = parameter - previous
-                self.score[name].add_(
-                    parameter.grad * (-moved) / (0.5 * self.fisher[name] * moved * moved + RW_EPSILON))
-                previous.copy_(parameter)
+        self._fisher.update(self.parameters)
 
     @torch.no_grad()
     def step_state(self) -> Dict[str, Any]:
@@ -297,8 +320,8 @@ class RW(Regularizer):
         for name, value in self.score.items():
             value = value.clamp(min=0)
             if name in self.previous_score:
-                value = value + self.previous_score[name].to(value)
-            score[name] = 0.5 * value
+                value = 0.5 * (value + self.previous_score[name].to(value))
+            score[name] = value
         return {"name": self.name, "fisher": {name: value.clone() for name, value in self.fisher.items()},
                 "score": score}
 
@@ -318,9 +341,9 @@ REGULARIZERS: Dict[str, type] = {cls.name: cls for cls in (EWC, PI, RW)}
 
 def build_regularizer(name: str, model: nn.Module, previous: Optional[Mapping[str, Any]],
                       previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
-                      normalize: bool, alpha: float, iterations: int) -> Regularizer:
+                      normalize: bool, alpha: float, iterations: int, penalize: bool = True) -> Regularizer:
     """The ``--regularizer name`` regularizer of ``model`` (see :class:`Regularizer`)."""
     if name not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {name!r}; available: {', '.join(REGULARIZERS)}")
     return REGULARIZERS[name](model, previous, previous_weights, weight=weight, normalize=normalize,
-                              alpha=alpha, iterations=iterations)
+                              penalize=penalize, alpha=alpha, iterations=iterations)
