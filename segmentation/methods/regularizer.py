@@ -51,6 +51,18 @@ def normalize_importance(importance: torch.Tensor) -> torch.Tensor:
     return (importance - low) / (high - low + NORMALIZE_EPSILON)
 
 
+def penalty_importance(state: Mapping[str, Any], normalize: bool = True) -> Tensors:
+    """The importance a regularizer's penalty weighs the next step with, from its step state.
+
+    The sum of the state's importance tensors (EWC: the Fisher; PI: the score; RW: the Fisher plus
+    the score), each min-max normalised per tensor unless ``normalize=False``.
+    """
+    parts = [state[key] for key in REGULARIZERS[state["name"]].importance_keys]
+    names = [name for name in parts[0] if all(name in part for part in parts)]
+    return {name: sum(normalize_importance(part[name]) if normalize else part[name] for part in parts)
+            for name in names}
+
+
 class Regularizer:
     """Base class: penalty towards the step t-1 weights and state handling.
 
@@ -63,6 +75,8 @@ class Regularizer:
     name = ""
     #: Names of the tensor dictionaries of the in-step state.
     state_tensors: tuple = ()
+    #: The step state's tensor dictionaries whose sum the penalty weighs with.
+    importance_keys: tuple = ()
 
     def __init__(
         self,
@@ -82,7 +96,7 @@ class Regularizer:
         self.reference: Tensors = {}
         self.penalty_importance: Tensors = {}
         if penalize and previous is not None and previous_weights is not None:
-            importance = self.importance_to_penalize(previous)
+            importance = penalty_importance(previous, normalize)
             for name, parameter in self.parameters.items():
                 if name not in previous_weights or name not in importance:
                     continue  # a new classifier: not penalised
@@ -94,10 +108,6 @@ class Regularizer:
                 self.penalty_importance[name] = importance[name].to(parameter)
 
     # ------------------------------------------------------------- per method
-    def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
-        """The per-parameter importance of step t-1 used by the penalty (normalised if asked)."""
-        raise NotImplementedError
-
     def update(self) -> None:
         """Refine this step's importance from the parameters' current gradients."""
         raise NotImplementedError
@@ -107,11 +117,6 @@ class Regularizer:
         raise NotImplementedError
 
     # ------------------------------------------------------------- shared
-    def _normalized(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
-        if not self.normalize:
-            return dict(tensors)
-        return {name: normalize_importance(value) for name, value in tensors.items()}
-
     def _previous(self, previous: Optional[Mapping[str, Any]], key: str) -> Tensors:
         return {} if previous is None else dict(previous[key])
 
@@ -191,6 +196,7 @@ class EWC(Regularizer):
     """
     name = "ewc"
     state_tensors = ("fisher",)
+    importance_keys = ("fisher",)
 
     def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
                  previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
@@ -200,9 +206,6 @@ class EWC(Regularizer):
                          penalize=penalize)
         self._fisher = FisherEMA(self.parameters, self._previous(previous, "fisher"), alpha)
         self.fisher = self._fisher.values
-
-    def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
-        return self._normalized(previous["fisher"])
 
     def update(self) -> None:
         self._fisher.update(self.parameters)
@@ -225,6 +228,7 @@ class PI(Regularizer):
     """
     name = "pi"
     state_tensors = ("delta", "previous_params", "origin")
+    importance_keys = ("score",)
 
     def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
                  previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
@@ -240,9 +244,6 @@ class PI(Regularizer):
             name: (weights[name].detach().to(p).clone() if name in weights else p.detach().clone())
             for name, p in self.parameters.items()
         }
-
-    def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
-        return self._normalized(previous["score"])
 
     @torch.no_grad()
     def update(self) -> None:
@@ -278,6 +279,7 @@ class RW(Regularizer):
     """
     name = "rw"
     state_tensors = ("fisher", "score", "previous_params")
+    importance_keys = ("fisher", "score")
 
     def __init__(self, model: nn.Module, previous: Optional[Mapping[str, Any]],
                  previous_weights: Optional[Mapping[str, torch.Tensor]], *, weight: float,
@@ -294,11 +296,6 @@ class RW(Regularizer):
         self.previous_score = self._previous(previous, "score")
         self.score: Tensors = {name: torch.zeros_like(p).detach() for name, p in self.parameters.items()}
         self.previous_params: Tensors = {name: p.detach().clone() for name, p in self.parameters.items()}
-
-    def importance_to_penalize(self, previous: Mapping[str, Any]) -> Tensors:
-        fisher = self._normalized(previous["fisher"])
-        score = self._normalized(previous["score"])
-        return {name: fisher[name] + score[name] for name in fisher if name in score}
 
     @torch.no_grad()
     def update(self) -> None:

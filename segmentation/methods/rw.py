@@ -1,9 +1,9 @@
 """RW, Riemannian Walk (Chaudhry et al.) as in the paper's tables: CE + 100 * (Fisher + score)-weighted L2.
 
-Fisher EMA as in EWC every iteration; every ``--reg_iterations`` (10) iterations
+Fisher EMA as in EWC every iteration; at iterations 0, 10, 20, ... (``--reg_iterations``)
 ``s += g * (theta_k - theta) / (0.5 * F * (theta - theta_k)^2 + 1e-8)`` with ``theta_k`` the
-weights at the previous score update; the saved score is ``0.5 * (max(s, 0) + score_{t-1})``
-(spec §5.5).
+weights at the previous score update and ``F`` the Fisher before this iteration's update; the
+saved score is ``max(s, 0)``, averaged with ``score_{t-1}`` where one exists (spec §5.5).
 """
 from segmentation.methods.method import Method
 
