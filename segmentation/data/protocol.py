@@ -93,7 +93,7 @@ def label_lut(dataset: str, task: str, step: int, split: str, mask_old: bool = T
 
     ``mask_old=False`` (``--no_mask``): the train and val splits keep old classes at their
     channel instead of mapping them to background (train) or ignoring them (val), as the original
-    built both with the same masking switch (spec §3.4).
+    built both with the same masking switch.
     """
     check_split_name(split)
     order = channel_order(dataset, task, step)

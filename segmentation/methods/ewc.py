@@ -1,7 +1,7 @@
 """EWC (Kirkpatrick et al.) as in the paper's tables: CE + 500 * Fisher-weighted L2 to step t-1.
 
 The Fisher is an exponential moving average of squared gradients (alpha = ``--reg_alpha``, 0.9),
-updated every iteration and continued from step to step (spec §5.5).
+updated every iteration and continued from step to step.
 """
 from segmentation.methods.method import Method
 

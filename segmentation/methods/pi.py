@@ -2,7 +2,7 @@
 
 Every iteration ``delta += g * (theta_prev - theta_now)``; at the end of the step the score is
 ``max(0, delta / ((theta_end - theta_old)^2 + 1e-20)) + score_{t-1}``, with ``theta_old`` the step
-t-1 weights (the start of the step for a new classifier; spec §5.5).
+t-1 weights (the start of the step for a new classifier).
 """
 from segmentation.methods.method import Method
 

@@ -1,4 +1,4 @@
-"""Weight regularizers of EWC, PI and RW (spec §5.5): importance estimates and the quadratic penalty.
+"""Weight regularizers of EWC, PI and RW, computed as the original MiB code does: importance estimates and the quadratic penalty.
 
 A regularizer watches the trained parameters of the current model during a step:
 
@@ -41,7 +41,7 @@ NORMALIZE_EPSILON = 1e-8
 
 
 def normalize_importance(importance: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation of one tensor: ``(x - min) / (max - min + 1e-8)`` (spec §5.5).
+    """Min-max normalisation of one tensor: ``(x - min) / (max - min + 1e-8)``.
 
     The epsilon is the original's and it matters: Fisher values are squared gradients, and a
     tensor whose importances spread over much less than 1e-8 stays far below 1 (a constant
@@ -192,7 +192,7 @@ class EWC(Regularizer):
     """EWC (Kirkpatrick et al.) as in the paper's tables: CE + 500 * Fisher-weighted L2 to step t-1.
 
     The Fisher is an exponential moving average of squared gradients (alpha = ``--reg_alpha``, 0.9),
-    updated every iteration and continued from step to step (spec §5.5).
+    updated every iteration and continued from step to step.
     """
     name = "ewc"
     state_tensors = ("fisher",)
@@ -221,7 +221,7 @@ class PI(Regularizer):
     """PI, path integral (Zenke et al.) as in the paper's tables: CE + 500 * score-weighted L2 to step t-1.
 
     Every iteration ``delta += g * (theta_prev - theta_now)``; at the end of the step the score is
-    ``max(0, delta / ((theta_end - theta_origin)^2 + 1e-20)) + score_{t-1}`` (spec §5.5), where
+    ``max(0, delta / ((theta_end - theta_origin)^2 + 1e-20)) + score_{t-1}``, where
     ``theta_origin`` is the step t-1 model's weight and, for a new classifier (or at step 0), the
     weight at the start of the step. The two differ where the step starts from other weights than
     the old model's: the background bias that ``--init_balanced`` moves.
@@ -275,7 +275,7 @@ class RW(Regularizer):
     10) ``s += g * (theta_k - theta) / (0.5 * F * (theta - theta_k)^2 + 1e-8)``, with ``theta_k``
     the weights at the previous such iteration and ``F`` the Fisher before this iteration's update
     (nothing is added at iteration 0). The saved score is ``max(s, 0)``, averaged with the previous
-    score, ``0.5 * (max(s, 0) + score_{t-1})``, where one exists (spec §5.5).
+    score, ``0.5 * (max(s, 0) + score_{t-1})``, where one exists.
     """
     name = "rw"
     state_tensors = ("fisher", "score", "previous_params")

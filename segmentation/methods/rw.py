@@ -3,7 +3,7 @@
 Fisher EMA as in EWC every iteration; at iterations 0, 10, 20, ... (``--reg_iterations``)
 ``s += g * (theta_k - theta) / (0.5 * F * (theta - theta_k)^2 + 1e-8)`` with ``theta_k`` the
 weights at the previous score update and ``F`` the Fisher before this iteration's update; the
-saved score is ``max(s, 0)``, averaged with ``score_{t-1}`` where one exists (spec §5.5).
+saved score is ``max(s, 0)``, averaged with ``score_{t-1}`` where one exists.
 """
 from segmentation.methods.method import Method
 
