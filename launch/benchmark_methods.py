@@ -454,8 +454,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--lr", type=float, default=0.02, help="step 0")
     parser.add_argument("--incremental_lr", type=float, default=0.001,
                         help="steps after step 0: the protocol's value. EWC's and PI's penalty (weight 500 "
-                             "on importances in [0, 1]) diverges above about 0.00136 under SGD with Nesterov "
-                             "momentum 0.9")
+                             "on importances below 1) is unstable above 0.00136 under SGD with Nesterov "
+                             "momentum 0.9, and diverges at 0.002 on this grid")
     parser.add_argument("--extra", default="", help="more train.py options, one quoted string")
     args = parser.parse_args(argv)
 

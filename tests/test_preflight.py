@@ -146,7 +146,7 @@ def test_unstable_penalty_is_warned_about_with_the_learning_rate_that_works():
     # EWC and PI: 500 x importance <= 1, curvature 1000; limit 1.357 at momentum 0.9.
     warning = unstable_penalty_warning(_train_options("--method", "EWC", "--step", "all", "--lr", "0.01",
                                                       "--incremental_lr", "0.002"))
-    assert "ewc penalty diverges at step 1" in warning and "below 0.00136" in warning
+    assert "ewc penalty is unstable at step 1" in warning and "below 0.00136" in warning
     for safe in (["--step", "all", "--lr", "0.01", "--incremental_lr", "0.001"],  # the protocol
                  ["--step", "0", "--lr", "0.01"],  # no penalty at step 0
                  ["--step", "1", "--lr", "0.002", "--reg_no_normalize"]):  # importances unbounded: no claim

@@ -153,12 +153,14 @@ def nesterov_stability_limit(momentum: float) -> float:
 
 
 def unstable_penalty_warning(opts: argparse.Namespace) -> Optional[str]:
-    """A warning when the regularizer's penalty diverges at a step's learning rate.
+    """A warning when the regularizer's penalty is unstable at a step's learning rate.
 
-    With normalised importances (at most 1, or 2 for RW's Fisher plus score) the penalty
+    Normalised importances stay below 1 (below 2 for RW's Fisher plus score), and in practice the
+    largest reaches that bound (``launch/penalty_curvature.py``), so the penalty
     ``reg_importance * sum(importance * (w - w_old)^2)`` has curvature up to
-    ``2 * reg_importance * max importance`` along a weight; SGD overshoots once the learning rate
-    times that curvature passes the Nesterov limit, and the penalised weights grow without bound.
+    ``2 * reg_importance * bound`` along a weight. SGD overshoots once the learning rate times that
+    curvature passes the Nesterov limit: the penalised weights oscillate with a growing amplitude
+    while the learning rate stays above it.
     """
     if not opts.regularizer or opts.reg_no_normalize or opts.test:
         return None
@@ -167,11 +169,12 @@ def unstable_penalty_warning(opts: argparse.Namespace) -> Optional[str]:
     for step in opts.steps:
         lr = step_lr(vars(opts), step)
         if step > 0 and lr is not None and lr * curvature > limit:
-            return (f"the {opts.regularizer} penalty diverges at step {step}: learning rate {lr} times its "
+            return (f"the {opts.regularizer} penalty is unstable at step {step}: learning rate {lr} times its "
                     f"largest curvature {curvature:g} (2 x --reg_importance {opts.reg_importance:g} x the "
                     f"largest importance) is {lr * curvature:.3g}, above {limit:.3g}, the limit of SGD with "
-                    f"Nesterov momentum {opts.momentum}; use a learning rate below {limit / curvature:.3g} "
-                    "for the steps after step 0 (the protocol's 0.001 is) or a smaller --reg_importance")
+                    f"Nesterov momentum {opts.momentum}, so the penalised weights can grow without bound; "
+                    f"use a learning rate below {limit / curvature:.3g} for the steps after step 0 (the "
+                    "protocol's 0.001 is) or a smaller --reg_importance")
     return None
 
 
