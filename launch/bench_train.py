@@ -1,6 +1,6 @@
 """Throughput, peak memory and model FLOPs utilisation of one training iteration, per variant.
 
-The iteration is the project's own: ``build_model``, the MiB loss of ``segmentation.engine.methods``,
+The iteration is the project's own: ``build_model``, the MiB loss (``segmentation.methods.step_methods``),
 ``build_optimizer`` / ``build_scheduler`` and ``Trainer.run_step`` (forward under autocast, loss,
 backward through the GradScaler, SGD step, LR step), on one fixed random batch that stays on the
 device (data loading is measured by ``launch/bench_data.py``). Step 0 is VOC 15-5 step 0 (16
@@ -47,10 +47,11 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from segmentation import tasks  # noqa: E402
-from segmentation.engine.methods import build_method_loss  # noqa: E402
 from segmentation.engine.options import parse_options  # noqa: E402
 from segmentation.engine.sampler import GlobalBatchSampler  # noqa: E402
-from segmentation.engine.trainer import Trainer, build_optimizer, build_scheduler  # noqa: E402
+from segmentation.engine.optim import build_optimizer, build_scheduler  # noqa: E402
+from segmentation.engine.trainer import Trainer  # noqa: E402
+from segmentation.methods.step_methods import step_methods  # noqa: E402
 from segmentation.models import build_model, norm_kernels  # noqa: E402
 
 DATASET, TASK = "synthetic", "15-5"  # the VOC 15-5 classes; the options need no data folder
@@ -186,7 +187,7 @@ def build_trainer(variant: Variant, backbone: str, tv_backbone: str, device: tor
         old_model = old_model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, opts, variant.step)
     scheduler = build_scheduler(optimizer, opts, total_iterations=10**6)
-    loss = build_method_loss(opts, num_old_channels=sum(classes[:-1]))
+    methods = step_methods(opts, variant.step, num_old_channels=sum(classes[:-1]))
     if variant.compile:
         model = torch.compile(model)
         if old_model is not None:
@@ -195,7 +196,7 @@ def build_trainer(variant: Variant, backbone: str, tv_backbone: str, device: tor
     sampler = GlobalBatchSampler(batch, batch, rank=0, world_size=1, seed=0)
     amp = variant.precision if variant.precision in ("fp16", "bf16") else "off"
     return Trainer(
-        model, old_model, loss, optimizer, scheduler, [], sampler,
+        model, old_model, methods, optimizer, scheduler, [], sampler,
         device=device, epochs=1, amp=amp, channels_last=variant.channels_last,
     )
 

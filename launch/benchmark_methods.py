@@ -46,13 +46,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from segmentation import tasks  # noqa: E402
 from segmentation.data.synthetic import ensure_synthetic_voc  # noqa: E402
-from segmentation.methods import REGISTRY  # noqa: E402
+from segmentation.methods import REGISTRY, shares_step0  # noqa: E402
 
 DATASET = "synthetic"
 STEP0_TASK = "15-5"  # 15-1 starts from the same 15-class step-0 models
 JOINT = "Joint"
-#: Methods whose step 0 is the same cross-entropy training: they share one step-0 model.
-SHARED_STEP0 = ("FT", "LWF", "ILT", "MiB", "EWC", "PI", "RW")
 
 
 @dataclass
@@ -91,7 +89,8 @@ def setting_name(task: str, overlap: bool) -> str:
 
 
 def step0_group(method: str) -> str:
-    return "shared" if method in SHARED_STEP0 else method
+    """Methods whose step 0 is the same cross-entropy training share one step-0 model."""
+    return "shared" if shares_step0(method) else method
 
 
 def run_paths(out: Path, task: str, overlap: bool, name: str):
@@ -112,7 +111,8 @@ def method_flags(method: str) -> List[str]:
 
 def estimate_flags(methods: Sequence[str]) -> List[str]:
     """``--estimate_importance`` for the regularizers of ``methods`` that start from the shared step 0."""
-    names = [REGISTRY[m].regularizer for m in methods if m in REGISTRY and REGISTRY[m].regularizer]
+    names = [getattr(REGISTRY[m], "regularizer", None) for m in methods if m in REGISTRY and shares_step0(m)]
+    names = [name for name in names if name]
     return ["--estimate_importance", *names] if names else []
 
 

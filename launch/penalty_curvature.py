@@ -24,17 +24,14 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from segmentation.engine.preflight import nesterov_stability_limit  # noqa: E402
-from segmentation.methods import REGISTRY  # noqa: E402
-from segmentation.methods.regularizer import penalty_importance  # noqa: E402
+from segmentation.methods.regularizer import REGULARIZERS, penalty_importance  # noqa: E402
+from segmentation.methods.weight_penalty import WeightPenalty, nesterov_stability_limit  # noqa: E402
 
 
 def preset_weight(regularizer: str) -> float:
     """``--reg_importance`` of the method whose regularizer is ``regularizer``."""
-    for method in REGISTRY.values():
-        if method.regularizer == regularizer:
-            return float(method.preset["reg_importance"])
-    raise ValueError(f"no method uses the regularizer {regularizer!r}")
+    method = next(method for method in WeightPenalty.__subclasses__() if method.regularizer == regularizer)
+    return float(method.preset["reg_importance"])
 
 
 def importance_maxima(state: Mapping[str, Any]) -> List[Tuple[str, float]]:
@@ -73,7 +70,10 @@ def main(argv: List[str]) -> int:
         checkpoint: Dict[str, Any] = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as error:
         parser.error(f"{args.checkpoint}: cannot read the checkpoint ({error})")
-    states = checkpoint.get("regularizers") if isinstance(checkpoint, dict) else None
+    states = {}
+    if isinstance(checkpoint, dict):  # "regularizers": checkpoints written before "method_states"
+        saved = checkpoint.get("method_states") or checkpoint.get("regularizers") or {}
+        states = {name: state for name, state in saved.items() if state.get("name") in REGULARIZERS}
     if not states:
         parser.error(f"{args.checkpoint}: no regularizer state (train with --method EWC/PI/RW or "
                      "--estimate_importance ewc pi rw)")

@@ -56,7 +56,7 @@ def _checkpoint_sums(path: Path) -> Dict[str, float]:
     saved = torch.load(path, map_location="cpu", weights_only=False)
     sums = {"weights": float(sum((value.double() ** 2).sum() for value in saved["model_state"].values()
                                  if value.is_floating_point()))}
-    for name, state in sorted(saved["regularizers"].items()):
+    for name, state in sorted(saved["method_states"].items()):
         for key in ("fisher", "score"):
             if key in state:
                 sums[f"{name}.{key}"] = float(sum(value.double().sum() for value in state[key].values()))

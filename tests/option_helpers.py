@@ -1,8 +1,11 @@
-"""Shared by the option-parser tests: a working folder that passes the data checks, and the
-expected one-line usage error."""
+"""Shared by the option-parser tests: a working folder that passes the data checks, the
+expected one-line usage error, and the methods' options for tests that build a step's methods."""
+import argparse
+
 import pytest
 
 from segmentation.engine.options import parse_options
+from segmentation.methods import methods_option_owners
 
 
 @pytest.fixture
@@ -24,3 +27,14 @@ def usage_error(argv, capsys) -> str:
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and message.startswith("train.py: error: ")
     return message
+
+
+def method_options(**overrides) -> argparse.Namespace:
+    """Every method's options at their defaults (as ``train.py`` parses them), with ``overrides``."""
+    parser = argparse.ArgumentParser()
+    for owner in methods_option_owners():
+        owner.add_options(parser)
+    opts = parser.parse_args([])
+    for name, value in overrides.items():
+        setattr(opts, name, value)
+    return opts

@@ -47,8 +47,8 @@ def test_tiny_grid_writes_table_and_plot_and_restarts_without_training(data_root
     shared = checkpoints / "step0-shared" / "step0.pth"
     for method in ("FT", "EWC", "MiB"):
         assert os.path.realpath(checkpoints / method / "step0.pth") == str(shared)
-    assert set(load_checkpoint(shared)["regularizers"]) == {"ewc"}
-    assert set(load_checkpoint(checkpoints / "EWC" / "step1.pth")["regularizers"]) == {"ewc"}
+    assert set(load_checkpoint(shared)["method_states"]) == {"ewc"}
+    assert set(load_checkpoint(checkpoints / "EWC" / "step1.pth")["method_states"]) == {"ewc"}
 
     report = (tmp_path / "results.md").read_text()
     for method in ("FT", "EWC", "MiB", "Joint"):

@@ -13,13 +13,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from option_helpers import method_options
 from segmentation.engine.checkpoint import CheckpointError, InStepCheckpoints, atomic_save, load_checkpoint
 from segmentation.engine.loader_watch import DataLoaderFailure
-from segmentation.engine.methods import MethodLoss
 from segmentation.engine.run_lock import RunLock, RunLockedError
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.engine.trainer import NonFiniteLossError, Trainer
+from test_train_trainer import cross_entropy_step
 from segmentation.files import WriteError, atomic_write
+from segmentation.methods.method import StepInfo
+from segmentation.methods.step_methods import StepMethods
 from segmentation.models.norm import ABN
 
 
@@ -182,19 +185,19 @@ class RandomSet(Dataset):
         return self.images[index], self.labels[index]
 
 
-class PoisonedLoss(MethodLoss):
-    """The classification loss becomes NaN at the given iterations (1-based)."""
+class PoisonedLoss(StepMethods):
+    """Cross-entropy whose value becomes NaN at the given iterations (1-based)."""
 
     def __init__(self, bad_iterations):
-        super().__init__(num_old_channels=0)
+        super().__init__(method_options(), StepInfo(step=0, num_old_channels=0))
         self.bad_iterations = set(bad_iterations)
         self.calls = 0
 
-    def __call__(self, logits, labels, *args):
+    def loss(self, outputs):
         self.calls += 1
         if self.calls in self.bad_iterations:
-            logits = logits * float("nan")
-        return super().__call__(logits, labels, *args)
+            outputs.logits = outputs.logits * float("nan")
+        return super().loss(outputs)
 
 
 def _trainer(tmp_path, loss=None, dataset=None, amp="off", max_bad_iterations=0, num_workers=0,
@@ -206,7 +209,7 @@ def _trainer(tmp_path, loss=None, dataset=None, amp="off", max_bad_iterations=0,
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
     trainer = Trainer(
-        model, None, loss or MethodLoss(num_old_channels=0), optimizer, scheduler, dataset, sampler,
+        model, None, loss or cross_entropy_step(), optimizer, scheduler, dataset, sampler,
         device=torch.device("cpu"), epochs=epochs, seed=5, amp=amp, num_workers=num_workers,
         checkpoints=InStepCheckpoints(tmp_path, 0), ckpt_interval=3, print_interval=10,
         checkpoint_meta={"dataset": "d", "task": "t", "step": 0, "classes": [3]},

@@ -23,7 +23,7 @@ def test_reports_the_largest_normalised_importance_and_the_learning_rate_limit(t
     fisher = {"a": _t([1e-10, 3e-10]), "b": _t([0.0, 2.0, 1.0])}
     score = {"a": _t([0.0, 4.0]), "b": _t([5.0, 5.0, 5.0])}
     path = tmp_path / "step0.pth"
-    torch.save({"regularizers": {"ewc": {"name": "ewc", "fisher": fisher},
+    torch.save({"method_states": {"ewc": {"name": "ewc", "fisher": fisher},
                                  "rw": {"name": "rw", "fisher": fisher, "score": score}}}, path)
     assert penalty_curvature.main([str(path), "--top", "2"]) == 0
     out = capsys.readouterr().out

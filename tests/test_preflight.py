@@ -1,14 +1,15 @@
 """Pieces of the pre-training checks: option comparison, original checkpoints, cleanup."""
-import argparse
 
 import pytest
 import torch
 
 from segmentation.engine.original_checkpoint import adapt_checkpoint, convert_original_checkpoint, head_widths
 from segmentation.engine.options import parse_options
+from option_helpers import method_options
 from segmentation.engine.preflight import (Preflight, UsageError, _files_of_steps, differing_options,
-                                           nesterov_stability_limit, remove_created, stored_options,
-                                           unstable_penalty_warning)
+                                           remove_created, stored_options)
+from segmentation.methods import active_methods
+from segmentation.methods.weight_penalty import nesterov_stability_limit
 from segmentation.models import build_model
 
 BASE = {"lr": 0.01, "incremental_lr": 0.001, "loss_kd": 10.0, "num_workers": 2, "pretrained": "w.pth",
@@ -86,8 +87,7 @@ def test_remove_created_keeps_folders_with_finished_files(tmp_path):
     ("abn", 2, 1, False),
 ])
 def test_batch_size_against_normalisation(norm_act, batch_size, world_size, refused, tmp_path):
-    opts = argparse.Namespace(backbone="resnet18", test=False, norm_act=norm_act, batch_size=batch_size,
-                              regularizer=None)
+    opts = method_options(backbone="resnet18", test=False, norm_act=norm_act, batch_size=batch_size)
     preflight = Preflight(opts, tmp_path, tmp_path)
     if refused:
         with pytest.raises(UsageError, match="--batch_size 1"):
@@ -140,6 +140,13 @@ def test_nesterov_stability_limit_is_where_pytorch_sgd_starts_to_diverge(momentu
 
 def _train_options(*argv):
     return parse_options(["--dataset", "synthetic", "--task", "15-5", *argv])
+
+
+def unstable_penalty_warning(opts):
+    """The launch warnings of the active methods (at most one here), or None."""
+    warnings = [warning for method in active_methods(opts) for warning in method.launch_warnings(opts)]
+    assert len(warnings) <= 1
+    return warnings[0] if warnings else None
 
 
 def test_unstable_penalty_is_warned_about_with_the_learning_rate_that_works():

@@ -63,7 +63,7 @@ def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
                 _assert_close(value, two["model_state"][key], f"step {step} {key}")
             else:
                 assert torch.equal(value, two["model_state"][key]), key
-        fisher_one, fisher_two = one["regularizers"]["ewc"]["fisher"], two["regularizers"]["ewc"]["fisher"]
+        fisher_one, fisher_two = one["method_states"]["ewc"]["fisher"], two["method_states"]["ewc"]["fisher"]
         assert fisher_one.keys() == fisher_two.keys()
         for key, value in fisher_one.items():
             _assert_close(value, fisher_two[key], f"step {step} Fisher {key}")

@@ -160,7 +160,7 @@ def rw_run(data_root, tmp_path_factory):
 def test_rw_carries_its_state_and_penalises_step1(rw_run):
     out, output = rw_run, (rw_run / "output.txt").read_text()
     for step in (0, 1):
-        state = load_checkpoint(_paths(out)[0] / f"step{step}.pth")["regularizers"]
+        state = load_checkpoint(_paths(out)[0] / f"step{step}.pth")["method_states"]
         assert set(state) == {"rw"} and set(state["rw"]) == {"name", "fisher", "score"}
         assert all(torch.isfinite(value).all() for value in state["rw"]["score"].values())
     penalties = [float(value) for value in re.findall(r" loss_reg=(\S+)", output)]
@@ -196,22 +196,22 @@ def test_one_ft_step0_estimating_every_importance_serves_ewc_pi_and_rw(rw_run, d
                          "--estimate_importance", "ewc", "pi", "rw"))
     step0_path = _paths(shared)[0] / "step0.pth"
     step0 = load_checkpoint(step0_path)
-    assert {name: set(state) for name, state in step0["regularizers"].items()} == {
+    assert {name: set(state) for name, state in step0["method_states"].items()} == {
         "ewc": {"name", "fisher"}, "pi": {"name", "score"}, "rw": {"name", "fisher", "score"}}
     expected = load_checkpoint(_paths(rw_run)[0] / "step0.pth")
     for key, value in expected["model_state"].items():
         assert torch.equal(value, step0["model_state"][key]), key
     for part in ("fisher", "score"):
-        for key, value in expected["regularizers"]["rw"][part].items():
-            assert torch.equal(value, step0["regularizers"]["rw"][part][key]), (part, key)
-    for key, value in step0["regularizers"]["ewc"]["fisher"].items():
-        assert torch.equal(value, step0["regularizers"]["rw"]["fisher"][key]), key
+        for key, value in expected["method_states"]["rw"][part].items():
+            assert torch.equal(value, step0["method_states"]["rw"][part][key]), (part, key)
+    for key, value in step0["method_states"]["ewc"]["fisher"].items():
+        assert torch.equal(value, step0["method_states"]["rw"]["fisher"][key]), key
 
     result = run_train_in_process(train_args(data_root, tmp_path / "pi", "--step", "1", "--method", "PI",
                                   "--step_ckpt", str(step0_path)))
     penalties = [float(value) for value in re.findall(r" loss_reg=(\S+)", result.stdout)]
     assert penalties and all(math.isfinite(value) for value in penalties) and max(penalties) > 0
-    state = load_checkpoint(_paths(tmp_path / "pi")[0] / "step1.pth")["regularizers"]
+    state = load_checkpoint(_paths(tmp_path / "pi")[0] / "step1.pth")["method_states"]
     assert set(state) == {"pi"} and all(torch.isfinite(value).all() for value in state["pi"]["score"].values())
     # --lr 0.01 at step 1 is above PI's limit (0.00136): train.py warns.
     assert "the pi penalty is unstable at step 1" in result.stdout + result.stderr

@@ -1,21 +1,34 @@
-"""Loss of each method (spec §5.4), checked against direct per-pixel formulas."""
+"""Loss of each method, as the step's active methods combine it, checked against direct per-pixel formulas."""
 import argparse
 import math
 
 import pytest
 import torch
 
-from segmentation.engine.methods import build_method_loss
+from segmentation.methods.step_methods import StepOutputs, step_methods
 
 B, H, W = 2, 3, 4
 OLD, NEW = 3, 2  # channels at step t-1 (background included) and channels added at step t
 
 
 def _options(**overrides):
-    values = dict(unce=False, unkd=False, loss_kd=0.0, loss_de=0.0, icarl=False,
-                  icarl_importance=1.0, alpha=1.0, bce=False, icarl_disjoint=False, icarl_bkg=False)
+    values = dict(unce=False, unkd=False, init_balanced=False, loss_kd=0.0, loss_de=0.0, icarl=False,
+                  icarl_importance=1.0, alpha=1.0, bce=False, icarl_disjoint=False, icarl_bkg=False,
+                  regularizer=None, estimate_importance=[])
     values.update(overrides)
     return argparse.Namespace(**values)
+
+
+class _Loss:
+    """The loss of the active methods of a step with ``num_old_channels`` old channels."""
+
+    def __init__(self, opts, num_old_channels):
+        self.methods = step_methods(opts, 1 if num_old_channels else 0, num_old_channels)
+        self.needs_old_model = self.methods.needs_old_model
+        self.needs_features = self.methods.needs_features
+
+    def __call__(self, logits, labels, old_logits=None, features=None, old_features=None):
+        return self.methods.loss(StepOutputs(labels, logits, old_logits, features, old_features))
 
 
 def _data(seed=0, channels=OLD + NEW):
@@ -74,7 +87,7 @@ def _bce(z, y, _):
 
 def test_step0_is_plain_cross_entropy_averaged_over_all_pixels():
     logits, _, labels = _data(channels=OLD)
-    loss = build_method_loss(_options(unce=True, unkd=True, loss_kd=10, loss_de=5), num_old_channels=0)
+    loss = _Loss(_options(unce=True, unkd=True, loss_kd=10, loss_de=5), num_old_channels=0)
     assert not loss.needs_old_model and not loss.needs_features
     total, parts = loss(logits, labels)
     assert total.item() == pytest.approx(_per_pixel(_ce, logits, labels), rel=1e-5)
@@ -83,7 +96,7 @@ def test_step0_is_plain_cross_entropy_averaged_over_all_pixels():
 
 def test_ft_at_step1_has_no_distillation():
     logits, _, labels = _data()
-    loss = build_method_loss(_options(), num_old_channels=OLD)
+    loss = _Loss(_options(), num_old_channels=OLD)
     assert not loss.needs_old_model
     total, _ = loss(logits, labels)
     assert total.item() == pytest.approx(_per_pixel(_ce, logits, labels), rel=1e-5)
@@ -91,7 +104,7 @@ def test_ft_at_step1_has_no_distillation():
 
 def test_lwf_adds_weighted_kd_on_old_channels():
     logits, old_logits, labels = _data()
-    loss = build_method_loss(_options(loss_kd=100.0), num_old_channels=OLD)
+    loss = _Loss(_options(loss_kd=100.0), num_old_channels=OLD)
     assert loss.needs_old_model and not loss.needs_features
     total, parts = loss(logits, labels, old_logits)
     expected_kd = 100.0 * _per_pixel(_kd, logits, old=old_logits)
@@ -101,7 +114,7 @@ def test_lwf_adds_weighted_kd_on_old_channels():
 
 def test_mib_uses_unbiased_ce_and_unbiased_kd():
     logits, old_logits, labels = _data()
-    loss = build_method_loss(_options(unce=True, unkd=True, loss_kd=10.0), num_old_channels=OLD)
+    loss = _Loss(_options(unce=True, unkd=True, loss_kd=10.0), num_old_channels=OLD)
     total, parts = loss(logits, labels, old_logits)
     expected_cls = _per_pixel(_unce, logits, labels)
     expected_kd = 10.0 * _per_pixel(_unkd, logits, old=old_logits)
@@ -115,7 +128,7 @@ def test_ilt_adds_feature_mse_on_body_output():
     generator = torch.Generator().manual_seed(3)
     body = torch.randn(B, 8, 2, 2, generator=generator)
     old_body = torch.randn(B, 8, 2, 2, generator=generator)
-    loss = build_method_loss(_options(loss_kd=100.0, loss_de=100.0), num_old_channels=OLD)
+    loss = _Loss(_options(loss_kd=100.0, loss_de=100.0), num_old_channels=OLD)
     assert loss.needs_old_model and loss.needs_features
     total, parts = loss(logits, labels, old_logits, {"body": body}, {"body": old_body})
     expected_de = 100.0 * float(((body - old_body) ** 2).mean())
@@ -126,13 +139,13 @@ def test_ilt_adds_feature_mse_on_body_output():
 
 def test_lwf_mc_bce_at_step0_and_bce_distillation_later():
     logits, old_logits, labels = _data(channels=OLD)
-    step0 = build_method_loss(_options(icarl=True, icarl_importance=10.0), num_old_channels=0)
+    step0 = _Loss(_options(icarl=True, icarl_importance=10.0), num_old_channels=0)
     assert not step0.needs_old_model
     total0, _ = step0(logits, labels)
     assert total0.item() == pytest.approx(_per_pixel(_bce, logits, labels), rel=1e-5)
 
     logits, old_logits, labels = _data()
-    step1 = build_method_loss(_options(icarl=True, icarl_importance=10.0), num_old_channels=OLD)
+    step1 = _Loss(_options(icarl=True, icarl_importance=10.0), num_old_channels=OLD)
     assert step1.needs_old_model
     total1, parts = step1(logits, labels, old_logits)
     # 10 * sum over old channels of the pixel-mean BCE towards the old sigmoid outputs.
@@ -147,7 +160,7 @@ def test_lwf_mc_bce_at_step0_and_bce_distillation_later():
 
 def test_bce_option_is_bce_without_distillation():
     logits, old_logits, labels = _data()
-    loss = build_method_loss(_options(bce=True), num_old_channels=OLD)
+    loss = _Loss(_options(bce=True), num_old_channels=OLD)
     assert not loss.needs_old_model
     total, parts = loss(logits, labels)
     assert total.item() == pytest.approx(_per_pixel(_bce, logits, labels), rel=1e-5)
@@ -157,7 +170,7 @@ def test_bce_option_is_bce_without_distillation():
 @pytest.mark.parametrize("keep_background", [False, True])
 def test_icarl_disjoint_replaces_old_channel_targets_by_old_sigmoids(keep_background):
     logits, old_logits, labels = _data()
-    loss = build_method_loss(_options(icarl=True, icarl_importance=10.0, icarl_disjoint=True,
+    loss = _Loss(_options(icarl=True, icarl_importance=10.0, icarl_disjoint=True,
                                       icarl_bkg=keep_background), num_old_channels=OLD)
     assert loss.needs_old_model
     total, parts = loss(logits, labels, old_logits)
@@ -175,6 +188,6 @@ def test_icarl_disjoint_replaces_old_channel_targets_by_old_sigmoids(keep_backgr
 
 def test_icarl_disjoint_at_step0_is_plain_bce():
     logits, _, labels = _data(channels=OLD)
-    loss = build_method_loss(_options(icarl=True, icarl_disjoint=True), num_old_channels=0)
+    loss = _Loss(_options(icarl=True, icarl_disjoint=True), num_old_channels=0)
     assert not loss.needs_old_model
     assert loss(logits, labels)[0].item() == pytest.approx(_per_pixel(_bce, logits, labels), rel=1e-5)

@@ -73,11 +73,11 @@ def test_ewc_run_killed_mid_step_resumes_bit_identically_with_its_regularizer_st
     run_until(args, lambda: any(run_dir.glob("step1-iter*.pth")), sig=signal.SIGKILL)
     assert not (run_dir / "step1.pth").exists()
     in_step = torch.load(next(run_dir.glob("step1-iter*.pth")), map_location="cpu", weights_only=False)
-    assert set(in_step["regularizer_states"]) == {"ewc"}
+    assert set(in_step["method_states"]) == {"ewc"}
     result = run_train_in_process(args)
     assert "step 1: resumed from iteration" in result.stdout + result.stderr
 
     resumed = torch.load(run_dir / "step1.pth", map_location="cpu", weights_only=False)
     expected = torch.load(reference_dir / "step1.pth", map_location="cpu", weights_only=False)
     assert_states_equal(resumed["model_state"], expected["model_state"])
-    assert_states_equal(resumed["regularizers"]["ewc"]["fisher"], expected["regularizers"]["ewc"]["fisher"])
+    assert_states_equal(resumed["method_states"]["ewc"]["fisher"], expected["method_states"]["ewc"]["fisher"])

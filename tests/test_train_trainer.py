@@ -7,17 +7,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from option_helpers import method_options
 from segmentation.engine.checkpoint import InStepCheckpoints
-from segmentation.engine.methods import MethodLoss
+from segmentation.engine.optim import build_optimizer, build_scheduler
 from segmentation.engine.sampler import GlobalBatchSampler
-from segmentation.engine.trainer import (
-    StopSignal,
-    Trainer,
-    TrainingInterrupted,
-    build_optimizer,
-    build_scheduler,
-)
+from segmentation.engine.trainer import StopSignal, Trainer, TrainingInterrupted
+from segmentation.methods.step_methods import step_methods
 from segmentation.models.norm import ABN
+
+
+def cross_entropy_step():
+    """The methods of a step 0 without any method option: plain cross-entropy."""
+    return step_methods(method_options(), 0, num_old_channels=0)
 
 
 class TinySegmenter(nn.Module):
@@ -81,7 +82,7 @@ def _trainer(tmp_path, epochs=2, stop_after=None, fix_bn=False, on_epoch_end=Non
     scheduler = build_scheduler(optimizer, _opts(), len(sampler) * epochs)
     stop = StopSignal()
     trainer = Trainer(
-        model, None, MethodLoss(num_old_channels=0), optimizer, scheduler, dataset, sampler,
+        model, None, cross_entropy_step(), optimizer, scheduler, dataset, sampler,
         device=torch.device("cpu"), epochs=epochs, seed=5, fix_bn=fix_bn, amp=amp,
         checkpoints=InStepCheckpoints(tmp_path, 0), ckpt_interval=ckpt_interval,
         checkpoint_meta={"dataset": "d", "task": "t", "step": 0, "classes": [3]},

@@ -25,16 +25,13 @@ import sys
 from typing import Dict, List, NoReturn, Optional, Set
 
 from segmentation import tasks
-from segmentation.methods import REGISTRY, find_method, method_names, method_preset
-from segmentation.methods.mib import KD_100_TASKS
+from segmentation.methods import find_method, method_names, method_preset, methods_option_owners
 
 DATASETS = ("synthetic", "voc", "ade")
-METHODS = tuple(method_names())  # presets: segmentation/methods/
-REGULARIZER_NAMES = tuple(method.regularizer for method in REGISTRY.values() if method.regularizer)
 DTYPES = ("float32", "float64")
 
 # ADE tasks whose original training splits came from a balancing notebook whose seed was lost
-# (spec §3.3, B18): the disjoint filter computes other splits. Step sizes of the original files.
+# and cannot be reproduced: the disjoint filter computes other splits. Step sizes of the original files.
 ADE_BALANCED_SPLITS: Dict[str, List[int]] = {
     "50": [8219, 6384, 5593], "50-50": [8219, 6384, 5593], "50b": [6659, 7483, 6054],
 }
@@ -125,49 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     method = parser.add_argument_group(
         "method and losses",
-        "A --method preset fills in the loss options below that are not given explicitly.")
+        "A --method preset fills in the loss options below that are not given explicitly; the options "
+        "combine as in the original command line.")
     method.add_argument("--method", default=None,
-                        help="preset, case-insensitive: " + ", ".join(METHODS)
-                        + f" (MiB uses loss_kd 100 on {' and '.join(KD_100_TASKS)})")
-    method.add_argument("--loss_kd", type=float, default=0.0, help="weight of output distillation")
-    method.add_argument("--loss_de", type=float, default=0.0,
-                        help="weight of feature (L2) distillation on the backbone output")
-    method.add_argument("--unce", action="store_true", help="unbiased cross-entropy (MiB)")
-    method.add_argument("--unkd", action="store_true", help="unbiased knowledge distillation (MiB)")
-    method.add_argument("--init_balanced", action="store_true",
-                        help="initialise new classifiers from the background one (MiB)")
-    method.add_argument("--alpha", type=float, default=1.0,
-                        help="scale of the old logits before the distillation softmax")
-    method.add_argument("--icarl", action="store_true",
-                        help="BCE loss plus BCE distillation (LwF-MC)")
-    method.add_argument("--icarl_importance", type=float, default=1.0,
-                        help="weight of the LwF-MC distillation")
+                        help="preset, case-insensitive: " + ", ".join(method_names()))
     method.add_argument("--freeze", action="store_true", help="do not train the backbone")
-    method.add_argument("--bce", action="store_true",
-                        help="multi-label BCE classification loss (as LwF-MC) without its distillation")
-    method.add_argument("--icarl_disjoint", action="store_true",
-                        help="with --icarl: instead of BCE + BCE distillation, one BCE whose targets "
-                        "of the old channels are the old model's sigmoid outputs")
-    method.add_argument("--icarl_bkg", action="store_true",
-                        help="with --icarl_disjoint: keep the ground-truth target of the background "
-                        "channel")
-    method.add_argument("--regularizer", default=None, choices=REGULARIZER_NAMES,
-                        help="weight regularizer (EWC, PI, RW); its state is carried from step to step "
-                        "in the step checkpoints, so step 0 must be trained with it too")
-    method.add_argument("--estimate_importance", nargs="+", default=[], choices=REGULARIZER_NAMES,
-                        metavar="REGULARIZER",
-                        help=f"also estimate these regularizers' importances ({', '.join(REGULARIZER_NAMES)}) "
-                        "during every step, without their penalty, and store them in the step checkpoint: "
-                        "EWC, PI or RW can then continue from this run's checkpoints (e.g. one FT step 0 "
-                        "serves FT, EWC, PI and RW; the penalty is zero at step 0 anyway)")
-    method.add_argument("--reg_importance", type=float, default=1.0,
-                        help="weight of the regularizer's penalty (presets: EWC 500, PI 500, RW 100)")
-    method.add_argument("--reg_alpha", type=float, default=0.9,
-                        help="EMA factor of the Fisher estimate (EWC, RW)")
-    method.add_argument("--reg_no_normalize", action="store_true",
-                        help="do not min-max normalise each importance tensor to [0, 1]")
-    method.add_argument("--reg_iterations", type=int, default=10,
-                        help="RW: iterations between score updates")
+    for owner in methods_option_owners():
+        owner.add_options(method)
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, nargs="+", default=[0.007],
@@ -303,7 +264,7 @@ def _refuse_plop_method_options(parser: argparse.ArgumentParser, argv: List[str]
     if given:
         parser.error(
             f"{', '.join(dict.fromkeys(given))}: PLOP's method options are not implemented here "
-            f"(methods: {', '.join(METHODS)}); remove them, or run PLOP with its own code")
+            f"(methods: {', '.join(method_names())}); remove them, or run PLOP with its own code")
 
 
 def _normalise_method(parser: argparse.ArgumentParser, method: Optional[str]) -> Optional[str]:
@@ -312,7 +273,7 @@ def _normalise_method(parser: argparse.ArgumentParser, method: Optional[str]) ->
     found = find_method(method)
     if found is None:
         what = "PLOP is not implemented" if method.upper() == "PLOP" else "unknown method"
-        parser.error(f"--method {method}: {what}; available methods: {', '.join(METHODS)}")
+        parser.error(f"--method {method}: {what}; available methods: {', '.join(method_names())}")
     return found.name
 
 
@@ -335,10 +296,7 @@ def preset_note(method: Optional[str], task: str, filled: Dict[str, object]) -> 
     parts = []
     for name, value in filled.items():
         part = f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
-        if method == "MiB" and name == "loss_kd" and task in KD_100_TASKS:
-            part += (f" (paper value on {task}; the original code's preset was 10: "
-                     "pass --loss_kd 10 to match it)")
-        parts.append(part)
+        parts.append(part + find_method(method).preset_note(task, name, value))
     return f"{method} preset filled in: " + ", ".join(parts)
 
 
@@ -426,8 +384,7 @@ def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> 
     for name in positive:
         if getattr(opts, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(opts, name)}")
-    non_negative = ("num_workers", "ckpt_interval", "sample_num", "loss_kd", "loss_de",
-                    "icarl_importance", "weight_decay", "max_bad_iterations")
+    non_negative = ("num_workers", "ckpt_interval", "sample_num", "weight_decay", "max_bad_iterations")
     for name in non_negative:
         if getattr(opts, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(opts, name)}")
@@ -505,16 +462,10 @@ def debug_requested(argv: Optional[List[str]] = None) -> bool:
 
 
 def _check_method_options(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
-    if opts.reg_importance < 0:
-        parser.error(f"--reg_importance must be >= 0, got {opts.reg_importance}")
-    if not 0.0 <= opts.reg_alpha <= 1.0:
-        parser.error(f"--reg_alpha must be in [0, 1], got {opts.reg_alpha}")
-    if opts.reg_iterations <= 0:
-        parser.error(f"--reg_iterations must be positive, got {opts.reg_iterations}")
-    if opts.icarl_disjoint and not opts.icarl:
-        parser.error("--icarl_disjoint is a variant of the LwF-MC loss: add --icarl (or --method LWF-MC)")
-    if opts.icarl_bkg and not opts.icarl_disjoint:
-        parser.error("--icarl_bkg only applies to --icarl_disjoint")
+    for owner in methods_option_owners():
+        error = owner.check_options(opts)
+        if error:
+            parser.error(error)
     if opts.dtype == "float64" and opts.amp != "off":
         parser.error(f"--dtype float64 cannot be combined with --amp {opts.amp}; use one of them")
 

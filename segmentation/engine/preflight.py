@@ -19,16 +19,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from segmentation import distributed, tasks
 from segmentation.engine import checkpoint
+from segmentation.engine.optim import step_learning_rate
 from segmentation.engine.original_checkpoint import adapt_checkpoint
+from segmentation.methods import active_methods, neutral_options, step0_independent_options
 
-# Options that do not change what a run computes: they may differ between runs of one --name.
+# Options that do not change what a run computes: they may differ between runs of one --name
+# (with the methods' own such options).
 NOT_RESULT_CHANGING = frozenset({
     "num_workers", "print_interval", "val_interval", "ckpt_interval", "sample_num", "visualize",
     "logdir", "checkpoint_dir", "data_root", "name", "resume", "local_rank", "steps", "step_ckpt",
     "ckpt", "test", "notes", "debug", "overwrite", "device", "channels_last",
     "allow_synthetic_in_data_root", "allow_regenerated_splits", "lr", "incremental_lr",
-    "collective_timeout", "max_bad_iterations", "estimate_importance",
-})
+    "collective_timeout", "max_bad_iterations",
+}) | neutral_options()
 
 
 class UsageError(ValueError):
@@ -43,22 +46,12 @@ class SetupError(RuntimeError):
     raised_on_every_rank = True
 
 
-def step_lr(options: Dict[str, Any], step: int) -> Optional[float]:
-    """The base learning rate ``options`` give ``step`` (as ``trainer.base_lr``)."""
-    if step > 0 and options.get("incremental_lr") is not None:
-        return options["incremental_lr"]
-    return options.get("lr")
-
-
-# Options a step-0 model does not depend on: they act from step 1 on (distillation, unbiased
-# losses, classifier init, penalty weight, masking of old labels) or only name things. So one
-# step-0 model can start every method and task with its classes (checked when it is loaded), as
-# the method benchmark and the original authors' 15-1 runs do. The regularizer has no penalty at
-# step 0; a step 1 that needs its importance refuses a step-0 checkpoint without it.
-STEP0_INDEPENDENT = frozenset({
-    "method", "task", "loss_kd", "loss_de", "unce", "unkd", "init_balanced", "alpha",
-    "icarl_importance", "icarl_disjoint", "icarl_bkg", "no_mask", "reg_importance", "regularizer",
-})
+# Options a step-0 model does not depend on: the methods' options that act from step 1 on
+# (distillation, unbiased losses, classifier init, penalty weight), the masking of old labels, or
+# names. So one step-0 model can start every method and task with its classes (checked when it is
+# loaded), as the method benchmark and the original authors' 15-1 runs do. A step 1 that needs
+# state of its method's step 0 refuses a step-0 checkpoint without it.
+STEP0_INDEPENDENT = frozenset({"method", "task", "no_mask"}) | step0_independent_options()
 
 
 def differing_options(stored: Dict[str, Any], current: Dict[str, Any], step: int) -> List[str]:
@@ -69,8 +62,9 @@ def differing_options(stored: Dict[str, Any], current: Dict[str, Any], step: int
     for name in sorted(set(stored) & set(current) - ignored):
         if stored[name] != current[name]:
             differences.append(f"--{name} {stored[name]} -> {current[name]}")
-    if step_lr(stored, step) != step_lr(current, step):
-        differences.append(f"learning rate of step {step} {step_lr(stored, step)} -> {step_lr(current, step)}")
+    stored_lr, current_lr = step_learning_rate(stored, step), step_learning_rate(current, step)
+    if stored_lr != current_lr:
+        differences.append(f"learning rate of step {step} {stored_lr} -> {current_lr}")
     return differences
 
 
@@ -146,38 +140,6 @@ def _is_finished_step_file(path: Path) -> bool:
     return suffix in ("pth", "json") and stem[4:].split("-iter")[0].isdigit()
 
 
-def nesterov_stability_limit(momentum: float) -> float:
-    """The largest ``lr * curvature`` for which SGD with Nesterov momentum ``momentum`` converges on
-    a quadratic (PyTorch's update rule; 1.357 at momentum 0.9, 2 without momentum)."""
-    return 1 + 1 / (1 + 2 * momentum)
-
-
-def unstable_penalty_warning(opts: argparse.Namespace) -> Optional[str]:
-    """A warning when the regularizer's penalty is unstable at a step's learning rate.
-
-    Normalised importances stay below 1 (below 2 for RW's Fisher plus score), and in practice the
-    largest reaches that bound (``launch/penalty_curvature.py``), so the penalty
-    ``reg_importance * sum(importance * (w - w_old)^2)`` has curvature up to
-    ``2 * reg_importance * bound`` along a weight. SGD overshoots once the learning rate times that
-    curvature passes the Nesterov limit: the penalised weights oscillate with a growing amplitude
-    while the learning rate stays above it.
-    """
-    if not opts.regularizer or opts.reg_no_normalize or opts.test:
-        return None
-    curvature = 2 * opts.reg_importance * (2.0 if opts.regularizer == "rw" else 1.0)
-    limit = nesterov_stability_limit(opts.momentum)
-    for step in opts.steps:
-        lr = step_lr(vars(opts), step)
-        if step > 0 and lr is not None and lr * curvature > limit:
-            return (f"the {opts.regularizer} penalty is unstable at step {step}: learning rate {lr} times its "
-                    f"largest curvature {curvature:g} (2 x --reg_importance {opts.reg_importance:g} x the "
-                    f"largest importance) is {lr * curvature:.3g}, above {limit:.3g}, the limit of SGD with "
-                    f"Nesterov momentum {opts.momentum}, so the penalised weights can grow without bound; "
-                    f"use a learning rate below {limit / curvature:.3g} for the steps after step 0 (the "
-                    "protocol's 0.001 is) or a smaller --reg_importance")
-    return None
-
-
 class Preflight:
     """The checks of one launch; ``created`` lists the folders they created (rank 0)."""
 
@@ -199,9 +161,8 @@ class Preflight:
             raise UsageError(f"--backbone {opts.backbone}: unknown backbone; valid: {', '.join(RESNET_LAYOUTS)}")
         if opts.test:
             return
-        warning = unstable_penalty_warning(opts)
-        if warning:
-            self.warnings.append(warning)
+        for method in active_methods(opts):
+            self.warnings.extend(method.launch_warnings(opts))
         if opts.norm_act == "iabn_sync" and opts.batch_size * world_size < 2:
             raise UsageError(
                 f"--batch_size {opts.batch_size} with {world_size} process: batch normalisation needs "

@@ -47,18 +47,15 @@ from segmentation.faults import fault_point
 from segmentation.files import WriteError, atomic_write, remove_stale_temporaries
 from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger, RunLog
-from segmentation.engine.methods import build_method_loss
 from segmentation.engine.options import ADE_BALANCED_SPLITS
 from segmentation.engine.original_checkpoint import adapt_checkpoint
 from segmentation.engine.preflight import remove_created, run_checks
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.engine.loader_watch import DataLoaderFailure
 from segmentation.launch_env import read_env
-from segmentation.engine.trainer import (
-    NonFiniteLossError, StopSignal, Trainer, TrainingInterrupted, build_optimizer, build_scheduler,
-)
-from segmentation.methods import find_method
-from segmentation.methods.regularizer import Regularizer, build_regularizer
+from segmentation.engine.optim import build_optimizer, build_scheduler
+from segmentation.engine.trainer import NonFiniteLossError, StopSignal, Trainer, TrainingInterrupted
+from segmentation.methods.step_methods import StepMethods, StepStart, step_methods
 from segmentation.models import build_model
 
 LOGGER = logging.getLogger(__name__)
@@ -242,9 +239,9 @@ class StepRunner:
         return (f"delete it (or restore it from a backup) and rerun with --step {self.step - 1} "
                 f"(or --step all) to train step {self.step - 1} again")
 
-    def _build_models(self, needs_old_model: bool):
-        """The current model (step t-1 weights loaded at t > 0), the old model when needed, and
-        the step t-1 checkpoint (None at step 0)."""
+    def _build_models(self, methods: StepMethods):
+        """The current model (step t-1 weights loaded at t > 0, then changed by the methods), the
+        old model when a method needs it, and the step t-1 checkpoint (None at step 0)."""
         opts = self.opts
         model = make_model(opts, self.classes, opts.pretrained if self.step == 0 else None)
         old_model = previous = None
@@ -252,9 +249,8 @@ class StepRunner:
             path = self._previous_checkpoint_path()
             previous = self._load_step_checkpoint(path, self.step - 1, self._previous_checkpoint_remedy())
             load_new_step_model(model, previous["model_state"], self.step, path)
-            if opts.init_balanced:
-                model.init_new_classifier()
-            if needs_old_model:
+            methods.initialize_weights(model)
+            if methods.needs_old_model:
                 old_model = make_model(opts, self.classes[:-1], None)
                 old_model.load_state_dict(previous["model_state"], strict=True)
                 old_model = freeze(old_model).to(self.device)
@@ -266,40 +262,6 @@ class StepRunner:
         if opts.fix_bn:
             model.fix_bn()
         return model, old_model, previous
-
-    def _build_regularizers(self, model: nn.Module, previous: Optional[Dict[str, Any]]) -> List[Regularizer]:
-        """The ``--regularizer`` of this step (penalising) and the ``--estimate_importance`` ones
-        (estimating only), each continuing its state from the step t-1 checkpoint."""
-        opts = self.opts
-        names = [opts.regularizer] if opts.regularizer else []
-        names += [name for name in opts.estimate_importance if name not in names]
-        saved = {} if previous is None else previous.get("regularizers") or {}
-        regularizers = []
-        for name in names:
-            state = weights = None
-            if previous is not None:
-                if name not in saved:
-                    raise ValueError(self._missing_state_message(name, previous, saved))
-                state, weights = saved[name], previous["model_state"]
-            regularizers.append(build_regularizer(
-                name, model, state, weights, weight=opts.reg_importance,
-                normalize=not opts.reg_no_normalize, alpha=opts.reg_alpha, iterations=opts.reg_iterations,
-                penalize=name == opts.regularizer,
-            ))
-        return regularizers
-
-    def _missing_state_message(self, name: str, previous: Dict[str, Any], saved: Dict[str, Any]) -> str:
-        path = self._previous_checkpoint_path()
-        found = f"only {', '.join(repr(key) for key in sorted(saved))} state" if saved else "no regularizer state"
-        method = find_method(name)
-        hint = f"--method {method.name}" if method is not None else f"--regularizer {name}"
-        option = "--regularizer" if name == self.opts.regularizer else "--estimate_importance"
-        return (
-            f"{path}: {option} {name} needs the importance estimated while training step "
-            f"{self.step - 1}, but this checkpoint (method {previous.get('method')}) has {found}. "
-            f"Train step {self.step - 1} with {hint} (or --estimate_importance {name}) too (for example "
-            f"--step 0,{self.step} with the same --name), or pass --step_ckpt pointing at such a checkpoint"
-        )
 
     def _dataset(self, split: str, transform):
         opts = self.opts
@@ -393,10 +355,13 @@ class StepRunner:
         else:
             val_set = self._dataset("val", self._eval_transform())
         LOGGER.info("%s", self._evaluation_sets(val_set, self._test_set))
-        num_old_channels = sum(self.classes[:-1])
-        loss = build_method_loss(opts, num_old_channels)
-        model, old_model, previous = self._build_models(loss.needs_old_model)
-        regularizers = self._build_regularizers(model, previous)
+        methods = step_methods(opts, self.step, num_old_channels=sum(self.classes[:-1]))
+        model, old_model, previous = self._build_models(methods)
+        methods.begin_step(StepStart(
+            model=model, old_model=old_model, previous=previous,
+            previous_path=str(self._previous_checkpoint_path()) if self.step > 0 else None,
+            train_set=train_set, device=self.device,
+        ))
         optimizer = build_optimizer(model, opts, self.step)
         world_size = distributed.world_size()
         sampler = GlobalBatchSampler(
@@ -440,7 +405,7 @@ class StepRunner:
         trainer = Trainer(
             train_model,
             old_model,
-            loss,
+            methods,
             optimizer,
             scheduler,
             train_set,
@@ -459,7 +424,6 @@ class StepRunner:
             print_interval=opts.print_interval,
             on_epoch_end=validate,
             stop_signal=stop_signal,
-            regularizers=regularizers,
             dtype=model_dtype(opts),
             max_bad_iterations=opts.max_bad_iterations,
             loader_timeout=opts.collective_timeout,
@@ -484,7 +448,7 @@ class StepRunner:
                     **meta,
                     "model_state": model.state_dict(),
                     "method": opts.method,
-                    "regularizers": {regularizer.name: regularizer.step_state() for regularizer in regularizers},
+                    "method_states": methods.step_state(),
                     "train_seconds": trainer.train_seconds,
                     "train_images": trainer.images_seen,
                 },

@@ -27,12 +27,11 @@ device since the last check:
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,10 +44,9 @@ from segmentation.engine.checkpoint import InStepCheckpoints
 from segmentation.engine.evaluation import autocast_context
 from segmentation.engine.loader_watch import DataLoaderFailure, SampleTracker
 from segmentation.engine.logger import Logger, Progress
-from segmentation.engine.methods import MethodLoss
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.faults import fault_point
-from segmentation.methods.regularizer import Regularizer
+from segmentation.methods.step_methods import StepMethods, StepOutputs
 from segmentation.signals import STOP_SIGNALS, detach_worker_from_stop_signals
 
 LOGGER = logging.getLogger(__name__)
@@ -115,60 +113,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def step_learning_rate(opts: argparse.Namespace, step: int) -> float:
-    """Base LR of a step: ``--lr`` at step 0, ``--incremental_lr`` (if given) after it."""
-    if step > 0 and opts.incremental_lr is not None:
-        return opts.incremental_lr
-    return opts.lr
-
-
-def build_optimizer(model: nn.Module, opts: argparse.Namespace, step: int = 0) -> torch.optim.SGD:
-    """SGD with Nesterov momentum and weight decay on every trained parameter (spec §5.3).
-
-    Parameter groups: body (left out with ``--freeze``), head, classifiers; one LR for all.
-    """
-    groups: Dict[str, List[nn.Parameter]] = {"body": [], "head": [], "classifiers": []}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        top = name.split(".", 1)[0]
-        if top == "body":
-            if not opts.freeze:
-                groups["body"].append(parameter)
-        elif top == "cls":
-            groups["classifiers"].append(parameter)
-        else:
-            groups["head"].append(parameter)
-    param_groups = [
-        {"params": params, "name": name} for name, params in groups.items() if params
-    ]
-    return torch.optim.SGD(
-        param_groups,
-        lr=step_learning_rate(opts, step),
-        momentum=opts.momentum,
-        nesterov=True,
-        weight_decay=opts.weight_decay,
-    )
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, opts: argparse.Namespace, total_iterations: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-iteration LR schedule: poly ``(1 - k/K)^power`` or StepLR (spec §5.3)."""
-    if opts.lr_policy == "poly":
-        power = opts.lr_power
-
-        def poly(iteration: int) -> float:
-            return max(0.0, 1.0 - iteration / total_iterations) ** power
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
-    if opts.lr_policy == "step":
-        return torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=opts.lr_decay_step, gamma=opts.lr_decay_factor
-        )
-    raise ValueError(f"unknown --lr_policy {opts.lr_policy!r}; valid: poly, step")
-
-
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and random in a DataLoader worker from its (deterministic) torch seed; the
     worker ignores the stop signals and dies with the trainer."""
@@ -203,16 +147,16 @@ def gather_rng_states(device: torch.device) -> List[Dict[str, Any]]:
 
 
 class Trainer:
-    """Trains ``model`` for ``epochs`` epochs on ``train_set`` (batches from ``sampler``) with ``loss``.
+    """Trains ``model`` for ``epochs`` epochs on ``train_set`` (batches from ``sampler``) with the
+    loss and hooks of the step's active ``methods``.
 
     ``model`` may be DDP-wrapped; ``old_model`` (step t-1, frozen, eval mode) is used only when
-    the loss needs it. ``checkpoints`` receives in-step checkpoints every ``ckpt_interval``
+    a method needs it. ``checkpoints`` receives in-step checkpoints every ``ckpt_interval``
     iterations (0: epoch ends only) and at every epoch end; ``checkpoint_meta`` (dataset, task,
     step, classes, options) is stored with them. ``on_epoch_end(epoch)`` runs after each epoch
     (validation). Call ``resume(state)`` before ``train()`` to continue an interrupted step.
-    ``regularizers`` (EWC, PI, RW) update their importance from the loss gradients after every
-    backward, then add their penalty's gradient (those built to penalise); their state goes into
-    the in-step checkpoints.
+    After every backward the methods observe the loss gradients, then add their own gradient
+    terms; their state goes into the in-step checkpoints.
     ``dtype`` is the model's floating-point type (inputs are cast to it; float32 unless
     ``--dtype float64``).
     """
@@ -221,7 +165,7 @@ class Trainer:
         self,
         model: nn.Module,
         old_model: Optional[nn.Module],
-        loss: MethodLoss,
+        methods: StepMethods,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         train_set: Dataset,
@@ -241,14 +185,13 @@ class Trainer:
         print_interval: int = 10,
         on_epoch_end: Optional[Callable[[int], None]] = None,
         stop_signal: Optional[StopSignal] = None,
-        regularizers: Sequence[Regularizer] = (),
         dtype: torch.dtype = torch.float32,
         max_bad_iterations: int = 0,
         loader_timeout: float = 0.0,
     ) -> None:
         self.model = model
         self.old_model = old_model
-        self.loss = loss
+        self.methods = methods
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.train_set = train_set
@@ -266,12 +209,11 @@ class Trainer:
         self.print_interval = max(1, print_interval)
         self.on_epoch_end = on_epoch_end
         self.stop_signal = stop_signal
-        self.regularizers = list(regularizers)
         self.dtype = dtype
         self.max_bad_iterations = max_bad_iterations
         self.loader_timeout = loader_timeout
         self.check_interval = min(self.print_interval, MAX_CHECK_INTERVAL)
-        if loss.needs_old_model and old_model is None:
+        if methods.needs_old_model and old_model is None:
             raise ValueError("the loss needs the old model's outputs but no old model was given")
 
         self.sampler = sampler
@@ -309,7 +251,7 @@ class Trainer:
             rng_states=gather_rng_states(self.device),
             train_seconds=self.train_seconds,
             images_seen=self.images_seen,
-            regularizer_states={regularizer.name: regularizer.state_dict() for regularizer in self.regularizers},
+            method_states=self.methods.state_dict(),
             bad_iterations=self.bad_iterations,
         )
         return state
@@ -332,13 +274,7 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.images_seen = int(state.get("images_seen", 0))
-        saved = state.get("regularizer_states", {})
-        for regularizer in self.regularizers:
-            if regularizer.name not in saved:
-                raise ValueError(f"the in-step checkpoint has no {regularizer.name!r} regularizer state "
-                                 f"(it holds {sorted(saved) or 'none'}; written by a run with other "
-                                 "--regularizer/--estimate_importance); pass --no_resume to start the step again")
-            regularizer.load_state_dict(saved[regularizer.name])
+        self.methods.load_state_dict(state.get("method_states", {}))
         self.bad_iterations = int(state.get("bad_iterations", 0))
         self.last_checkpoint = self.iteration
         if self.batch_in_epoch >= self.iterations_per_epoch:
@@ -360,7 +296,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def train_mode(self) -> None:
-        """``model.train()``, keeping norm layers in eval mode with ``--fix_bn`` (spec §8 B9)."""
+        """``model.train()``, keeping norm layers in eval mode with ``--fix_bn`` (the original's
+        model.train() put them back into training mode)."""
         self.model.train()
         if self.fix_bn:
             unwrap(self.model).fix_bn()
@@ -461,10 +398,10 @@ class Trainer:
     def _forward(
         self, model: nn.Module, images: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
-        """Logits, and body features when the loss needs them, computed under AMP, in float32."""
+        """Logits, and body features when a method needs them, computed under AMP, in the model's dtype."""
         features = None
         with autocast_context(self.device, self.amp):
-            if self.loss.needs_features:
+            if self.methods.needs_features:
                 logits, features = model(images, return_features=True)
             else:
                 logits = model(images)
@@ -478,32 +415,31 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        old_logits = old_features = None
-        if self.loss.needs_old_model:
+        outputs = StepOutputs(labels=labels, logits=None)
+        if self.methods.needs_old_model:
             with torch.no_grad():
-                old_logits, old_features = self._forward(self.old_model, images)
+                outputs.old_logits, outputs.old_features = self._forward(self.old_model, images)
 
         self.optimizer.zero_grad(set_to_none=True)
-        logits, features = self._forward(self.model, images)
-        total, components = self.loss(logits, labels, old_logits, features, old_features)
+        outputs.logits, outputs.features = self._forward(self.model, images)
+        total, components = self.methods.loss(outputs)
         self.scaler.scale(total).backward()
         bad = self._record_health(total, components)
         if self.max_bad_iterations > 0 and self._skip_bad_iteration(bad):
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            if self.regularizers:
-                self._regularize(components)
+            if self.methods.uses_gradients:
+                self._gradient_hooks(components)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
         return components
 
-    def _regularize(self, components: Dict[str, torch.Tensor]) -> None:
-        """Importance updates from the (unscaled) loss gradients, then the penalties' gradients.
+    def _gradient_hooks(self, components: Dict[str, torch.Tensor]) -> None:
+        """The methods observe the (unscaled) loss gradients, then add their own gradient terms.
 
-        Every regularizer updates before any penalty is added, so each sees the loss gradients
-        only. Under fp16 an overflowing iteration is skipped by the GradScaler; its gradients
-        are not used for the importance either.
+        Under fp16 an overflowing iteration is skipped by the GradScaler; the methods do not
+        observe its gradients either.
         """
         self.scaler.unscale_(self.optimizer)
         gradients_finite = self.amp != "fp16" or all(
@@ -511,13 +447,8 @@ class Trainer:
             for p in self.model.parameters() if p.grad is not None
         )
         if gradients_finite:
-            for regularizer in self.regularizers:
-                regularizer.update()
-        for regularizer in self.regularizers:
-            penalty = regularizer.apply_penalty()
-            if penalty is not None:
-                components["loss_reg"] = components.get("loss_reg", 0.0) + penalty.detach()
-                components["loss"] = components["loss"] + penalty.detach()
+            self.methods.observe_gradients()
+        self.methods.add_gradients(components)
 
     def train(self) -> None:
         """Train from the current position (0, or where ``resume`` left off) to the last epoch.

@@ -1,29 +1,36 @@
-"""The methods of the paper's tables. Adding one: a new module with a ``METHOD`` and a line below.
+"""The methods of the paper's tables, one class per module (``segmentation.methods.method``
+describes what a method is). Adding one: a new module with its ``Method`` subclass and a line in
+``REGISTRY`` below.
 
-Each module holds the method's preset (the loss options ``--method`` fills in). The weight
-regularizers of EWC, PI and RW are in ``segmentation.methods.regularizer``, and the losses are
-combined from the options by ``segmentation.engine.methods.MethodLoss``. Nothing imported here
-loads torch, so the command line is parsed (and answers mistakes) before torch is loaded. Joint training is not a method: it is the ``offline``
-task (all classes in one step) trained with plain cross-entropy.
+Nothing imported here loads torch, so the command line is parsed (and answers mistakes) before
+torch is loaded. Joint training is not a method: it is the ``offline`` task (all classes in one
+step) trained with plain cross-entropy.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import argparse
+from typing import Dict, List, Optional, Type
 
-from segmentation.methods import ewc, ft, ilt, lwf, lwf_mc, mib, pi, rw
-from segmentation.methods.method import Method, Preset
+from segmentation.methods.ewc import EWC
+from segmentation.methods.ft import FT
+from segmentation.methods.ilt import ILT
+from segmentation.methods.lwf import LwF
+from segmentation.methods.lwf_mc import LwFMC
+from segmentation.methods.method import Method, Preset, option_owners
+from segmentation.methods.mib import MiB
+from segmentation.methods.pi import PI
+from segmentation.methods.rw import RW
 
-REGISTRY: Dict[str, Method] = {
-    module.METHOD.name: module.METHOD
-    for module in (ft, pi, ewc, rw, lwf, lwf_mc, ilt, mib)  # the paper's row order
-}
+#: ``--method`` name -> class, in the paper's row order. When several methods are active, the
+#: first one here that replaces the classification loss decides it.
+REGISTRY: Dict[str, Type[Method]] = {method.name: method for method in (FT, PI, EWC, RW, LwF, LwFMC, ILT, MiB)}
 
 
-def method_names() -> list:
+def method_names() -> List[str]:
     return list(REGISTRY)
 
 
-def find_method(name: str) -> Optional[Method]:
+def find_method(name: str) -> Optional[Type[Method]]:
     """The method called ``name``, case-insensitive, ``_`` and ``-`` alike (``MIB``, ``lwf_mc``)."""
     key = name.lower().replace("_", "-")
     for method in REGISTRY.values():
@@ -37,7 +44,35 @@ def method_preset(name: str, task: str) -> Preset:
     method = find_method(name)
     if method is None:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(REGISTRY)}")
-    return method.options(task)
+    return method.task_preset(task)
 
 
-__all__ = ["Method", "REGISTRY", "find_method", "method_names", "method_preset"]
+def active_methods(opts: argparse.Namespace) -> List[Type[Method]]:
+    """The methods taking part in a run with ``opts``, in registry order."""
+    return [method for method in REGISTRY.values() if method.active(opts)]
+
+
+def methods_option_owners() -> List[type]:
+    """The classes that add command-line options, each once."""
+    return option_owners(list(REGISTRY.values()))
+
+
+def step0_independent_options() -> frozenset:
+    """Options of any method that act only from step 1 on."""
+    return frozenset().union(*(method.incremental_options for method in REGISTRY.values()))
+
+
+def neutral_options() -> frozenset:
+    """Options of any method that change no number."""
+    return frozenset().union(*(method.neutral_options for method in REGISTRY.values()))
+
+
+def shares_step0(name: str) -> bool:
+    """Whether ``--method name``'s step 0 is plain cross-entropy training (its preset acts only from
+    step 1 on), so one step-0 model serves it and every other such method."""
+    independent = step0_independent_options()
+    return all(option in independent for option in method_preset(name, "").keys())
+
+
+__all__ = ["Method", "REGISTRY", "active_methods", "find_method", "method_names", "method_preset",
+           "methods_option_owners", "neutral_options", "shares_step0", "step0_independent_options"]

@@ -1,5 +1,48 @@
-"""LwF (Li and Hoiem): CE + 100 x knowledge distillation on the old channels."""
-from segmentation.methods.method import Method
+"""LwF (Li and Hoiem): CE + 100 x knowledge distillation of the old model's outputs on the old
+channels (``--loss_kd``, with the old logits scaled by ``--alpha``)."""
+from __future__ import annotations
 
-METHOD = Method(name="LWF", paper_row="LwF", summary="CE + 100 x KD on the old channels",
-                preset={"loss_kd": 100.0})
+import argparse
+from typing import Dict
+
+from segmentation.methods.method import Method, StepOutputs
+
+
+class LwF(Method):
+    name = "LWF"
+    paper_row = "LwF"
+    summary = "CE + 100 x KD on the old channels"
+    preset = {"loss_kd": 100.0}
+    incremental_options = frozenset({"loss_kd", "alpha"})
+
+    @classmethod
+    def add_options(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--loss_kd", type=float, default=0.0, help="weight of output distillation")
+        group.add_argument("--alpha", type=float, default=1.0,
+                           help="scale of the old logits before the distillation softmax")
+
+    @classmethod
+    def check_options(cls, opts: argparse.Namespace):
+        if opts.loss_kd < 0:
+            return f"--loss_kd must be >= 0, got {opts.loss_kd}"
+        return None
+
+    @classmethod
+    def active(cls, opts: argparse.Namespace) -> bool:
+        # MiB's --unkd turns this distillation into its unbiased form (segmentation.methods.mib).
+        return opts.loss_kd > 0 and not opts.unkd
+
+    def __init__(self, opts: argparse.Namespace, step) -> None:
+        super().__init__(opts, step)
+        from segmentation import losses
+
+        self.distillation = losses.KnowledgeDistillationLoss(reduction="mean", alpha=opts.alpha)
+
+    @property
+    def needs_old_model(self) -> bool:
+        return self.step.num_old_channels > 0
+
+    def loss_terms(self, outputs: StepOutputs) -> Dict[str, object]:
+        if self.step.num_old_channels == 0:
+            return {}
+        return {"loss_kd": self.opts.loss_kd * self.distillation(outputs.logits, outputs.old_logits)}

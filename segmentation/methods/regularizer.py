@@ -11,8 +11,8 @@ A regularizer watches the trained parameters of the current model during a step:
   classifier is free.
 
 At the end of a step :meth:`Regularizer.step_state` gives the importance that the next step
-penalises with; it is stored in the step checkpoint under ``"regularizers"`` (a dictionary by
-regularizer name). The in-step checkpoints carry :meth:`Regularizer.state_dict` so that a
+penalises with; it is stored in the step checkpoint under ``"method_states"`` (a dictionary by
+state name: the regularizer's name). The in-step checkpoints carry :meth:`Regularizer.state_dict` so that a
 resumed step is bit-identical.
 
 A regularizer built with ``penalize=False`` only estimates: it continues the previous importance
