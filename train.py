@@ -18,11 +18,9 @@ import sys
 import time
 
 # Only the option parser is imported before parsing: --help and usage errors need no torch.
-from segmentation.engine.options import HELP_POINTER, debug_requested, parse_options
+from segmentation.engine.options import EXIT_FAILURE, EXIT_USAGE, HELP_POINTER, debug_requested, parse_options
 from segmentation.launch_env import launched_by_torchrun, read_env
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 3
 # How long a process other than rank 0 waits under torchrun before it exits with an error that
 # rank 0 reports: torchrun stops the other processes as soon as one exits.

@@ -93,9 +93,7 @@ PARSE_ERRORS = [
     (["--momentum", "2.7"], "--momentum"),
     (["--visualize"], "--visualize"),
     (["--pod", "local", "--pod_factor", "0.01"], "--pod"),
-    (["--pretrained", "/nonexistent/w.pth"], "--pretrained"),
     (["--lr", "0.01", "0.001"], "--lr"),
-    (["--step", "1", "--step_ckpt", "/nonexistent/step0.pth"], "--step_ckpt /nonexistent/step0.pth"),
     # No abbreviations: a typo must not set another option.
     (["--epoch", "3"], "unrecognized arguments: --epoch"),
     (["--batch", "4"], "unrecognized arguments: --batch"),
@@ -110,11 +108,26 @@ def test_usage_errors_found_while_parsing(data_root, good_run, extra, culprit):
     assert not (good_run / "checkpoints" / SETTING / "bad").exists()
 
 
+MISSING_WHILE_PARSING = [
+    (["--pretrained", "/nonexistent/w.pth"], "--pretrained /nonexistent/w.pth: file not found"),
+    (["--step", "1", "--step_ckpt", "/nonexistent/step0.pth"], "--step_ckpt /nonexistent/step0.pth"),
+    (["--dataset", "voc"], "no dataset at"),
+]
+
+
+@pytest.mark.parametrize("extra, culprit", MISSING_WHILE_PARSING, ids=[case[1] for case in MISSING_WHILE_PARSING])
+def test_missing_files_named_by_the_options_exit_with_1(data_root, good_run, extra, culprit):
+    # The README: exit code 2 means a wrong option, 1 a missing file (found while parsing or later).
+    line = _assert_refused(_run_bad(data_root, good_run, *extra), 1, culprit)
+    assert not line.endswith(HELP_POINTER)
+    assert not (good_run / "checkpoints" / SETTING / "bad").exists()
+
+
 CHECKED_BEFORE_TRAINING = [
     # (extra options, exit code, words the message must hold)
     (["--batch_size", "1"], 2, ["--batch_size"]),
     (["--backbone", "resnet19"], 2, ["--backbone resnet19", "resnet18"]),
-    (["--step", "1"], 2, ["step0.pth", "train step 0 first", "--step all", "--step_ckpt"]),
+    (["--step", "1"], 1, ["step0.pth", "train step 0 first", "--step all", "--step_ckpt"]),
     (["--step", "1", "--step_ckpt", "{inputs}/text.pth"], 1, ["--step_ckpt", "text.pth", "not a checkpoint"]),
     (["--step", "1", "--step_ckpt", "{inputs}/original-two-heads.pth"], 1,
      ["--step_ckpt", "original MiB/PLOP", "[16, 3]", "[16]"]),
@@ -218,7 +231,7 @@ def test_real_dataset_errors(tmp_path):
     empty.mkdir()
     args = train_args(str(empty), tmp_path, "--step", "0")
     args[args.index("--dataset") + 1] = "voc"
-    _assert_refused(run_train_in_process(args, check=False), 2, "PascalVOC12", "--dataset synthetic")
+    _assert_refused(run_train_in_process(args, check=False), 1, "PascalVOC12", "--dataset synthetic")
     (empty / "PascalVOC12").mkdir()
     args[args.index("--dataset") + 1] = "synthetic"
     _assert_refused(run_train_in_process(args, check=False), 2, "--allow_synthetic_in_data_root")
@@ -226,7 +239,7 @@ def test_real_dataset_errors(tmp_path):
     (empty / "ADEChallengeData2016").mkdir()
     args = train_args(str(empty), tmp_path, "--step", "1", "--no_pretrained", task="50")
     args[args.index("--dataset") + 1] = "ade"
-    _assert_refused(run_train_in_process(args, check=False), 2, "--split_dir", "--allow_regenerated_splits")
+    _assert_refused(run_train_in_process(args, check=False), 1, "--split_dir", "--allow_regenerated_splits")
 
 
 def test_debug_shows_the_traceback(data_root, tmp_path):

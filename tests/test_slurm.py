@@ -219,7 +219,7 @@ def test_submit_refuses_missing_dataset_and_unwritable_folders(data_root, tmp_pa
     with pytest.raises(SystemExit) as exit_info:  # found by train.py's own option parsing
         submit.main([*CPU_JOB, "--", *train_args(data_root, tmp_path), "--dataset", "voc", "--data_root",
                      str(tmp_path / "none"), "--no_pretrained"])
-    assert exit_info.value.code == 2 and f"no dataset at {tmp_path / 'none' / 'PascalVOC12'}" in capsys.readouterr().err
+    assert exit_info.value.code == 1 and f"no dataset at {tmp_path / 'none' / 'PascalVOC12'}" in capsys.readouterr().err
     a_file = tmp_path / "file"
     a_file.write_text("")
     assert f"--checkpoint_dir {a_file / 'ckpt'}: {a_file} is not a directory" in error(

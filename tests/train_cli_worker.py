@@ -49,10 +49,10 @@ def _env(extra: Optional[Dict[str, str]] = None) -> dict:
     return env
 
 
-def command(args: List[str], nproc: int = 1) -> List[str]:
+def command(args: List[str], nproc: int = 1, script: str = TRAIN) -> List[str]:
     if nproc == 1:
-        return [sys.executable, TRAIN, *args]
-    return [*TORCHRUN, "--nproc_per_node", str(nproc), TRAIN, *args]
+        return [sys.executable, script, *args]
+    return [*TORCHRUN, "--nproc_per_node", str(nproc), script, *args]
 
 
 def run_train(args: List[str], nproc: int = 1, check: bool = True, timeout: float = 600,
@@ -116,14 +116,14 @@ def run_srun_like(args: List[str], ntasks: int, timeout: float = 600) -> List[st
 
 def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,
               nproc: int = 1, timeout: float = 600,
-              targets: Optional[Callable[[int], List[int]]] = None) -> Tuple[int, str]:
-    """Start ``train.py``; once ``condition()`` holds, send ``sig`` (SIGKILL: to every process
+              targets: Optional[Callable[[int], List[int]]] = None, script: str = TRAIN) -> Tuple[int, str]:
+    """Start ``train.py`` (or ``script``); once ``condition()`` holds, send ``sig`` (SIGKILL: to every process
     below the launched one, then to it; other signals: to the launched process, or to the
     processes ``targets(launched pid)`` names, e.g. ``every_process``).
 
     Returns the exit code and the output; fails if the run ended before the condition was met.
     """
-    process = subprocess.Popen(command(args, nproc), cwd=REPO_ROOT, env=_env(),
+    process = subprocess.Popen(command(args, nproc, script), cwd=REPO_ROOT, env=_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     deadline = time.monotonic() + timeout

@@ -75,11 +75,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 HELP_POINTER = " (train.py --help lists every option)"
 
 
+EXIT_USAGE = 2  # a wrong option value: change the command line
+EXIT_FAILURE = 1  # anything else: a missing, unreadable or unwritable file, bad data, a failed run
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (no usage block): what is wrong and where to look."""
+    """Errors as one line (no usage block): what is wrong and where to look."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}{HELP_POINTER}\n")
+        """A wrong option (exit code 2)."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{HELP_POINTER}\n")
+
+    def missing(self, message: str) -> NoReturn:
+        """A file or folder that the options name (or imply) does not exist (exit code 1)."""
+        self.exit(EXIT_FAILURE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,14 +361,14 @@ def _resolve_amp(parser: argparse.ArgumentParser, amp: Optional[str], opt_level:
     return from_level
 
 
-def _resolve_pretrained(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> Optional[str]:
+def _resolve_pretrained(parser: _Parser, opts: argparse.Namespace) -> Optional[str]:
     if opts.no_pretrained:
         if opts.pretrained is not None:
             parser.error("--pretrained and --no_pretrained contradict each other; give one")
         return None
     if opts.pretrained is not None:
         if opts.pretrained != "torchvision" and not os.path.isfile(opts.pretrained):
-            parser.error(f"--pretrained {opts.pretrained}: file not found "
+            parser.missing(f"--pretrained {opts.pretrained}: file not found "
                          "(give an existing checkpoint, 'torchvision' or --no_pretrained)")
         return opts.pretrained
     # ImageNet weights only matter when a step-0 model is trained; later steps and --test
@@ -368,7 +377,7 @@ def _resolve_pretrained(parser: argparse.ArgumentParser, opts: argparse.Namespac
         return None
     default = pretrained_default_path(opts.backbone)
     if not os.path.isfile(default):
-        parser.error(
+        parser.missing(
             f"ImageNet weights not found at {default}. Download the In-Place ABN ImageNet "
             f"checkpoint of {opts.backbone} (mapillary/inplace_abn, '{opts.backbone} InPlace-ABN "
             f"sync') and save it as {default}, or pass --pretrained torchvision to use "
@@ -376,7 +385,7 @@ def _resolve_pretrained(parser: argparse.ArgumentParser, opts: argparse.Namespac
     return default
 
 
-def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+def _check_ranges(parser: _Parser, opts: argparse.Namespace) -> None:
     positive = ("lr", "epochs", "batch_size", "crop_size", "val_interval", "print_interval",
                 "pooling", "lr_decay_step", "lr_power", "lr_decay_factor", "collective_timeout")
     if opts.incremental_lr is not None and opts.incremental_lr <= 0:
@@ -407,14 +416,14 @@ def _check_ranges(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> 
     for option in ("step_ckpt", "ckpt"):
         path = getattr(opts, option)
         if path is not None and not os.path.isfile(path):
-            parser.error(f"--{option} {path}: file not found")
+            parser.missing(f"--{option} {path}: file not found")
 
 
-def _check_ade_splits(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+def _check_ade_splits(parser: _Parser, opts: argparse.Namespace) -> None:
     if (opts.dataset != "ade" or opts.task not in ADE_BALANCED_SPLITS or opts.overlap
             or opts.split_dir is not None or opts.allow_regenerated_splits):
         return
-    parser.error(
+    parser.missing(
         f"--task {opts.task} on ade: the original's training splits of this task were balanced by "
         "hand (768 of the 8,219 step-0 images hold a class above 100) and cannot be regenerated. "
         f"Download the folder data/ade/{opts.task.split('-')[0]} of the original MiB repository "
@@ -422,11 +431,11 @@ def _check_ade_splits(parser: argparse.ArgumentParser, opts: argparse.Namespace)
         "to train on splits computed by the disjoint filter (not the protocol)")
 
 
-def _check_data_root(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+def _check_data_root(parser: _Parser, opts: argparse.Namespace) -> None:
     folder = os.path.join(opts.data_root, DATASET_FOLDERS[opts.dataset])
     if opts.dataset != "synthetic":
         if not os.path.isdir(folder):
-            parser.error(
+            parser.missing(
                 f"--dataset {opts.dataset}: no dataset at {folder}. Put the data there (or point "
                 f"--data_root at the folder holding {DATASET_FOLDERS[opts.dataset]}/; the README's "
                 "'Datasets' section says how), or run --dataset synthetic, which needs no download")
@@ -473,7 +482,8 @@ def _check_method_options(parser: argparse.ArgumentParser, opts: argparse.Namesp
 def parse_options(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``), apply the method preset and validate.
 
-    Errors exit through ``parser.error`` (exit code 2) with one line naming the option at fault.
+    Errors exit with one line naming the option or file at fault: code 2 for a wrong option, 1 for
+    a missing file or folder.
     ``opts.notes`` holds lines to log: the values a preset filled in, ignored PLOP options.
     """
     argv = sys.argv[1:] if argv is None else list(argv)

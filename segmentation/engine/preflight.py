@@ -244,7 +244,7 @@ class Preflight:
             return
         previous = checkpoint.step_checkpoint_path(self.checkpoint_dir, first - 1)
         if not previous.is_file():
-            raise UsageError(
+            raise SetupError(
                 f"--step {first}: it starts from the step {first - 1} model, {previous}, which does not "
                 f"exist; train step {first - 1} first (--step {first - 1}, same --name), use --step all, "
                 f"or pass --step_ckpt <checkpoint of step {first - 1}>")
