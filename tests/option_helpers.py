@@ -38,3 +38,14 @@ def method_options(**overrides) -> argparse.Namespace:
     for name, value in overrides.items():
         setattr(opts, name, value)
     return opts
+
+
+def missing_file_error(argv, capsys) -> str:
+    """Parse ``argv``, expect the error of a missing file or folder (exit code 1), return its line."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_options(argv)
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("train.py: error: ")
+    assert "--help" not in message
+    return message

@@ -6,7 +6,7 @@ from segmentation import tasks
 from segmentation.engine import options
 from segmentation.engine.options import build_parser, parse_options
 
-from option_helpers import option_workdir, usage_error  # noqa: F401 (option_workdir: a fixture)
+from option_helpers import missing_file_error, option_workdir, usage_error  # noqa: F401 (option_workdir: a fixture)
 
 
 pytestmark = pytest.mark.usefixtures("option_workdir")
@@ -160,7 +160,7 @@ def test_amp_conflicting_with_opt_level(capsys):
 
 def test_pretrained_default_on_real_datasets(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    message = usage_error(["--dataset", "voc", "--backbone", "resnet50"], capsys)
+    message = missing_file_error(["--dataset", "voc", "--backbone", "resnet50"], capsys)
     assert "pretrained/resnet50_iabn_sync.pth.tar" in message.replace(os.sep, "/")
     assert "--pretrained torchvision" in message and "--no_pretrained" in message
 
@@ -180,7 +180,7 @@ def test_pretrained_path(tmp_path, capsys):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"weights")
     assert parse_options(["--pretrained", str(weights)]).pretrained == str(weights)
-    assert "w2.pth" in usage_error(["--pretrained", str(tmp_path / "w2.pth")], capsys)
+    assert "w2.pth" in missing_file_error(["--pretrained", str(tmp_path / "w2.pth")], capsys)
     message = usage_error(["--pretrained", str(weights), "--no_pretrained"], capsys)
     assert "--pretrained" in message and "--no_pretrained" in message
 
@@ -297,7 +297,7 @@ def test_plop_method_options_are_refused(argv, capsys):
 @pytest.mark.parametrize("task", ["50", "50b", "50-50"])
 def test_ade_balanced_splits_need_the_original_files(task, tmp_path, capsys):
     argv = ["--dataset", "ade", "--task", task, "--step", "1"]
-    message = usage_error(argv, capsys)
+    message = missing_file_error(argv, capsys)
     assert "--split_dir" in message and "--allow_regenerated_splits" in message and "fcdl94/MiB" in message
     assert parse_options([*argv, "--allow_regenerated_splits"]).task == task
     assert parse_options([*argv, "--split_dir", str(tmp_path)]).split_dir == str(tmp_path)
@@ -306,7 +306,7 @@ def test_ade_balanced_splits_need_the_original_files(task, tmp_path, capsys):
 
 
 def test_missing_dataset_points_to_synthetic(tmp_path, capsys):
-    message = usage_error(["--data_root", str(tmp_path / "nowhere")], capsys)
+    message = missing_file_error(["--data_root", str(tmp_path / "nowhere")], capsys)
     assert "PascalVOC12" in message and "--dataset synthetic" in message
 
 
