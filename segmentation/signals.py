@@ -11,10 +11,32 @@ from __future__ import annotations
 import ctypes
 import signal
 import sys
-from typing import Optional
+from typing import Any, Dict, Optional
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class StopSignal:
+    """Records SIGTERM/SIGUSR1 (SLURM pre-emption, time limit) so the loop can stop cleanly."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def install(self) -> None:
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
 
 
 def detach_worker_from_stop_signals(worker_id: Optional[int] = None) -> None:

@@ -7,7 +7,7 @@ and "features", "feature_grad_output", "feature_weight" for the explicit-group l
 and writes ``OUT_DIR/rank<r>.pt`` on every rank.
 
 The net is built before the process group exists: the layer must find the default group at
-run time (spec §4.2). A second, standalone layer is given an explicit group.
+run time. A second, standalone layer is given an explicit group.
 """
 import os
 import sys

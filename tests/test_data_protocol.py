@@ -50,7 +50,7 @@ def _indices(root, name, task, split, overlap, steps=None):
     return [build_dataset(name, root, task, step, split, overlap).base_indices.tolist() for step in steps]
 
 
-# Expected indices, worked out by hand from VOC_TRAIN / VOC_VAL and the rules of §3.3.
+# Expected indices, worked out by hand from VOC_TRAIN / VOC_VAL and the disjoint/overlapped rules.
 @pytest.mark.parametrize(
     "task, overlap, expected",
     [
@@ -88,7 +88,7 @@ def test_ade_order_b_filter(ade_root, overlap, expected):
 
 
 def _reference_target(value, family, split, order, current, old):
-    """The §3.4 tables, one pixel at a time."""
+    """The label mapping of every split (train, val, test), one pixel at a time."""
     if family == "voc" and value == 255:
         return 0 if split == "train" else 255
     if family == "voc" and value == 0:

@@ -1,4 +1,4 @@
-"""EWC, PI and RW (spec §5.5): importance updates and penalties against hand-computed values on a
+"""EWC, PI and RW as the original computes them: importance updates and penalties against hand-computed values on a
 two-parameter model, and the state round trip through a checkpoint file."""
 import pytest
 import torch

@@ -11,7 +11,8 @@ from option_helpers import method_options
 from segmentation.engine.checkpoint import InStepCheckpoints
 from segmentation.engine.optim import build_optimizer, build_scheduler
 from segmentation.engine.sampler import GlobalBatchSampler
-from segmentation.engine.trainer import StopSignal, Trainer, TrainingInterrupted
+from segmentation.engine.trainer import Trainer, TrainingInterrupted
+from segmentation.signals import StopSignal
 from segmentation.methods.step_methods import step_methods
 from segmentation.models.norm import ABN
 

@@ -1,4 +1,4 @@
-"""Joint image/label transforms of the reference (§5.2), driven by an explicit torch.Generator.
+"""Joint image/label transforms of the original training recipe, driven by an explicit torch.Generator.
 
 A transform is called as ``transform(image, label, generator)`` with a uint8 image (3, H, W), an
 int64 label (H, W) and the sample's generator; it returns a normalised float32 image (3, h, w)

@@ -1,6 +1,6 @@
 """Evaluation: confusion matrix over an exactly sharded data set, reduced across processes.
 
-Unlike the reference (which pads with ``DistributedSampler``, spec §8 B15), every sample is
+Unlike the original (whose ``DistributedSampler`` pads the set with repeated samples), every sample is
 evaluated exactly once: each rank takes a contiguous shard and the confusion matrices are summed.
 """
 from __future__ import annotations

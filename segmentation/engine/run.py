@@ -9,7 +9,7 @@ For each step t of ``opts.steps``:
    from it when a distillation loss needs it. Training resumes from the latest in-step
    checkpoint when one exists (unless ``--no_resume``).
 3. Rank 0 writes ``step<t>.pth`` atomically and reads it back; the model is then rebuilt from that file (never the
-   weights in memory, spec §8 B6), tested on the test split, and the results are written to
+   weights in memory, which with the original's ``--test`` were not the trained ones), tested on the test split, and the results are written to
    ``<logdir>/<dataset>-<task>[-ov]/<name>/step<t>.json``.
 A run holds the lock of its checkpoint folder (a second launch of the same run is refused) and
 first removes the temporary files a killed write left there. With ``--test`` only the test runs, on ``--ckpt`` or the step-final checkpoint, and the results go
@@ -44,17 +44,18 @@ from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_trans
 from segmentation.engine import checkpoint
 from segmentation.engine.run_lock import RunLock, RunLockedError
 from segmentation.faults import fault_point
+from segmentation.signals import StopSignal
 from segmentation.files import WriteError, atomic_write, remove_stale_temporaries
 from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger, RunLog
 from segmentation.engine.options import ADE_BALANCED_SPLITS
 from segmentation.engine.original_checkpoint import adapt_checkpoint
-from segmentation.engine.preflight import remove_created, run_checks
+from segmentation.engine.preflight import UsageError, remove_created, run_checks
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.engine.loader_watch import DataLoaderFailure
 from segmentation.launch_env import read_env
 from segmentation.engine.optim import build_optimizer, build_scheduler
-from segmentation.engine.trainer import NonFiniteLossError, StopSignal, Trainer, TrainingInterrupted
+from segmentation.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 from segmentation.methods.step_methods import StepMethods, StepStart, step_methods
 from segmentation.models import build_model
 
@@ -71,10 +72,8 @@ RUN_FAILURES = (checkpoint.CheckpointError, RunLockedError, WriteError, NonFinit
 
 def select_device(requested: str, local_rank: int) -> torch.device:
     """``--device``: "cpu", "cuda" (error if unavailable) or "auto" (cuda when available)."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown --device {requested!r}; valid: auto, cpu, cuda")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu")
+        raise UsageError("--device cuda was requested but CUDA is not available; use --device cpu")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -47,7 +46,7 @@ from segmentation.engine.logger import Logger, Progress
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.faults import fault_point
 from segmentation.methods.step_methods import StepMethods, StepOutputs
-from segmentation.signals import STOP_SIGNALS, detach_worker_from_stop_signals
+from segmentation.signals import StopSignal, detach_worker_from_stop_signals
 
 LOGGER = logging.getLogger(__name__)
 
@@ -84,28 +83,6 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
         self.iteration = iteration
         self.terms = terms
-
-
-class StopSignal:
-    """Records SIGTERM/SIGUSR1 (SLURM pre-emption, time limit) so the loop can stop cleanly."""
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def install(self) -> None:
-        for name in STOP_SIGNALS:
-            number = getattr(signal, name, None)
-            if number is not None:
-                self._previous[number] = signal.signal(number, self._handle)
-
-    def uninstall(self) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ block hands its shortcut to its last norm, so that In-Place ABN keeps only the b
 In-Place ABN (Rota Bulo et al., CVPR 2018) overwrites its input with the output in training
 mode and keeps only the output for the backward pass: the normalised input is recovered by
 inverting the activation and the affine map. Like InPlace-ABN 1.0.x, whose pretrained
-weights this project loads, the effective BN scale is ``|weight| + eps`` (spec §4.2); the
+weights this project loads, the effective BN scale is ``|weight| + eps``; the
 plain ``ABN`` uses ``weight`` as is.
 """
 from __future__ import annotations
@@ -354,7 +354,7 @@ class InPlaceABNSync(InPlaceABN):
 
     ``group=None`` means the default (WORLD) group, looked up at every forward call, so the
     layer may be built before ``torch.distributed`` is initialised and still synchronises
-    (the original silently stopped doing so with newer PyTorch, spec §4.2). Without an
+    (the original silently stopped doing so with newer PyTorch). Without an
     initialised process group, or with a single process, it is exactly InPlaceABN.
     """
 

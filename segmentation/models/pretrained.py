@@ -2,7 +2,7 @@
 
 Two formats are recognised:
 
-* In-Place ABN ImageNet checkpoint (spec §4.3): ``{"state_dict": {"module.mod1.conv1.weight", ...}}``,
+* In-Place ABN ImageNet checkpoint: ``{"state_dict": {"module.mod1.conv1.weight", ...}}``,
   saved from a DDP-wrapped model, with an ImageNet classifier ``classifier.*`` and (In-Place ABN
   1.0.x) no ``num_batches_tracked`` buffers. Its norm weights use the In-Place ABN convention
   (effective scale ``|gamma| + eps``).
