@@ -19,14 +19,19 @@ def option_workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def usage_error(argv, capsys) -> str:
-    """Parse ``argv``, expect a usage error, and return its message (one line)."""
+def _parse_failure(argv, capsys, code: int) -> str:
+    """Parse ``argv``, expect it to fail with exit ``code`` and one error line; return that line."""
     with pytest.raises(SystemExit) as exit_info:
         parse_options(argv)
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == code
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and message.startswith("train.py: error: ")
     return message
+
+
+def usage_error(argv, capsys) -> str:
+    """Parse ``argv``, expect a usage error (exit code 2), and return its message (one line)."""
+    return _parse_failure(argv, capsys, 2)
 
 
 def method_options(**overrides) -> argparse.Namespace:
@@ -42,10 +47,6 @@ def method_options(**overrides) -> argparse.Namespace:
 
 def missing_file_error(argv, capsys) -> str:
     """Parse ``argv``, expect the error of a missing file or folder (exit code 1), return its line."""
-    with pytest.raises(SystemExit) as exit_info:
-        parse_options(argv)
-    assert exit_info.value.code == 1
-    message = capsys.readouterr().err
-    assert message.count("\n") == 1 and message.startswith("train.py: error: ")
+    message = _parse_failure(argv, capsys, 1)
     assert "--help" not in message
     return message

@@ -10,7 +10,7 @@ under its ``state_name``.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -88,12 +88,7 @@ class StepMethods:
 
     def state_dict(self) -> Dict[str, Any]:
         """In-step state of every method that has one, by state name."""
-        states = {}
-        for method in self.methods:
-            state = method.state_dict()
-            if state is not None:
-                states[method.state_name()] = state
-        return states
+        return self._by_state_name(lambda method: method.state_dict())
 
     def load_state_dict(self, states: Mapping[str, Any]) -> None:
         """Restore ``state_dict``'s output; a method whose state is missing is an error."""
@@ -108,9 +103,12 @@ class StepMethods:
 
     def step_state(self) -> Dict[str, Any]:
         """What the step checkpoint carries to the next step, by state name."""
+        return self._by_state_name(lambda method: method.step_state())
+
+    def _by_state_name(self, state_of: Callable[[Method], Optional[Dict[str, Any]]]) -> Dict[str, Any]:
         states = {}
         for method in self.methods:
-            state = method.step_state()
+            state = state_of(method)
             if state is not None:
                 states[method.state_name()] = state
         return states
