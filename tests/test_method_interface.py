@@ -26,9 +26,9 @@ def _step(path):
 
 
 def test_toy_method_trains_two_steps_and_resumes_bit_exactly(toy_registered, data_root, tmp_path):
-    args = ("--step", "all", "--method", "toy", "--ckpt_interval", "1", "--crop_size", "32")
+    args = ("--method", "toy", "--ckpt_interval", "1", "--crop_size", "32")
     reference = tmp_path / "reference"
-    result = run_train_in_process(train_args(data_root, reference, *args))
+    result = run_train_in_process(train_args(data_root, reference, *args, "--step", "all"))
     output = result.stdout + result.stderr
     assert "TOY preset filled in: toy_weight=0.5" in output and "loss_toy=" in output
     reference_dir = reference / "checkpoints" / "synthetic-15-5" / "run"
@@ -37,15 +37,15 @@ def test_toy_method_trains_two_steps_and_resumes_bit_exactly(toy_registered, dat
     assert 0 < step0["method_states"]["toy"]["iterations"] < step1["method_states"]["toy"]["iterations"]
     assert step1["options"]["toy_weight"] == 0.5
 
-    # Killed in step 1 after an in-step checkpoint (a process of its own: the registry line runs
-    # in tests/toy_method.py), then resumed.
+    # Step 1 from that step 0, killed after an in-step checkpoint (a process of its own: the
+    # registry line runs in tests/toy_method.py), then resumed.
     out = tmp_path / "interrupted"
     run_dir = out / "checkpoints" / "synthetic-15-5" / "run"
-    run_until(list(train_args(data_root, out, *args)), lambda: any(run_dir.glob("step1-iter*.pth")),
-              sig=signal.SIGKILL, script=SCRIPT)
+    step1_args = train_args(data_root, out, *args, "--step", "1", "--step_ckpt", str(reference_dir / "step0.pth"))
+    run_until(step1_args, lambda: any(run_dir.glob("step1-iter*.pth")), sig=signal.SIGKILL, script=SCRIPT)
     assert not (run_dir / "step1.pth").exists()
     assert "toy" in _step(next(run_dir.glob("step1-iter*.pth")))["method_states"]
-    result = run_train_in_process(train_args(data_root, out, *args))
+    result = run_train_in_process(step1_args)
     assert "step 1: resumed from iteration" in result.stdout + result.stderr
     resumed = _step(run_dir / "step1.pth")
     assert_states_equal(resumed["model_state"], step1["model_state"])
