@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from segmentation.methods.regularizer import REGULARIZERS, penalty_importance  # noqa: E402
-from segmentation.methods.weight_penalty import WeightPenalty, nesterov_stability_limit  # noqa: E402
+from segmentation.methods.weight_penalty import WeightPenalty, nesterov_stability_limit, saved_states  # noqa: E402
 
 
 def preset_weight(regularizer: str) -> float:
@@ -71,9 +71,9 @@ def main(argv: List[str]) -> int:
     except (OSError, RuntimeError) as error:
         parser.error(f"{args.checkpoint}: cannot read the checkpoint ({error})")
     states = {}
-    if isinstance(checkpoint, dict):  # "regularizers": checkpoints written before "method_states"
-        saved = checkpoint.get("method_states") or checkpoint.get("regularizers") or {}
-        states = {name: state for name, state in saved.items() if state.get("name") in REGULARIZERS}
+    if isinstance(checkpoint, dict):
+        states = {name: state for name, state in saved_states(checkpoint).items()
+                  if state.get("name") in REGULARIZERS}
     if not states:
         parser.error(f"{args.checkpoint}: no regularizer state (train with --method EWC/PI/RW or "
                      "--estimate_importance ewc pi rw)")

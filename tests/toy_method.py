@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 from segmentation.methods.method import Method, StepOutputs, StepStart
 
@@ -23,15 +23,11 @@ class Toy(Method):
     paper_row = "Toy"
     summary = "CE + toy_weight x (1 + running mean) x mean squared logit"
     preset = {"toy_weight": 0.5}
-    incremental_options = frozenset()
+    non_negative_options = frozenset({"toy_weight"})
 
     @classmethod
     def add_options(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--toy_weight", type=float, default=0.0, help="weight of the toy term")
-
-    @classmethod
-    def check_options(cls, opts: argparse.Namespace) -> Optional[str]:
-        return f"--toy_weight must be >= 0, got {opts.toy_weight}" if opts.toy_weight < 0 else None
 
     @classmethod
     def active(cls, opts: argparse.Namespace) -> bool:

@@ -25,7 +25,9 @@ import sys
 from typing import Dict, List, NoReturn, Optional, Set
 
 from segmentation import tasks
-from segmentation.methods import find_method, method_names, method_preset, methods_option_owners
+from segmentation.methods import (
+    find_method, method_names, method_preset, methods_option_owners, non_negative_options,
+)
 
 DATASETS = ("synthetic", "voc", "ade")
 DTYPES = ("float32", "float64")
@@ -393,7 +395,8 @@ def _check_ranges(parser: _Parser, opts: argparse.Namespace) -> None:
     for name in positive:
         if getattr(opts, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(opts, name)}")
-    non_negative = ("num_workers", "ckpt_interval", "sample_num", "weight_decay", "max_bad_iterations")
+    non_negative = ("num_workers", "ckpt_interval", "sample_num", "weight_decay", "max_bad_iterations",
+                    *sorted(non_negative_options()))
     for name in non_negative:
         if getattr(opts, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(opts, name)}")

@@ -24,14 +24,14 @@ from segmentation.engine.original_checkpoint import adapt_checkpoint
 from segmentation.methods import active_methods, neutral_options, step0_independent_options
 
 # Options that do not change what a run computes: they may differ between runs of one --name
-# (with the methods' own such options).
+# (with the methods' own such options, read from the registry when compared).
 NOT_RESULT_CHANGING = frozenset({
     "num_workers", "print_interval", "val_interval", "ckpt_interval", "sample_num", "visualize",
     "logdir", "checkpoint_dir", "data_root", "name", "resume", "local_rank", "steps", "step_ckpt",
     "ckpt", "test", "notes", "debug", "overwrite", "device", "channels_last",
     "allow_synthetic_in_data_root", "allow_regenerated_splits", "lr", "incremental_lr",
     "collective_timeout", "max_bad_iterations",
-}) | neutral_options()
+})
 
 
 class UsageError(ValueError):
@@ -51,14 +51,15 @@ class SetupError(RuntimeError):
 # names. So one step-0 model can start every method and task with its classes (checked when it is
 # loaded), as the method benchmark and the original authors' 15-1 runs do. A step 1 that needs
 # state of its method's step 0 refuses a step-0 checkpoint without it.
-STEP0_INDEPENDENT = frozenset({"method", "task", "no_mask"}) | step0_independent_options()
+STEP0_INDEPENDENT = frozenset({"method", "task", "no_mask"})
 
 
 def differing_options(stored: Dict[str, Any], current: Dict[str, Any], step: int) -> List[str]:
     """``--option stored -> current`` for each result-changing option that differs at ``step``."""
     differences = []
     # ImageNet weights only initialise step 0.
-    ignored = NOT_RESULT_CHANGING | (STEP0_INDEPENDENT if step == 0 else {"pretrained", "no_pretrained"})
+    ignored = NOT_RESULT_CHANGING | neutral_options() | (
+        STEP0_INDEPENDENT | step0_independent_options() if step == 0 else {"pretrained", "no_pretrained"})
     for name in sorted(set(stored) & set(current) - ignored):
         if stored[name] != current[name]:
             differences.append(f"--{name} {stored[name]} -> {current[name]}")

@@ -67,6 +67,11 @@ def neutral_options() -> frozenset:
     return frozenset().union(*(method.neutral_options for method in REGISTRY.values()))
 
 
+def non_negative_options() -> frozenset:
+    """Options of any method whose value must be >= 0."""
+    return frozenset().union(*(method.non_negative_options for method in REGISTRY.values()))
+
+
 def shares_step0(name: str) -> bool:
     """Whether ``--method name``'s step 0 is plain cross-entropy training (its preset acts only from
     step 1 on), so one step-0 model serves it and every other such method."""
@@ -75,4 +80,5 @@ def shares_step0(name: str) -> bool:
 
 
 __all__ = ["Method", "REGISTRY", "active_methods", "find_method", "method_names", "method_preset",
-           "methods_option_owners", "neutral_options", "shares_step0", "step0_independent_options"]
+           "methods_option_owners", "neutral_options", "non_negative_options", "shares_step0",
+           "step0_independent_options"]

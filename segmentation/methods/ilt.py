@@ -14,17 +14,12 @@ class ILT(Method):
     summary = "CE + 100 x KD + 100 x MSE of the backbone output"
     preset = {"loss_kd": 100.0, "loss_de": 100.0}
     incremental_options = frozenset({"loss_de"})
+    non_negative_options = frozenset({"loss_de"})
 
     @classmethod
     def add_options(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--loss_de", type=float, default=0.0,
                            help="weight of feature (L2) distillation on the backbone output")
-
-    @classmethod
-    def check_options(cls, opts: argparse.Namespace):
-        if opts.loss_de < 0:
-            return f"--loss_de must be >= 0, got {opts.loss_de}"
-        return None
 
     @classmethod
     def active(cls, opts: argparse.Namespace) -> bool:

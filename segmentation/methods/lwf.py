@@ -14,18 +14,13 @@ class LwF(Method):
     summary = "CE + 100 x KD on the old channels"
     preset = {"loss_kd": 100.0}
     incremental_options = frozenset({"loss_kd", "alpha"})
+    non_negative_options = frozenset({"loss_kd"})
 
     @classmethod
     def add_options(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--loss_kd", type=float, default=0.0, help="weight of output distillation")
         group.add_argument("--alpha", type=float, default=1.0,
                            help="scale of the old logits before the distillation softmax")
-
-    @classmethod
-    def check_options(cls, opts: argparse.Namespace):
-        if opts.loss_kd < 0:
-            return f"--loss_kd must be >= 0, got {opts.loss_kd}"
-        return None
 
     @classmethod
     def active(cls, opts: argparse.Namespace) -> bool:

@@ -22,6 +22,7 @@ class LwFMC(Method):
     summary = "BCE (also at step 0) + 10 x C_old x BCE distillation towards the old sigmoids"
     preset = {"icarl": True, "icarl_importance": 10.0}
     incremental_options = frozenset({"icarl_importance", "icarl_disjoint", "icarl_bkg"})
+    non_negative_options = frozenset({"icarl_importance"})
 
     @classmethod
     def add_options(cls, group: argparse._ArgumentGroup) -> None:
@@ -39,8 +40,6 @@ class LwFMC(Method):
 
     @classmethod
     def check_options(cls, opts: argparse.Namespace) -> Optional[str]:
-        if opts.icarl_importance < 0:
-            return f"--icarl_importance must be >= 0, got {opts.icarl_importance}"
         if opts.icarl_disjoint and not opts.icarl:
             return "--icarl_disjoint is a variant of the LwF-MC loss: add --icarl (or --method LWF-MC)"
         if opts.icarl_bkg and not opts.icarl_disjoint:

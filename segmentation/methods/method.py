@@ -4,7 +4,8 @@ A method is one class in one module of ``segmentation/methods/`` plus a line in 
 (``segmentation/methods/__init__.py``). The class says, without torch:
 
 - ``add_options(group)``: the command-line options it owns; ``check_options(opts)``: whether
-  their values can work (an error message, or None);
+  their values can work (an error message, or None); ``non_negative_options``: its options that
+  must be >= 0 (checked with the engine's own);
 - ``preset`` and ``task_preset(task)``: the options ``--method`` fills in (explicit flags win);
 - ``active(opts)``: whether it takes part in a run with these options. Methods combine: the
   options of the original command line (``--unce --unkd --loss_kd 10 --init_balanced``) switch
@@ -90,6 +91,8 @@ class Method:
     #: Options of this method that act only at steps t > 0, and options that change no number.
     incremental_options: FrozenSet[str] = frozenset()
     neutral_options: FrozenSet[str] = frozenset()
+    #: Options of this method whose value must be >= 0.
+    non_negative_options: FrozenSet[str] = frozenset()
 
     # ------------------------------------------------------------ command line (no torch)
     @classmethod

@@ -35,10 +35,6 @@ class StepMethods:
         self._classification = replacement
 
     @property
-    def names(self) -> List[str]:
-        return [method.name for method in self.methods]
-
-    @property
     def needs_old_model(self) -> bool:
         """Whether the old model's outputs are used (so its forward must run)."""
         return any(method.needs_old_model for method in self.methods)

@@ -14,6 +14,12 @@ from typing import Any, Dict, List, Mapping, Optional
 from segmentation.methods.method import Method, StepStart
 
 
+def saved_states(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The method states a step checkpoint carries, by state name (``"regularizers"`` in
+    checkpoints written before ``"method_states"``, which held only these)."""
+    return checkpoint.get("method_states") or checkpoint.get("regularizers") or {}
+
+
 def nesterov_stability_limit(momentum: float) -> float:
     """The largest ``lr * curvature`` for which SGD with Nesterov momentum ``momentum`` converges on
     a quadratic (PyTorch's update rule; 1.357 at momentum 0.9, 2 without momentum)."""
@@ -28,6 +34,7 @@ class WeightPenalty(Method):
     importance_bound: float = 1.0
     incremental_options = frozenset({"regularizer", "reg_importance"})
     neutral_options = frozenset({"estimate_importance"})
+    non_negative_options = frozenset({"reg_importance"})
 
     @classmethod
     def names(cls) -> List[str]:
@@ -55,8 +62,6 @@ class WeightPenalty(Method):
 
     @classmethod
     def check_options(cls, opts: argparse.Namespace) -> Optional[str]:
-        if opts.reg_importance < 0:
-            return f"--reg_importance must be >= 0, got {opts.reg_importance}"
         if not 0.0 <= opts.reg_alpha <= 1.0:
             return f"--reg_alpha must be in [0, 1], got {opts.reg_alpha}"
         if opts.reg_iterations <= 0:
@@ -113,7 +118,7 @@ class WeightPenalty(Method):
 
         state = weights = None
         if start.previous is not None:
-            saved = start.previous.get("method_states") or start.previous.get("regularizers") or {}
+            saved = saved_states(start.previous)
             if self.regularizer not in saved:
                 raise ValueError(self._missing_state_message(start, saved))
             state, weights = saved[self.regularizer], start.previous["model_state"]
