@@ -10,6 +10,11 @@ mode and keeps only the output for the backward pass: the normalised input is re
 inverting the activation and the affine map. Like InPlace-ABN 1.0.x, whose pretrained
 weights this project loads, the effective BN scale is ``|weight| + eps``; the
 plain ``ABN`` uses ``weight`` as is.
+
+In-Place ABN's arithmetic is written once, as the functions of ``norm_kernels``: run as written
+they are the reference and the CPU path (in place for float32 and float64 inputs), compiled by
+``torch.compile`` they are the fused path used on CUDA. Both compute half-precision inputs (e.g.
+under CPU autocast) in float32 and round the output once.
 """
 from __future__ import annotations
 
@@ -79,31 +84,6 @@ class ABN(_BatchNormAct):
 Count = Union[int, torch.Tensor]
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
-
-
-def _channel_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
-
-
-def _effective_scale(
-    weight: Optional[torch.Tensor], eps: float, num_channels: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """``|weight| + eps`` as InPlace-ABN 1.0.x uses it; 1 when the layer has no affine parameters."""
-    if weight is None:
-        return torch.ones(num_channels, dtype=dtype, device=device)
-    return (weight.detach().abs() + eps).to(dtype)
-
-
-def _effective_shift(
-    bias: Optional[torch.Tensor], num_channels: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    if bias is None:
-        return torch.zeros(num_channels, dtype=dtype, device=device)
-    return bias.detach().to(dtype)
-
-
 def _batch_stats(
     x: torch.Tensor, dtype: torch.dtype, group: Optional[dist.ProcessGroup], fused: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, Count]:
@@ -117,8 +97,7 @@ def _batch_stats(
     num_channels = x.shape[1]
     count = x.numel() // num_channels
     if count > 0:
-        moments = norm_kernels.fused("batch_moments") if fused else norm_kernels.batch_moments
-        mean, var = moments(x, dtype)
+        mean, var = norm_kernels.kernel("batch_moments", fused)(x, dtype)
     else:
         mean = var = torch.zeros(num_channels, dtype=dtype, device=x.device)
     if group is None:
@@ -155,6 +134,17 @@ def _affine_grads(
     return grad_weight, grad_bias
 
 
+def _mean_sums(
+    sum_grad_z: torch.Tensor, sum_grad_z_x_hat: torch.Tensor, ctx
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward sums over every process of the layer's group, divided by the element count."""
+    if ctx.group is None:
+        return sum_grad_z / ctx.count, sum_grad_z_x_hat / ctx.count
+    sums = torch.cat([sum_grad_z, sum_grad_z_x_hat])
+    dist.all_reduce(sums, group=ctx.group)
+    return (sums / ctx.count).split(sum_grad_z.shape[0])
+
+
 class InPlaceABNFunction(torch.autograd.Function):
     """``act(BN(x) [+ residual])`` in training mode, written into ``x``; saves only the output, the
     residual (which its producer keeps anyway: the block input, or the projection norm's output)
@@ -165,9 +155,9 @@ class InPlaceABNFunction(torch.autograd.Function):
     and ``bias`` may be None (no affine). With a process ``group`` the batch statistics and the
     backward reductions are all-reduced over it; the weight and bias gradients stay local (the
     data-parallel wrapper sums or averages them like any other parameter gradient).
-    Statistics are computed in float32 (float64 for float64 inputs). On CUDA the elementwise
-    work runs in the fused kernels of ``norm_kernels``; the separate operations below are the
-    reference and the CPU path.
+    Statistics and arithmetic are in float32 (float64 for float64 inputs). The arithmetic is the
+    functions of ``norm_kernels``: compiled into fused kernels on CUDA, run as written (the
+    reference) on the CPU.
     """
 
     @staticmethod
@@ -182,27 +172,17 @@ class InPlaceABNFunction(torch.autograd.Function):
         group: Optional[dist.ProcessGroup],
         residual: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        stat_dtype = torch.promote_types(x.dtype, torch.float32)
-        num_channels = x.shape[1]
         fused = norm_kernels.use_fused(x)
         slope = _slope(activation, activation_param)
-        if fused and group is None:
-            count = x.numel() // num_channels
-            mean, var, invstd = norm_kernels.fused("forward_local")(x, weight, bias, eps, slope, residual)
+        if group is None:
+            count = x.numel() // x.shape[1]
+            mean, var, invstd = norm_kernels.kernel("forward_local", fused)(x, weight, bias, eps, slope, residual)
         else:
+            stat_dtype = norm_kernels.statistics_dtype(x.dtype)
             mean, var, count = _batch_stats(x, stat_dtype, group, fused)
             invstd = torch.rsqrt(var + eps)
-            scale = _effective_scale(weight, eps, num_channels, stat_dtype, x.device)
-            shift = _effective_shift(bias, num_channels, stat_dtype, x.device)
-            if fused:
-                norm_kernels.fused("normalize_activate_")(x, mean, scale * invstd, shift, slope, residual)
-            else:
-                shape = _channel_shape(x)
-                x.sub_(mean.view(shape)).mul_((scale * invstd).view(shape)).add_(shift.view(shape))
-                if residual is not None:
-                    x.add_(residual)
-                if activation == "leaky_relu":
-                    F.leaky_relu_(x, activation_param)
+            scale, shift = norm_kernels.effective_scale_shift(weight, bias, eps, x, stat_dtype)
+            norm_kernels.kernel("normalize_activate_", fused)(x, mean, scale * invstd, shift, slope, residual)
 
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, weight, bias, invstd, residual)
@@ -220,63 +200,30 @@ class InPlaceABNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
         y, weight, bias, invstd, residual = ctx.saved_tensors
-        stat_dtype = invstd.dtype
-        num_channels = y.shape[1]
-        shape = _channel_shape(y)
-        dims = _reduce_dims(y)
-
         slope = _slope(ctx.activation, ctx.activation_param)
         needs_input_grads = ctx.needs_input_grad[0] or (residual is not None and ctx.needs_input_grad[7])
+        grad_x = grad_residual = None
+        scale, shift = norm_kernels.effective_scale_shift(weight, bias, ctx.eps, y, invstd.dtype)
         if ctx.fused and ctx.group is None and needs_input_grads:
-            sum_grad_z, sum_grad_z_x_hat, grad_x, grad_residual = norm_kernels.fused("backward_local")(
+            sum_grad_z, sum_grad_z_x_hat, grad_x, grad_residual = norm_kernels.compiled("backward_local")(
                 y, grad_y, weight, bias, ctx.eps, invstd, slope, residual, ctx.count
             )
-            grad_weight, grad_bias = _affine_grads(weight, bias, sum_grad_z, sum_grad_z_x_hat, ctx)
-            return grad_x, grad_weight, grad_bias, None, None, None, None, grad_residual
-
-        scale = _effective_scale(weight, ctx.eps, num_channels, stat_dtype, y.device)
-        shift = _effective_shift(bias, num_channels, stat_dtype, y.device)
-        if ctx.fused:
-            inv_scale = scale.reciprocal()
-            sum_grad_z, sum_grad_z_x_hat = norm_kernels.fused("backward_sums")(
-                y, grad_y, inv_scale, shift, slope, residual
-            )
-        else:
-            # Undo the activation: z = BN(x) and dL/dz.
-            y_stat, grad_y_stat = y.to(stat_dtype), grad_y.to(stat_dtype)
-            if ctx.activation == "leaky_relu":
-                negative = y_stat < 0
-                z = torch.where(negative, y_stat / slope, y_stat)
-                grad_z = torch.where(negative, grad_y_stat * slope, grad_y_stat)
-            else:
-                z, grad_z = y_stat, grad_y_stat
-            if residual is not None:
-                z = z - residual.to(stat_dtype)
-
-            # Undo the affine map: x_hat = (z - bias) / (|weight| + eps).
-            x_hat = (z - shift.view(shape)) / scale.view(shape)
-
-            sum_grad_z = grad_z.sum(dims)
-            sum_grad_z_x_hat = (grad_z * x_hat).sum(dims)
-
-        grad_x = grad_residual = None
-        grad_weight, grad_bias = _affine_grads(weight, bias, sum_grad_z, sum_grad_z_x_hat, ctx)
-        if needs_input_grads:
-            if ctx.group is not None:
-                sums = torch.cat([sum_grad_z, sum_grad_z_x_hat])
-                dist.all_reduce(sums, group=ctx.group)
-                sum_grad_z, sum_grad_z_x_hat = sums.split(num_channels)
-            mean_grad_z = sum_grad_z / ctx.count
-            mean_grad_z_x_hat = sum_grad_z_x_hat / ctx.count
-            if ctx.fused:
-                grad_x, grad_residual = norm_kernels.fused("input_grad")(
-                    y, grad_y, inv_scale, shift, slope, residual, mean_grad_z, mean_grad_z_x_hat, scale * invstd
+        elif ctx.fused:
+            sum_grad_z, sum_grad_z_x_hat = norm_kernels.compiled("backward_sums")(y, grad_y, scale, shift, slope, residual)
+            if needs_input_grads:
+                mean_grad_z, mean_grad_z_x_hat = _mean_sums(sum_grad_z, sum_grad_z_x_hat, ctx)
+                grad_x, grad_residual = norm_kernels.compiled("input_grad")(
+                    y, grad_y, scale, shift, slope, residual, mean_grad_z, mean_grad_z_x_hat, scale * invstd
                 )
-            else:
-                if residual is not None:
-                    grad_residual = grad_z.to(residual.dtype)
-                grad_x = torch.addcmul(grad_z - mean_grad_z.view(shape), x_hat, mean_grad_z_x_hat.view(shape), value=-1)
-                grad_x = grad_x.mul_((scale * invstd).view(shape)).to(y.dtype)
+        else:
+            x_hat, grad_z = norm_kernels.invert(y, grad_y, scale, shift, slope, residual)
+            sum_grad_z, sum_grad_z_x_hat = norm_kernels.channel_sums(x_hat, grad_z)
+            if needs_input_grads:
+                mean_grad_z, mean_grad_z_x_hat = _mean_sums(sum_grad_z, sum_grad_z_x_hat, ctx)
+                grad_x, grad_residual = norm_kernels.input_grad_from(
+                    x_hat, grad_z, mean_grad_z, mean_grad_z_x_hat, scale * invstd, y.dtype, residual
+                )
+        grad_weight, grad_bias = _affine_grads(weight, bias, sum_grad_z, sum_grad_z_x_hat, ctx)
         return grad_x, grad_weight, grad_bias, None, None, None, None, grad_residual
 
 
