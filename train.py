@@ -18,10 +18,10 @@ import sys
 import time
 
 # Only the option parser is imported before parsing: --help and usage errors need no torch.
-from segmentation.engine.options import EXIT_FAILURE, EXIT_USAGE, HELP_POINTER, debug_requested, parse_options
+from segmentation.engine.options import HELP_POINTER, debug_requested, parse_options
+from segmentation.errors import EXIT_FAILURE, RunError, UsageError
 from segmentation.launch_env import launched_by_torchrun, read_env
 
-EXIT_INTERRUPTED = 3
 # How long a process other than rank 0 waits under torchrun before it exits with an error that
 # rank 0 reports: torchrun stops the other processes as soon as one exits.
 REPORT_GRACE_SECONDS = 5.0
@@ -29,17 +29,15 @@ REPORT_GRACE_SECONDS = 5.0
 
 def cli(argv: list[str] | None = None) -> int:
     env = read_env()
-    # Every process of a launch parses the same options: the first one reports what is wrong.
     try:
+        # Every process of a launch parses the same options: rank 0 reports what is wrong (and
+        # prints --help).
         with _quiet(env.rank != 0):
-            opts = parse_options(argv)
-    except SystemExit as stop:
-        if stop.code:
-            _let_rank_0_report(env.rank)
-        raise
+            config = parse_options(argv)
+    except RunError as error:
+        return _report(error, env, debug_requested(argv))
     from segmentation.engine.logger import setup_logging
-    from segmentation.engine.preflight import SetupError, UsageError
-    from segmentation.engine.run import RUN_FAILURES, main
+    from segmentation.engine.run import main
     from segmentation.engine.trainer import TrainingInterrupted
     from segmentation.signals import stop_when_launcher_dies
 
@@ -47,31 +45,36 @@ def cli(argv: list[str] | None = None) -> int:
     if launched_by_torchrun():
         stop_when_launcher_dies()
     try:
-        main(opts)
+        main(config)
     except TrainingInterrupted as stopped:
         if env.rank == 0:  # every process stopped after the same iteration
             print(stopped, file=sys.stderr)
         else:
             _let_rank_0_report(env.rank)
-        return EXIT_INTERRUPTED
+        return stopped.exit_code
     except Exception as error:
-        if opts.debug or debug_requested(argv):
+        if config.debug or debug_requested(argv):
             raise
-        # An error that every process raises alike (a failed check, a diverged loss, a locked run
-        # or corrupt checkpoint) is reported by rank 0 alone; the error of one process by it.
-        every_rank = getattr(error, "raised_on_every_rank", False)
-        if env.rank == 0 or not every_rank:
-            where = f"rank {env.rank}: " if env.world_size > 1 and not every_rank else ""
-            # Run failures (corrupt file, lock, write error, NaN, timeout) say what to do themselves.
-            known = isinstance(error, (UsageError, SetupError, *RUN_FAILURES))
-            hint = "" if known else f" ({type(error).__name__}; rerun with --debug for the traceback)"
-            pointer = HELP_POINTER if isinstance(error, UsageError) else ""
-            sys.stdout.flush()
-            print(f"train.py: error: {where}{error}{hint}{pointer}", file=sys.stderr)
-        else:
-            _let_rank_0_report(env.rank)
-        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
+        return _report(error, env, False)
     return 0
+
+
+def _report(error: Exception, env, debug: bool) -> int:
+    """Print ``error`` as one paragraph (on rank 0 alone when every rank raised it) and return the
+    exit code; with ``debug`` a ``RunError`` is raised again, to show its traceback."""
+    if debug:
+        raise error
+    every_rank = getattr(error, "raised_on_every_rank", False)
+    if env.rank == 0 or not every_rank:
+        where = f"rank {env.rank}: " if env.world_size > 1 and not every_rank else ""
+        # A RunError says what to do itself; anything else is a defect to report with its traceback.
+        hint = "" if isinstance(error, RunError) else f" ({type(error).__name__}; rerun with --debug for the traceback)"
+        pointer = HELP_POINTER if isinstance(error, UsageError) else ""
+        sys.stdout.flush()
+        print(f"train.py: error: {where}{error}{hint}{pointer}", file=sys.stderr)
+    else:
+        _let_rank_0_report(env.rank)
+    return error.exit_code if isinstance(error, RunError) else EXIT_FAILURE
 
 
 def _let_rank_0_report(rank: int) -> None:

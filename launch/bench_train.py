@@ -164,7 +164,7 @@ def build_trainer(variant: Variant, backbone: str, tv_backbone: str, device: tor
         raise ValueError(f"unknown precision {variant.precision!r}; valid: {', '.join(PRECISIONS)}")
     if variant.model == "torchvision" and variant.step > 0:
         raise ValueError("torchvision's DeepLabV3 is measured at step 0 only")
-    opts = parse_options(
+    config = parse_options(
         ["--dataset", DATASET, "--task", TASK, "--step", str(variant.step), "--method", "MiB", "--backbone", backbone,
          "--no_pretrained"]
     )
@@ -185,9 +185,9 @@ def build_trainer(variant: Variant, backbone: str, tv_backbone: str, device: tor
     model = model.to(device, memory_format=memory_format)
     if old_model is not None:
         old_model = old_model.to(device, memory_format=memory_format)
-    optimizer = build_optimizer(model, opts, variant.step)
-    scheduler = build_scheduler(optimizer, opts, total_iterations=10**6)
-    methods = step_methods(opts, variant.step, num_old_channels=sum(classes[:-1]))
+    optimizer = build_optimizer(model, config, variant.step)
+    scheduler = build_scheduler(optimizer, config, total_iterations=10**6)
+    methods = step_methods(config, variant.step, num_old_channels=sum(classes[:-1]))
     if variant.compile:
         model = torch.compile(model)
         if old_model is not None:

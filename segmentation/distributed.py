@@ -15,6 +15,7 @@ from typing import Any, Iterator, List
 import torch
 import torch.distributed as dist
 
+from .errors import RunError
 from .launch_env import DistEnv
 
 # How long a process waits for the others in a collective before it gives up (a hung or dead
@@ -22,7 +23,7 @@ from .launch_env import DistEnv
 DEFAULT_TIMEOUT_SECONDS = 300.0
 
 
-class CollectiveError(RuntimeError):
+class CollectiveError(RunError, RuntimeError):
     """A collective failed: another process hung past the timeout, died or closed its connection."""
 
 

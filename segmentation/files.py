@@ -6,12 +6,13 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, List, Union
 
+from segmentation.errors import RunError
 from segmentation.faults import fault_point
 
 TEMP_SUFFIX = ".tmp"
 
 
-class WriteError(OSError):
+class WriteError(RunError, OSError):
     """A file could not be written (disk full, quota, I/O error); the previous file is kept."""
 
 

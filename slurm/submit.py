@@ -26,9 +26,11 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make the package importab
     sys.path.insert(0, str(REPO_ROOT))
 
 from segmentation import tasks  # noqa: E402
+from segmentation.config import Config  # noqa: E402
 from segmentation.data.readers import dataset_dir  # noqa: E402
 from segmentation.engine import checkpoint  # noqa: E402
 from segmentation.engine.options import parse_options  # noqa: E402
+from segmentation.errors import RunError  # noqa: E402
 from slurm.jobscript import JobSpec, render  # noqa: E402
 
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
@@ -128,26 +130,26 @@ def _check_writable_dir(path: Path, option: str) -> None:
         raise SubmitError(f"{option} {path}: {existing} is not writable")
 
 
-def check_train_options(train_args: List[str]) -> argparse.Namespace:
+def check_train_options(train_args: List[str]) -> Config:
     """Parse train.py's options as train.py will, and check what would only fail in the job."""
-    # Exits with train.py's message on a bad task, method or step, a missing dataset folder or a
+    # Raises train.py's RunError on a bad task, method or step, a missing dataset folder or a
     # missing --step_ckpt file.
-    opts = parse_options(train_args)
-    if opts.dataset == "synthetic" and not Path(dataset_dir(opts.dataset, opts.data_root)).is_dir():
-        _check_writable_dir(Path(opts.data_root), "--data_root")  # written by the first job
-    _check_writable_dir(Path(opts.checkpoint_dir), "--checkpoint_dir")
-    _check_writable_dir(Path(opts.logdir), "--logdir")
-    if opts.split_dir is not None and not Path(opts.split_dir).is_dir():
-        raise SubmitError(f"--split_dir {opts.split_dir}: folder not found")
-    first = opts.steps[0]
-    if first > 0 and opts.step_ckpt is None and not opts.test:
-        run = checkpoint.run_dir(opts.checkpoint_dir, opts.dataset, opts.task, opts.overlap, opts.name)
+    config = parse_options(train_args)
+    if config.dataset == "synthetic" and not Path(dataset_dir(config.dataset, config.data_root)).is_dir():
+        _check_writable_dir(Path(config.data_root), "--data_root")  # written by the first job
+    _check_writable_dir(Path(config.checkpoint_dir), "--checkpoint_dir")
+    _check_writable_dir(Path(config.logdir), "--logdir")
+    if config.split_dir is not None and not Path(config.split_dir).is_dir():
+        raise SubmitError(f"--split_dir {config.split_dir}: folder not found")
+    first = config.steps[0]
+    if first > 0 and config.step_ckpt is None and not config.test:
+        run = checkpoint.run_dir(config.checkpoint_dir, config.dataset, config.task, config.overlap, config.name)
         previous = checkpoint.step_checkpoint_path(run, first - 1)
         if not previous.is_file():
             raise SubmitError(f"--step {first}: it starts from the step {first - 1} checkpoint "
                               f"{previous}, which does not exist; submit step {first - 1} too or "
                               "give --step_ckpt")
-    return opts
+    return config
 
 
 def job_name(setting: str, name: str, label: str) -> str:
@@ -174,19 +176,19 @@ def plan_jobs(args: argparse.Namespace, train_args: List[str]) -> List[Job]:
         train_args += ["--step", "all"]
     if not _has_option(train_args, "--device"):
         train_args += ["--device", "cuda" if args.gpus_per_node > 0 else "cpu"]
-    opts = check_train_options(train_args)
-    if opts.device == "cuda" and args.gpus_per_node == 0:
+    config = check_train_options(train_args)
+    if config.device == "cuda" and args.gpus_per_node == 0:
         raise SubmitError("--device cuda (train.py) needs --gpus-per-node > 0")
 
-    setting = f"{opts.dataset}-{opts.task}" + ("-ov" if opts.overlap else "")
-    slurm_dir = Path(checkpoint.run_dir(opts.logdir, opts.dataset, opts.task, opts.overlap, opts.name))
+    setting = f"{config.dataset}-{config.task}" + ("-ov" if config.overlap else "")
+    slurm_dir = Path(checkpoint.run_dir(config.logdir, config.dataset, config.task, config.overlap, config.name))
     slurm_dir = (slurm_dir / "slurm").absolute()
-    if args.single_job or len(opts.steps) == 1:
-        whole_task = opts.steps == list(range(tasks.num_steps(opts.dataset, opts.task)))
-        label = "all" if whole_task else "step" + "-".join(map(str, opts.steps))
-        groups = [(label, opts.steps)]
+    if args.single_job or len(config.steps) == 1:
+        whole_task = config.steps == tuple(range(tasks.num_steps(config.dataset, config.task)))
+        label = "all" if whole_task else "step" + "-".join(map(str, config.steps))
+        groups = [(label, list(config.steps))]
     else:
-        groups = [(f"step{step}", [step]) for step in opts.steps]
+        groups = [(f"step{step}", [step]) for step in config.steps]
 
     jobs = []
     for label, steps in groups:
@@ -194,9 +196,9 @@ def plan_jobs(args: argparse.Namespace, train_args: List[str]) -> List[Job]:
         step_text = f"step {steps[0]}" if len(steps) == 1 else f"steps {','.join(map(str, steps))}"
         log_path = str(slurm_dir / f"{label}-%j.log")
         spec = JobSpec(
-            job_name=job_name(setting, opts.name, label),
-            description=f"{step_text} of {opts.dataset} {opts.task}"
-            + (" overlapped" if opts.overlap else "") + f", run {opts.name}",
+            job_name=job_name(setting, config.name, label),
+            description=f"{step_text} of {config.dataset} {config.task}"
+            + (" overlapped" if config.overlap else "") + f", run {config.name}",
             nodes=args.nodes,
             tasks_per_node=tasks_per_node,
             gpus_per_node=args.gpus_per_node,
@@ -269,6 +271,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SubmitError as error:
         print(f"slurm/submit.py: error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:  # what train.py would refuse, with its exit code
+        print(f"slurm/submit.py: error: train.py's options: {error}", file=sys.stderr)
+        return error.exit_code
     for index, (job, job_id) in enumerate(zip(jobs, ids)):
         after = f" (starts when job {ids[index - 1]} has succeeded)" if index else ""
         print(f"{job.label}: job {job_id}{after}, log {job.log_path.replace('%j', job_id)}")

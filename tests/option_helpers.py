@@ -1,11 +1,11 @@
 """Shared by the option-parser tests: a working folder that passes the data checks, the
-expected one-line usage error, and the methods' options for tests that build a step's methods."""
-import argparse
+expected one-line errors, and a configuration for tests that build a step's methods."""
 
 import pytest
 
+from segmentation.config import Config
 from segmentation.engine.options import parse_options
-from segmentation.methods import methods_option_owners
+from segmentation.errors import SetupError, UsageError
 
 
 @pytest.fixture
@@ -19,34 +19,31 @@ def option_workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _parse_failure(argv, capsys, code: int) -> str:
-    """Parse ``argv``, expect it to fail with exit ``code`` and one error line; return that line."""
-    with pytest.raises(SystemExit) as exit_info:
+def _parse_failure(argv, error_type) -> str:
+    """Parse ``argv``, expect ``error_type`` with a one-line message; return the message."""
+    with pytest.raises(error_type) as failure:
         parse_options(argv)
-    assert exit_info.value.code == code
-    message = capsys.readouterr().err
-    assert message.count("\n") == 1 and message.startswith("train.py: error: ")
+    message = str(failure.value)
+    assert message and "\n" not in message
     return message
 
 
-def usage_error(argv, capsys) -> str:
+def usage_error(argv) -> str:
     """Parse ``argv``, expect a usage error (exit code 2), and return its message (one line)."""
-    return _parse_failure(argv, capsys, 2)
-
-
-def method_options(**overrides) -> argparse.Namespace:
-    """Every method's options at their defaults (as ``train.py`` parses them), with ``overrides``."""
-    parser = argparse.ArgumentParser()
-    for owner in methods_option_owners():
-        owner.add_options(parser)
-    opts = parser.parse_args([])
-    for name, value in overrides.items():
-        setattr(opts, name, value)
-    return opts
-
-
-def missing_file_error(argv, capsys) -> str:
-    """Parse ``argv``, expect the error of a missing file or folder (exit code 1), return its line."""
-    message = _parse_failure(argv, capsys, 1)
-    assert "--help" not in message
+    message = _parse_failure(argv, UsageError)
+    assert UsageError.exit_code == 2
     return message
+
+
+def missing_file_error(argv) -> str:
+    """Parse ``argv``, expect the error of a missing file or folder (exit code 1), return its message."""
+    message = _parse_failure(argv, SetupError)
+    assert SetupError.exit_code == 1
+    return message
+
+
+def synthetic_config(*argv: str, **overrides) -> Config:
+    """The configuration of ``train.py --dataset synthetic --task 15-5 argv`` (with a data folder
+    that is never read), with ``overrides`` (engine and method options alike)."""
+    config = parse_options(["--dataset", "synthetic", "--task", "15-5", "--data_root", "unread-data", *argv])
+    return config.replace(**overrides)

@@ -14,8 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+from segmentation.distributed import CollectiveError
+from segmentation.engine import run
+from segmentation.engine.checkpoint import CheckpointError
+from segmentation.engine.loader_watch import DataLoaderFailure
 from segmentation.engine.options import HELP_POINTER
-from segmentation.engine.run_lock import RunLock
+from segmentation.engine.run_lock import RunLock, RunLockedError
+from segmentation.engine.trainer import NonFiniteLossError, TrainingInterrupted
+from segmentation.errors import EXIT_FAILURE, EXIT_USAGE, RunError, SetupError, UsageError
+from segmentation.files import WriteError
 from train_cli_worker import run_train, run_train_in_process, train_args
 
 SETTING = "synthetic-15-5"
@@ -254,3 +261,28 @@ def test_original_checkpoint_continues_as_step_ckpt(data_root, good_run, files, 
     assert "a checkpoint of the original MiB/PLOP code, converted" in result.stdout
     step1 = torch.load(tmp_path / "checkpoints" / SETTING / "run" / "step1.pth", weights_only=False)
     assert step1["classes"] == [16, 5]
+
+
+@pytest.mark.parametrize("error, code, hint", [
+    (CheckpointError("cannot read checkpoint x.pth; delete it"), 1, False),
+    (RunLockedError("another run is writing"), 1, False),
+    (NonFiniteLossError(1, 7, ["loss_kd"], None), 1, False),
+    (TrainingInterrupted(1, 7), 3, False),
+    (ValueError("a defect"), 1, True),  # not a RunError: the type and the --debug hint
+])
+def test_train_py_exits_with_the_code_the_error_carries(data_root, tmp_path, monkeypatch, error, code, hint):
+    def failing(config):
+        raise error
+
+    monkeypatch.setattr(run, "main", failing)
+    result = run_train_in_process(train_args(data_root, tmp_path, "--step", "0"), check=False)
+    assert result.returncode == code == getattr(error, "exit_code", EXIT_FAILURE)
+    assert str(error) in result.stderr and "Traceback" not in result.stderr
+    assert ("rerun with --debug for the traceback" in result.stderr) == hint
+
+
+def test_every_error_a_user_meets_carries_the_readme_exit_code():
+    # The README: 2 means a wrong option, 1 anything else, 3 a stop after a signal.
+    assert (UsageError.exit_code, SetupError.exit_code, TrainingInterrupted.exit_code) == (EXIT_USAGE, 1, 3)
+    for failure in (CheckpointError, RunLockedError, WriteError, NonFiniteLossError, CollectiveError, DataLoaderFailure):
+        assert issubclass(failure, RunError) and failure.exit_code == EXIT_FAILURE == 1, failure

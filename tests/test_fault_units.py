@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from option_helpers import method_options
+from option_helpers import synthetic_config
 from segmentation.engine.checkpoint import CheckpointError, InStepCheckpoints, atomic_save, load_checkpoint
 from segmentation.engine.loader_watch import DataLoaderFailure
 from segmentation.engine.run_lock import RunLock, RunLockedError
@@ -189,7 +189,7 @@ class PoisonedLoss(StepMethods):
     """Cross-entropy whose value becomes NaN at the given iterations (1-based)."""
 
     def __init__(self, bad_iterations):
-        super().__init__(method_options(), StepInfo(step=0, num_old_channels=0))
+        super().__init__(synthetic_config(), StepInfo(step=0, num_old_channels=0))
         self.bad_iterations = set(bad_iterations)
         self.calls = 0
 

@@ -30,7 +30,7 @@ def test_command_line_offers_every_registered_method_with_its_preset():
         opts = parse_options(["--dataset", "synthetic", "--method", name.lower(), "--task", "15-5"])
         assert opts.method == name
         for option, value in method.task_preset("15-5").items():
-            assert getattr(opts, option) == value, (name, option)
+            assert opts.as_dict()[option] == value, (name, option)
 
 
 def test_regularizer_methods_name_their_regularizer():

@@ -15,15 +15,15 @@ pytestmark = pytest.mark.usefixtures("option_workdir")
 def test_reference_defaults():
     opts = parse_options([])
     assert opts.dataset == "voc"
-    assert opts.task == "19-1" and opts.steps == [0] and not opts.overlap
+    assert opts.task == "19-1" and opts.steps == (0,) and not opts.overlap
     assert opts.method is None
     assert (opts.lr, opts.epochs, opts.batch_size, opts.crop_size) == (0.007, 30, 4, 512)
     assert (opts.backbone, opts.output_stride, opts.norm_act) == ("resnet101", 16, "iabn_sync")
     assert (opts.random_seed, opts.val_interval, opts.pooling) == (42, 1, 32)
     assert (opts.weight_decay, opts.momentum, opts.lr_policy, opts.lr_power) == (1e-4, 0.9, "poly", 0.9)
     assert (opts.lr_decay_step, opts.lr_decay_factor) == (5000, 0.1)
-    assert (opts.loss_kd, opts.loss_de, opts.alpha, opts.icarl_importance) == (0.0, 0.0, 1.0, 1.0)
-    assert not (opts.unce or opts.unkd or opts.init_balanced or opts.icarl or opts.freeze)
+    assert (opts.methods.loss_kd, opts.methods.loss_de, opts.methods.alpha, opts.methods.icarl_importance) == (0.0, 0.0, 1.0, 1.0)
+    assert not (opts.methods.unce or opts.methods.unkd or opts.methods.init_balanced or opts.methods.icarl or opts.freeze)
     assert opts.amp == "off" and not opts.channels_last and opts.device == "auto"
     assert opts.checkpoint_dir == "checkpoints" and opts.ckpt_interval == 500 and opts.resume
     assert not opts.test and not opts.eval_full_image and opts.visualize
@@ -36,8 +36,8 @@ def test_reference_defaults():
 def test_method_is_case_insensitive(spelling):
     opts = parse_options(["--method", spelling, "--task", "15-5", "--step", "1"])
     assert opts.method == "MiB"
-    assert (opts.loss_kd, opts.unce, opts.unkd, opts.init_balanced) == (10.0, True, True, True)
-    assert opts.notes == ["MiB preset filled in: loss_kd=10, unce=True, unkd=True, init_balanced=True"]
+    assert (opts.methods.loss_kd, opts.methods.unce, opts.methods.unkd, opts.methods.init_balanced) == (10.0, True, True, True)
+    assert opts.notes == ("MiB preset filled in: loss_kd=10, unce=True, unkd=True, init_balanced=True",)
 
 
 @pytest.mark.parametrize(
@@ -55,29 +55,29 @@ def test_method_is_case_insensitive(spelling):
 def test_presets(method, expected):
     opts = parse_options(["--method", method])
     for name, value in expected.items():
-        assert getattr(opts, name) == value, name
+        assert opts.as_dict()[name] == value, name
 
 
 @pytest.mark.parametrize("task, kd", [("15-5s", 100.0), ("15-1", 100.0), ("15-5", 10.0), ("19-1", 10.0)])
 def test_mib_kd_weight_depends_on_task(task, kd):
     opts = parse_options(["--method", "MiB", "--task", task])
-    assert opts.loss_kd == kd
+    assert opts.methods.loss_kd == kd
     # The deviation from the original code's preset is said in the log.
     assert ("the original code's preset was 10" in opts.notes[0]) == (kd == 100.0)
 
 
 def test_explicit_options_override_the_preset():
     opts = parse_options(["--method", "MiB", "--loss_kd", "100", "--alpha", "0.5"])
-    assert opts.loss_kd == 100.0 and opts.alpha == 0.5
-    assert opts.unce and opts.unkd and opts.init_balanced
+    assert opts.methods.loss_kd == 100.0 and opts.methods.alpha == 0.5
+    assert opts.methods.unce and opts.methods.unkd and opts.methods.init_balanced
     # An explicit value equal to the argparse default still wins over the preset.
-    assert parse_options(["--method", "LWF", "--loss_kd", "0"]).loss_kd == 0.0
-    assert parse_options(["--method", "LWF-MC", "--icarl_importance", "1"]).icarl_importance == 1.0
+    assert parse_options(["--method", "LWF", "--loss_kd", "0"]).methods.loss_kd == 0.0
+    assert parse_options(["--method", "LWF-MC", "--icarl_importance", "1"]).methods.icarl_importance == 1.0
 
 
 def test_regularizer_preset_yields_to_explicit_flags():
     opts = parse_options(["--method", "EWC", "--reg_importance", "100", "--reg_no_normalize"])
-    assert (opts.regularizer, opts.reg_importance, opts.reg_no_normalize) == ("ewc", 100.0, True)
+    assert (opts.methods.regularizer, opts.methods.reg_importance, opts.methods.reg_no_normalize) == ("ewc", 100.0, True)
 
 
 @pytest.mark.parametrize(
@@ -91,11 +91,11 @@ def test_regularizer_preset_yields_to_explicit_flags():
      (["--regularizer", "si"], "--regularizer")],
 )
 def test_invalid_method_options(argv, option, capsys):
-    assert option in usage_error(argv, capsys)
+    assert option in usage_error(argv)
 
 
 def test_unknown_method(capsys):
-    message = usage_error(["--method", "SDR"], capsys)
+    message = usage_error(["--method", "SDR"])
     assert "SDR" in message and "MiB" in message
 
 
@@ -109,8 +109,8 @@ def test_aliases():
     assert not parse_options(["--no_visualize"]).visualize
     assert parse_options(["--checkpoint", "ck/step"]).checkpoint_dir == "ck/step"  # PLOP's name
     assert not parse_options(["--no_resume"]).resume
-    assert parse_options(["--local_rank", "3"]).steps == [0]
-    assert parse_options(["--local-rank=1"]).steps == [0]
+    assert parse_options(["--local_rank", "3"]).steps == (0,)
+    assert parse_options(["--local-rank=1"]).steps == (0,)
 
 
 def test_no_visualize_disables_image_samples():
@@ -119,25 +119,25 @@ def test_no_visualize_disables_image_samples():
 
 
 def test_steps():
-    assert parse_options(["--task", "15-5s", "--step", "2"]).steps == [2]
-    assert parse_options(["--task", "15-5s", "--step", "0,1,3"]).steps == [0, 1, 3]
-    assert parse_options(["--task", "15-5s", "--step", "all"]).steps == list(
+    assert parse_options(["--task", "15-5s", "--step", "2"]).steps == (2,)
+    assert parse_options(["--task", "15-5s", "--step", "0,1,3"]).steps == (0, 1, 3)
+    assert parse_options(["--task", "15-5s", "--step", "all"]).steps == tuple(
         range(tasks.num_steps("voc", "15-5s")))
-    assert parse_options(["--task", "15-5", "--step", "ALL"]).steps == [0, 1]
+    assert parse_options(["--task", "15-5", "--step", "ALL"]).steps == (0, 1)
 
 
 @pytest.mark.parametrize("step", ["2", "0,5", "x", "1,0", "1 0", "0 2"])
 def test_invalid_steps(step, capsys):
-    message = usage_error(["--task", "15-5", "--step", *step.split()], capsys)
+    message = usage_error(["--task", "15-5", "--step", *step.split()])
     assert f"--step {step}" in message
 
 
 def test_step_out_of_range_lists_valid_steps(capsys):
-    assert "0..1" in usage_error(["--task", "15-5", "--step", "2"], capsys)
+    assert "0..1" in usage_error(["--task", "15-5", "--step", "2"])
 
 
 def test_unknown_task(capsys):
-    message = usage_error(["--task", "16-4"], capsys)
+    message = usage_error(["--task", "16-4"])
     assert "16-4" in message and "15-5" in message
 
 
@@ -150,17 +150,17 @@ def test_unknown_task(capsys):
 def test_amp(argv, amp):
     opts = parse_options(argv)
     assert opts.amp == amp
-    assert not hasattr(opts, "opt_level")
+    assert "opt_level" not in opts.as_dict()
 
 
 def test_amp_conflicting_with_opt_level(capsys):
-    message = usage_error(["--opt_level", "O1", "--amp", "bf16"], capsys)
+    message = usage_error(["--opt_level", "O1", "--amp", "bf16"])
     assert "--amp bf16" in message and "--opt_level O1" in message
 
 
 def test_pretrained_default_on_real_datasets(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    message = missing_file_error(["--dataset", "voc", "--backbone", "resnet50"], capsys)
+    message = missing_file_error(["--dataset", "voc", "--backbone", "resnet50"])
     assert "pretrained/resnet50_iabn_sync.pth.tar" in message.replace(os.sep, "/")
     assert "--pretrained torchvision" in message and "--no_pretrained" in message
 
@@ -180,8 +180,8 @@ def test_pretrained_path(tmp_path, capsys):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"weights")
     assert parse_options(["--pretrained", str(weights)]).pretrained == str(weights)
-    assert "w2.pth" in missing_file_error(["--pretrained", str(tmp_path / "w2.pth")], capsys)
-    message = usage_error(["--pretrained", str(weights), "--no_pretrained"], capsys)
+    assert "w2.pth" in missing_file_error(["--pretrained", str(tmp_path / "w2.pth")])
+    message = usage_error(["--pretrained", str(weights), "--no_pretrained"])
     assert "--pretrained" in message and "--no_pretrained" in message
 
 
@@ -194,7 +194,7 @@ def test_pretrained_path(tmp_path, capsys):
      (["--step_ckpt", "x.pth"], "--step_ckpt")],
 )
 def test_invalid_values(argv, option, capsys):
-    assert option in usage_error(argv, capsys)
+    assert option in usage_error(argv)
 
 
 def test_old_reference_command_line(tmp_path):
@@ -203,8 +203,8 @@ def test_old_reference_command_line(tmp_path):
             "--name", "MIB", "--task", "15-5s", "--step", "1", "--lr", "0.001", "--epochs", "30",
             "--method", "MIB", "--overlapped", "--opt_level", "O1", "--crop_val"]
     opts = parse_options(argv)
-    assert (opts.dataset, opts.task, opts.steps, opts.overlap) == ("voc", "15-5s", [1], True)
-    assert (opts.method, opts.loss_kd, opts.amp, opts.eval_full_image) == ("MiB", 100.0, "fp16", True)
+    assert (opts.dataset, opts.task, opts.steps, opts.overlap) == ("voc", "15-5s", (1,), True)
+    assert (opts.method, opts.methods.loss_kd, opts.amp, opts.eval_full_image) == ("MiB", 100.0, "fp16", True)
     assert (opts.batch_size, opts.lr, opts.name) == (12, 0.001, "MIB")
 
 
@@ -230,22 +230,21 @@ def test_every_option_the_engine_reads_is_present():
                  "print_interval", "bce", "icarl_disjoint", "icarl_bkg", "no_mask", "cross_val",
                  "val_on_trainset", "dtype", "regularizer", "reg_importance", "reg_alpha",
                  "reg_no_normalize", "reg_iterations"):
-        assert hasattr(opts, name), name
+        assert name in opts.as_dict(), name
     assert options.method_names() == ["FT", "PI", "EWC", "RW", "LWF", "LWF-MC", "ILT", "MiB"]
 
 
 def test_incremental_lr_defaults_to_none_and_must_be_positive():
     assert parse_options([]).incremental_lr is None
     assert parse_options(["--incremental_lr", "0.001"]).incremental_lr == 0.001
-    with pytest.raises(SystemExit):
-        parse_options(["--incremental_lr", "0"])
+    assert "--incremental_lr must be positive" in usage_error(["--incremental_lr", "0"])
 
 
 def test_steps_and_learning_rates_per_step_as_in_plop():
     opts = parse_options(["--task", "15-5s", "--step", "0", "1", "2", "--lr", "0.01", "0.001", "0.001"])
-    assert opts.steps == [0, 1, 2] and (opts.lr, opts.incremental_lr) == (0.01, 0.001)
+    assert opts.steps == (0, 1, 2) and (opts.lr, opts.incremental_lr) == (0.01, 0.001)
     opts = parse_options(["--task", "15-5s", "--step", "2", "3", "--lr", "0.001", "0.001"])
-    assert opts.steps == [2, 3] and opts.incremental_lr == 0.001
+    assert opts.steps == (2, 3) and opts.incremental_lr == 0.001
     single = parse_options(["--task", "15-5", "--step", "1", "--lr", "0.001"])
     assert (single.lr, single.incremental_lr) == (0.001, None)
 
@@ -261,7 +260,7 @@ def test_learning_rates_per_step_errors(argv, words, capsys):
     if words is None:
         assert parse_options(argv).lr == 0.01
     else:
-        assert words in usage_error(argv, capsys)
+        assert words in usage_error(argv)
 
 
 @pytest.mark.parametrize("argv, option", [
@@ -270,12 +269,12 @@ def test_learning_rates_per_step_errors(argv, words, capsys):
     (["--lr_power", "0"], "--lr_power"),
 ])
 def test_ranges(argv, option, capsys):
-    assert option in usage_error(argv, capsys)
+    assert option in usage_error(argv)
     assert parse_options(["--crop_size", "16", "--output_stride", "8"]).crop_size == 16
 
 
 def test_visualize_is_refused_with_its_original_meaning(capsys):
-    message = usage_error(["--visualize"], capsys)
+    message = usage_error(["--visualize"])
     assert "turned TensorBoard off" in message and "--no-visualize" in message
 
 
@@ -283,13 +282,13 @@ def test_plop_harmless_options_are_noted(capsys):
     opts = parse_options(["--date", "2021-01-01", "--code_directory", ".", "--fusion-mode", "mean"])
     assert [note.split(":")[0] for note in opts.notes] == ["--date 2021-01-01", "--code_directory .",
                                                            "--fusion-mode mean"]
-    assert not any(name.startswith("ignored_") for name in vars(opts))
+    assert not any(name.startswith("ignored_") for name in opts.as_dict())
 
 
 @pytest.mark.parametrize("argv", [["--pod", "local"], ["--pseudo=entropy"], ["--classif_adaptive_factor"],
                                   ["--method", "PLOP"]])
 def test_plop_method_options_are_refused(argv, capsys):
-    message = usage_error(argv, capsys)
+    message = usage_error(argv)
     assert argv[0].split("=")[0] in message or "PLOP" in message
     assert "not implemented" in message
 
@@ -297,7 +296,7 @@ def test_plop_method_options_are_refused(argv, capsys):
 @pytest.mark.parametrize("task", ["50", "50b", "50-50"])
 def test_ade_balanced_splits_need_the_original_files(task, tmp_path, capsys):
     argv = ["--dataset", "ade", "--task", task, "--step", "1"]
-    message = missing_file_error(argv, capsys)
+    message = missing_file_error(argv)
     assert "--split_dir" in message and "--allow_regenerated_splits" in message and "fcdl94/MiB" in message
     assert parse_options([*argv, "--allow_regenerated_splits"]).task == task
     assert parse_options([*argv, "--split_dir", str(tmp_path)]).split_dir == str(tmp_path)
@@ -306,12 +305,12 @@ def test_ade_balanced_splits_need_the_original_files(task, tmp_path, capsys):
 
 
 def test_missing_dataset_points_to_synthetic(tmp_path, capsys):
-    message = missing_file_error(["--data_root", str(tmp_path / "nowhere")], capsys)
+    message = missing_file_error(["--data_root", str(tmp_path / "nowhere")])
     assert "PascalVOC12" in message and "--dataset synthetic" in message
 
 
 def test_synthetic_data_is_not_written_next_to_a_real_dataset(tmp_path, capsys):
-    message = usage_error(["--dataset", "synthetic"], capsys)  # ./data holds PascalVOC12/
+    message = usage_error(["--dataset", "synthetic"])  # ./data holds PascalVOC12/
     assert "--data_root" in message and "--allow_synthetic_in_data_root" in message
     assert parse_options(["--dataset", "synthetic", "--allow_synthetic_in_data_root"]).dataset == "synthetic"
     assert parse_options(["--dataset", "synthetic", "--data_root", str(tmp_path / "syn")]).dataset == "synthetic"

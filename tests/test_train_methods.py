@@ -1,10 +1,10 @@
 """Loss of each method, as the step's active methods combine it, checked against direct per-pixel formulas."""
-import argparse
 import math
 
 import pytest
 import torch
 
+from option_helpers import synthetic_config
 from segmentation.methods.step_methods import StepOutputs, step_methods
 
 B, H, W = 2, 3, 4
@@ -16,7 +16,7 @@ def _options(**overrides):
                   icarl_importance=1.0, alpha=1.0, bce=False, icarl_disjoint=False, icarl_bkg=False,
                   regularizer=None, estimate_importance=[])
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return synthetic_config(**values)
 
 
 class _Loss:

@@ -4,7 +4,7 @@ importance."""
 import pytest
 import torch
 
-from option_helpers import method_options
+from option_helpers import synthetic_config
 from segmentation.engine.optim import build_optimizer, build_scheduler
 from segmentation.engine.sampler import GlobalBatchSampler
 from segmentation.engine.trainer import Trainer
@@ -22,7 +22,7 @@ def _trainer(amp, previous=None, reference=None, estimate=(), previous_states=No
     optimizer = build_optimizer(model, _opts())
     scheduler = build_scheduler(optimizer, _opts(), len(sampler))
     step = 0 if previous is None else 1
-    opts = method_options(regularizer="ewc", reg_importance=2.0, estimate_importance=list(estimate))
+    opts = synthetic_config(regularizer="ewc", reg_importance=2.0, estimate_importance=list(estimate))
     methods = step_methods(opts, step, num_old_channels=0)
     checkpoint = None
     if previous is not None:

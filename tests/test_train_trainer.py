@@ -1,5 +1,4 @@
 """Trainer: LR schedule, --fix_bn persistence, optimizer groups, exact stop-and-resume (in process)."""
-import argparse
 import signal
 
 import pytest
@@ -7,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from option_helpers import method_options
+from option_helpers import synthetic_config
 from segmentation.engine.checkpoint import InStepCheckpoints
 from segmentation.engine.optim import build_optimizer, build_scheduler
 from segmentation.engine.sampler import GlobalBatchSampler
@@ -19,7 +18,7 @@ from segmentation.models.norm import ABN
 
 def cross_entropy_step():
     """The methods of a step 0 without any method option: plain cross-entropy."""
-    return step_methods(method_options(), 0, num_old_channels=0)
+    return step_methods(synthetic_config(), 0, num_old_channels=0)
 
 
 class TinySegmenter(nn.Module):
@@ -69,7 +68,7 @@ def _opts(**overrides):
     values = dict(lr=0.1, incremental_lr=None, momentum=0.9, weight_decay=1e-4, freeze=False, lr_policy="poly", lr_power=0.9,
                   lr_decay_step=3, lr_decay_factor=0.5)
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return synthetic_config(**values)
 
 
 def _trainer(tmp_path, epochs=2, stop_after=None, fix_bn=False, on_epoch_end=None, ckpt_interval=0, amp="off"):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
+from segmentation.config import Config
 from segmentation.methods.method import Method, StepOutputs, StepStart
 
 
@@ -30,8 +31,8 @@ class Toy(Method):
         group.add_argument("--toy_weight", type=float, default=0.0, help="weight of the toy term")
 
     @classmethod
-    def active(cls, opts: argparse.Namespace) -> bool:
-        return opts.toy_weight > 0
+    def active(cls, config: Config) -> bool:
+        return config.methods.toy_weight > 0
 
     def begin_step(self, start: StepStart) -> None:
         import torch
@@ -44,7 +45,7 @@ class Toy(Method):
             self.running = carried["running"].clone()
 
     def loss_terms(self, outputs: StepOutputs) -> Dict[str, Any]:
-        term = self.opts.toy_weight * (1 + self.running.to(outputs.logits)) * (outputs.logits ** 2).mean()
+        term = self.config.methods.toy_weight * (1 + self.running.to(outputs.logits)) * (outputs.logits ** 2).mean()
         self.running = 0.9 * self.running + 0.1 * term.detach().double().cpu()
         self.iterations += 1
         return {"loss_toy": term}

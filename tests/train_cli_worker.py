@@ -83,7 +83,7 @@ def run_train_in_process(args: List[str], check: bool = True) -> subprocess.Comp
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 code = train.cli(args)
-            except SystemExit as exit_info:  # argparse's usage errors
+            except SystemExit as exit_info:  # --help
                 code = exit_info.code
     finally:
         root.handlers[:] = handlers

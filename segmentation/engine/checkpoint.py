@@ -4,8 +4,8 @@ Layout: ``<checkpoint_dir>/<dataset>-<task>[-ov]/<name>/`` holds ``step<t>.pth``
 the end of step t, input of step t+1) and ``step<t>-iter<k>.pth`` (in-step checkpoints for
 resuming an interrupted step; the last two are kept and removed when the step completes).
 
-These functions write unconditionally: in a multi-process run the caller writes on rank 0 only
-(``segmentation.distributed.is_main_process()``), like it enables the ``Logger`` on rank 0 only.
+These functions write unconditionally: in a run, ``segmentation.engine.run_files.RunFiles`` calls
+them on rank 0 only, as it enables the ``Logger`` on rank 0 only.
 
 Every checkpoint is read through ``load_checkpoint``: a file that does not load, is not a dict
 or whose tensors do not match the checksum stored at save time raises ``CheckpointError``
@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from segmentation.errors import RunError
 from segmentation.files import atomic_write
 from segmentation.tasks import channel_order
 
@@ -36,7 +37,7 @@ _log = logging.getLogger(__name__)
 CHECKSUM_KEY = "checksum"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunError, ValueError):
     """A checkpoint file is missing, truncated, corrupt or not a checkpoint of this code."""
 
     raised_on_every_rank = True  # every rank reads the checkpoints it loads; rank 0 alone reads back what it wrote

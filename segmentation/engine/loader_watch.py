@@ -13,6 +13,8 @@ from typing import Any, List
 
 from torch.utils.data import Dataset, get_worker_info
 
+from segmentation.errors import RunError
+
 _IDLE = -1
 
 
@@ -62,5 +64,5 @@ class SampleTracker(Dataset):
         return f"the training data loader failed ({error}); being read at that moment: {where}"
 
 
-class DataLoaderFailure(RuntimeError):
+class DataLoaderFailure(RunError, RuntimeError):
     """A DataLoader worker died or did not deliver a batch in time."""

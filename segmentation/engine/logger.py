@@ -1,8 +1,8 @@
 """TensorBoard logging, console progress, the ``logging`` set-up and the run's log file.
 
-The caller enables the ``Logger`` and ``Progress`` and opens the ``RunLog`` on rank 0 only
-(``enabled=segmentation.distributed.is_main_process()``), as it does for checkpoint writes; a
-disabled one does nothing. The event-file writer is tensorboardX when installed, else
+The ``Logger`` and the ``RunLog`` are enabled and opened on rank 0 only (by
+``segmentation.engine.run_files.RunFiles``, which also writes the checkpoints there), the
+``Progress`` lines by the trainer on rank 0; a disabled one does nothing. The event-file writer is tensorboardX when installed, else
 ``torch.utils.tensorboard`` (which needs the ``tensorboard`` package), else none: the run goes on
 without event files after one warning. matplotlib draws the confusion matrices (without it they
 are left out, after one warning).

@@ -3,22 +3,23 @@ learning rate per step (``--lr`` at step 0, ``--incremental_lr`` after), poly or
 iteration, as the original."""
 from __future__ import annotations
 
-import argparse
 from typing import Any, Dict, List, Mapping
 
 import torch
 import torch.nn as nn
 
+from segmentation.config import Config
+
 
 def step_learning_rate(options: Mapping[str, Any], step: int) -> float:
-    """Base learning rate of ``step`` from the options (``vars(opts)``, or options stored by an
+    """Base learning rate of ``step`` from the options (``config.as_dict()``, or options stored by an
     earlier run): ``lr`` at step 0, ``incremental_lr`` (if given) after it."""
     if step > 0 and options.get("incremental_lr") is not None:
         return options["incremental_lr"]
     return options.get("lr")
 
 
-def build_optimizer(model: nn.Module, opts: argparse.Namespace, step: int = 0) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, config: Config, step: int = 0) -> torch.optim.SGD:
     """SGD with Nesterov momentum and weight decay on every trained parameter.
 
     Parameter groups: body (left out with ``--freeze``), head, classifiers; one LR for all.
@@ -29,7 +30,7 @@ def build_optimizer(model: nn.Module, opts: argparse.Namespace, step: int = 0) -
             continue
         top = name.split(".", 1)[0]
         if top == "body":
-            if not opts.freeze:
+            if not config.freeze:
                 groups["body"].append(parameter)
         elif top == "cls":
             groups["classifiers"].append(parameter)
@@ -40,20 +41,20 @@ def build_optimizer(model: nn.Module, opts: argparse.Namespace, step: int = 0) -
     ]
     return torch.optim.SGD(
         param_groups,
-        lr=step_learning_rate(vars(opts), step),
-        momentum=opts.momentum,
+        lr=step_learning_rate(config.as_dict(), step),
+        momentum=config.momentum,
         nesterov=True,
-        weight_decay=opts.weight_decay,
+        weight_decay=config.weight_decay,
     )
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, opts: argparse.Namespace, total_iterations: int
+    optimizer: torch.optim.Optimizer, config: Config, total_iterations: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-iteration LR schedule: poly ``(1 - k/K)^power`` or StepLR."""
-    if opts.lr_policy == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=opts.lr_decay_step, gamma=opts.lr_decay_factor)
-    power = opts.lr_power
+    if config.lr_policy == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_step, gamma=config.lr_decay_factor)
+    power = config.lr_power
 
     def poly(iteration: int) -> float:
         return max(0.0, 1.0 - iteration / total_iterations) ** power

@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, NoReturn, Optional, Set
+from typing import Any, Dict, List, NoReturn, Optional, Set, Tuple
 
 from segmentation import tasks
+from segmentation.config import Config
+from segmentation.engine.checks import check_options, pretrained_default_path
+from segmentation.errors import UsageError
 from segmentation.methods import (
-    find_method, method_names, method_preset, methods_option_owners, non_negative_options,
+    find_method, method_names, method_preset, methods_option_owners,
 )
 
 DATASETS = ("synthetic", "voc", "ade")
 DTYPES = ("float32", "float64")
-
-# ADE tasks whose original training splits came from a balancing notebook whose seed was lost
-# and cannot be reproduced: the disjoint filter computes other splits. Step sizes of the original files.
-ADE_BALANCED_SPLITS: Dict[str, List[int]] = {
-    "50": [8219, 6384, 5593], "50-50": [8219, 6384, 5593], "50b": [6659, 7483, 6054],
-}
 
 # PLOP options that change nothing here: accepted, ignored with a note.
 PLOP_IGNORED_OPTIONS = ("--date", "--code_directory", "--num_classes", "--fusion-mode")
@@ -50,17 +47,9 @@ PLOP_METHOD_OPTIONS = (
 )
 
 DEBUG_ENV = "SEGMENTATION_DEBUG"
-# Folder of each dataset under --data_root (as segmentation.data.readers.DATASET_DIRS, which
-# imports torch; parsing must not).
-DATASET_FOLDERS = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "synthetic": "SyntheticVOC"}
 
 AMP_MODES = ("off", "fp16", "bf16")
 OPT_LEVEL_TO_AMP = {"O0": "off", "O1": "fp16", "O2": "fp16", "O3": "fp16"}
-
-
-def pretrained_default_path(backbone: str) -> str:
-    """Where the reference looks for the In-Place ABN ImageNet weights (relative to the cwd)."""
-    return os.path.join("pretrained", f"{backbone}_iabn_sync.pth.tar")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -77,20 +66,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 HELP_POINTER = " (train.py --help lists every option)"
 
 
-EXIT_USAGE = 2  # a wrong option value: change the command line
-EXIT_FAILURE = 1  # anything else: a missing, unreadable or unwritable file, bad data, a failed run
-
-
 class _Parser(argparse.ArgumentParser):
-    """Errors as one line (no usage block): what is wrong and where to look."""
+    """Raises ``UsageError`` for a wrong option instead of printing usage and exiting."""
 
     def error(self, message: str) -> NoReturn:
-        """A wrong option (exit code 2)."""
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{HELP_POINTER}\n")
-
-    def missing(self, message: str) -> NoReturn:
-        """A file or folder that the options name (or imply) does not exist (exit code 1)."""
-        self.exit(EXIT_FAILURE, f"{self.prog}: error: {message}\n")
+        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _explicit_options(argv: Optional[List[str]]) -> Set[str]:
+def _explicit_options(argv: List[str]) -> Set[str]:
     """Destinations of the options given on the command line."""
     parser = build_parser()
     # With every default suppressed, the namespace holds exactly the options that were given.
@@ -270,33 +250,32 @@ def _explicit_options(argv: Optional[List[str]]) -> Set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _refuse_plop_method_options(parser: argparse.ArgumentParser, argv: List[str]) -> None:
+def _refuse_plop_method_options(argv: List[str]) -> None:
     given = [token.split("=", 1)[0] for token in argv if token.split("=", 1)[0] in PLOP_METHOD_OPTIONS]
     if given:
-        parser.error(
+        raise UsageError(
             f"{', '.join(dict.fromkeys(given))}: PLOP's method options are not implemented here "
             f"(methods: {', '.join(method_names())}); remove them, or run PLOP with its own code")
 
 
-def _normalise_method(parser: argparse.ArgumentParser, method: Optional[str]) -> Optional[str]:
+def _normalise_method(method: Optional[str]) -> Optional[str]:
     if method is None:
         return None
     found = find_method(method)
     if found is None:
         what = "PLOP is not implemented" if method.upper() == "PLOP" else "unknown method"
-        parser.error(f"--method {method}: {what}; available methods: {', '.join(method_names())}")
+        raise UsageError(f"--method {method}: {what}; available methods: {', '.join(method_names())}")
     return found.name
 
 
-def apply_preset(method: Optional[str], task: str, opts: argparse.Namespace,
+def apply_preset(method: Optional[str], task: str, values: Dict[str, Any],
                  explicit: Set[str]) -> Dict[str, object]:
-    """Set the preset's options that were not given explicitly; returns what it set."""
+    """Set the preset's options that were not given explicitly in ``values``; returns what it set."""
     if method is None:
         return {}
     preset = method_preset(method, task)
     filled = {name: value for name, value in preset.items() if name not in explicit}
-    for name, value in filled.items():
-        setattr(opts, name, value)
+    values.update(filled)
     return filled
 
 
@@ -311,159 +290,82 @@ def preset_note(method: Optional[str], task: str, filled: Dict[str, object]) -> 
     return f"{method} preset filled in: " + ", ".join(parts)
 
 
-def _resolve_steps(parser: argparse.ArgumentParser, dataset: str, task: str, step_args: List[str]) -> List[int]:
+def _resolve_steps(dataset: str, task: str, step_args: List[str]) -> List[int]:
     step = ",".join(part.strip() for part in step_args)
     try:
         total = tasks.num_steps(dataset, task)
     except ValueError as error:
-        parser.error(f"--task {task}: {error}")
+        raise UsageError(f"--task {task}: {error}") from None
     valid = f"valid steps of {dataset} {task}: 0..{total - 1} or 'all'"
     if step.lower() == "all":
         return list(range(total))
     try:
         steps = [int(part) for part in step.split(",")]
     except ValueError:
-        parser.error(f"--step {' '.join(step_args)}: not a step, a list of steps or 'all'; {valid}")
+        raise UsageError(f"--step {' '.join(step_args)}: not a step, a list of steps or 'all'; {valid}") from None
     for value in steps:
         if not 0 <= value < total:
-            parser.error(f"--step {' '.join(step_args)}: step {value} does not exist; {valid}")
+            raise UsageError(f"--step {' '.join(step_args)}: step {value} does not exist; {valid}")
     if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
-        parser.error(f"--step {' '.join(step_args)}: steps must be given in increasing order")
+        raise UsageError(f"--step {' '.join(step_args)}: steps must be given in increasing order")
     return steps
 
 
-def _resolve_lr(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
-    """``--lr`` with one value per step becomes ``lr`` (step 0) and ``incremental_lr`` (later steps)."""
-    values = opts.lr
+def _resolve_lr(values: List[float], incremental_lr: Optional[float],
+                steps: List[int]) -> Tuple[float, Optional[float]]:
+    """``--lr`` with one value per step becomes (step 0's learning rate, the later steps')."""
     if len(values) == 1:
-        opts.lr = values[0]
-        return
+        return values[0], incremental_lr
     shown = " ".join(f"{value:g}" for value in values)
-    if len(values) != len(opts.steps):
-        parser.error(f"--lr {shown}: give one learning rate, or one per step of --step "
-                     f"({len(opts.steps)} steps: {opts.steps})")
-    if opts.incremental_lr is not None:
-        parser.error(f"--lr {shown} already gives the learning rate of each step; drop --incremental_lr")
-    per_step = dict(zip(opts.steps, values))
+    if len(values) != len(steps):
+        raise UsageError(f"--lr {shown}: give one learning rate, or one per step of --step "
+                         f"({len(steps)} steps: {steps})")
+    if incremental_lr is not None:
+        raise UsageError(f"--lr {shown} already gives the learning rate of each step; drop --incremental_lr")
+    per_step = dict(zip(steps, values))
     later = {value for step, value in per_step.items() if step > 0}
     if len(later) > 1:
-        parser.error(f"--lr {shown}: the steps after step 0 must share one learning rate in one "
-                     "launch; run steps with other learning rates separately")
-    opts.lr = per_step.get(0, values[0])
-    opts.incremental_lr = later.pop() if later else None
+        raise UsageError(f"--lr {shown}: the steps after step 0 must share one learning rate in one "
+                         "launch; run steps with other learning rates separately")
+    return per_step.get(0, values[0]), (later.pop() if later else None)
 
 
-def _resolve_amp(parser: argparse.ArgumentParser, amp: Optional[str], opt_level: Optional[str]) -> str:
+def _resolve_amp(amp: Optional[str], opt_level: Optional[str]) -> str:
     if opt_level is None:
         return amp or "off"
     from_level = OPT_LEVEL_TO_AMP[opt_level]
     if amp is not None and amp != from_level:
-        parser.error(f"--amp {amp} conflicts with --opt_level {opt_level} (= --amp {from_level}); "
-                     "give only one of them")
+        raise UsageError(f"--amp {amp} conflicts with --opt_level {opt_level} (= --amp {from_level}); "
+                         "give only one of them")
     return from_level
 
 
-def _resolve_pretrained(parser: _Parser, opts: argparse.Namespace) -> Optional[str]:
-    if opts.no_pretrained:
-        if opts.pretrained is not None:
-            parser.error("--pretrained and --no_pretrained contradict each other; give one")
+def _resolve_pretrained(values: Dict[str, Any]) -> Optional[str]:
+    """The ImageNet weights a step-0 model starts from (checked by ``checks.check_options``)."""
+    if values["no_pretrained"]:
+        if values["pretrained"] is not None:
+            raise UsageError("--pretrained and --no_pretrained contradict each other; give one")
         return None
-    if opts.pretrained is not None:
-        if opts.pretrained != "torchvision" and not os.path.isfile(opts.pretrained):
-            parser.missing(f"--pretrained {opts.pretrained}: file not found "
-                         "(give an existing checkpoint, 'torchvision' or --no_pretrained)")
-        return opts.pretrained
+    if values["pretrained"] is not None:
+        return values["pretrained"]
     # ImageNet weights only matter when a step-0 model is trained; later steps and --test
     # start from a checkpoint.
-    if opts.dataset == "synthetic" or opts.test or 0 not in opts.steps:
+    if values["dataset"] == "synthetic" or values["test"] or 0 not in values["steps"]:
         return None
-    default = pretrained_default_path(opts.backbone)
-    if not os.path.isfile(default):
-        parser.missing(
-            f"ImageNet weights not found at {default}. Download the In-Place ABN ImageNet "
-            f"checkpoint of {opts.backbone} (mapillary/inplace_abn, '{opts.backbone} InPlace-ABN "
-            f"sync') and save it as {default}, or pass --pretrained torchvision to use "
-            "torchvision's weights, or --no_pretrained to train from scratch")
-    return default
+    return pretrained_default_path(values["backbone"])
 
 
-def _check_ranges(parser: _Parser, opts: argparse.Namespace) -> None:
-    positive = ("lr", "epochs", "batch_size", "crop_size", "val_interval", "print_interval",
-                "pooling", "lr_decay_step", "lr_power", "lr_decay_factor", "collective_timeout")
-    if opts.incremental_lr is not None and opts.incremental_lr <= 0:
-        parser.error(f"--incremental_lr must be positive, got {opts.incremental_lr}")
-    for name in positive:
-        if getattr(opts, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(opts, name)}")
-    non_negative = ("num_workers", "ckpt_interval", "sample_num", "weight_decay", "max_bad_iterations",
-                    *sorted(non_negative_options()))
-    for name in non_negative:
-        if getattr(opts, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(opts, name)}")
-    if not 0 <= opts.momentum < 1:
-        parser.error(f"--momentum must be in [0, 1), got {opts.momentum}")
-    if not 0 <= opts.random_seed < 2 ** 32:
-        parser.error(f"--random_seed must be in 0..{2 ** 32 - 1}, got {opts.random_seed}")
-    smallest_crop = 2 * opts.output_stride
-    if opts.crop_size < smallest_crop:
-        parser.error(f"--crop_size {opts.crop_size} is too small for --output_stride "
-                     f"{opts.output_stride}: the feature map would be under 2x2; use at least "
-                     f"{smallest_crop} (the protocol uses 512)")
-    _check_method_options(parser, opts)
-    if opts.ckpt is not None and len(opts.steps) > 1:
-        parser.error(f"--ckpt belongs to one step, but --step selects steps {opts.steps}")
-    if opts.step_ckpt is not None and len(opts.steps) > 1:
-        parser.error(f"--step_ckpt belongs to one step, but --step selects steps {opts.steps}")
-    if opts.step_ckpt is not None and opts.steps == [0]:
-        parser.error("--step_ckpt is the checkpoint of the previous step; step 0 has none")
-    for option in ("step_ckpt", "ckpt"):
-        path = getattr(opts, option)
-        if path is not None and not os.path.isfile(path):
-            parser.missing(f"--{option} {path}: file not found")
-
-
-def _check_ade_splits(parser: _Parser, opts: argparse.Namespace) -> None:
-    if (opts.dataset != "ade" or opts.task not in ADE_BALANCED_SPLITS or opts.overlap
-            or opts.split_dir is not None or opts.allow_regenerated_splits):
-        return
-    parser.missing(
-        f"--task {opts.task} on ade: the original's training splits of this task were balanced by "
-        "hand (768 of the 8,219 step-0 images hold a class above 100) and cannot be regenerated. "
-        f"Download the folder data/ade/{opts.task.split('-')[0]} of the original MiB repository "
-        "(github.com/fcdl94/MiB) and pass it as --split_dir, or pass --allow_regenerated_splits "
-        "to train on splits computed by the disjoint filter (not the protocol)")
-
-
-def _check_data_root(parser: _Parser, opts: argparse.Namespace) -> None:
-    folder = os.path.join(opts.data_root, DATASET_FOLDERS[opts.dataset])
-    if opts.dataset != "synthetic":
-        if not os.path.isdir(folder):
-            parser.missing(
-                f"--dataset {opts.dataset}: no dataset at {folder}. Put the data there (or point "
-                f"--data_root at the folder holding {DATASET_FOLDERS[opts.dataset]}/; the README's "
-                "'Datasets' section says how), or run --dataset synthetic, which needs no download")
-        return
-    real = [name for key, name in DATASET_FOLDERS.items()
-            if key != "synthetic" and os.path.isdir(os.path.join(opts.data_root, name))]
-    if real and not os.path.isdir(folder) and not opts.allow_synthetic_in_data_root:
-        parser.error(
-            f"--dataset synthetic would write {DATASET_FOLDERS['synthetic']}/ (hundreds of files) into "
-            f"--data_root {opts.data_root}, which holds the real dataset {real[0]}/; give the synthetic "
-            "data a folder of its own (e.g. --data_root data/synthetic), or pass "
-            "--allow_synthetic_in_data_root to write it there anyway")
-
-
-def _compatibility_notes(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> List[str]:
-    if opts.visualize_flag:
-        parser.error("--visualize: in the original MiB/PLOP code this flag turned TensorBoard off; "
-                     "TensorBoard is on by default here, pass --no-visualize to turn it off")
+def _compatibility_notes(values: Dict[str, Any]) -> List[str]:
+    """Refuses the original's ``--visualize``; notes for the PLOP options that are ignored (and
+    removes both from ``values``)."""
+    if values.pop("visualize_flag"):
+        raise UsageError("--visualize: in the original MiB/PLOP code this flag turned TensorBoard off; "
+                         "TensorBoard is on by default here, pass --no-visualize to turn it off")
     notes = []
     for flag in PLOP_IGNORED_OPTIONS:
-        dest = "ignored_" + flag.strip("-").replace("-", "_")
-        if getattr(opts, dest) is not None:
-            notes.append(f"{flag} {getattr(opts, dest)}: a PLOP option that changes nothing here; ignored")
-        delattr(opts, dest)
-    del opts.visualize_flag
+        value = values.pop("ignored_" + flag.strip("-").replace("-", "_"))
+        if value is not None:
+            notes.append(f"{flag} {value}: a PLOP option that changes nothing here; ignored")
     return notes
 
 
@@ -473,43 +375,28 @@ def debug_requested(argv: Optional[List[str]] = None) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def _check_method_options(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
-    for owner in methods_option_owners():
-        error = owner.check_options(opts)
-        if error:
-            parser.error(error)
-    if opts.dtype == "float64" and opts.amp != "off":
-        parser.error(f"--dtype float64 cannot be combined with --amp {opts.amp}; use one of them")
+def parse_options(argv: Optional[List[str]] = None) -> Config:
+    """Parse ``argv`` (default ``sys.argv[1:]``), apply the method preset, resolve and check.
 
-
-def parse_options(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse ``argv`` (default ``sys.argv[1:]``), apply the method preset and validate.
-
-    Errors exit with one line naming the option or file at fault: code 2 for a wrong option, 1 for
-    a missing file or folder.
-    ``opts.notes`` holds lines to log: the values a preset filled in, ignored PLOP options.
+    A wrong option raises ``UsageError``, a missing file or folder ``SetupError`` (one message
+    naming the option or file; ``--help`` exits as argparse does). ``config.notes`` holds lines to
+    log: the values a preset filled in, ignored PLOP options.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    _refuse_plop_method_options(parser, argv)
-    opts = parser.parse_args(argv)
+    _refuse_plop_method_options(argv)
+    values = vars(build_parser().parse_args(argv))
     explicit = _explicit_options(argv)
-    notes = _compatibility_notes(parser, opts)
+    notes = _compatibility_notes(values)
 
-    opts.method = _normalise_method(parser, opts.method)
-    filled = apply_preset(opts.method, opts.task, opts, explicit)
-
-    opts.steps = _resolve_steps(parser, opts.dataset, opts.task, opts.step)
-    del opts.step  # the resolved list replaces it
-    _resolve_lr(parser, opts)
-    opts.amp = _resolve_amp(parser, opts.amp, opts.opt_level)
-    del opts.opt_level
-    _check_ranges(parser, opts)
-    _check_ade_splits(parser, opts)
-    _check_data_root(parser, opts)
-    opts.pretrained = _resolve_pretrained(parser, opts)
-    if not opts.visualize:
-        opts.sample_num = 0  # images are only logged to TensorBoard
-    note = preset_note(opts.method, opts.task, filled)
-    opts.notes = ([note] if note else []) + notes
-    return opts
+    values["method"] = _normalise_method(values["method"])
+    filled = apply_preset(values["method"], values["task"], values, explicit)
+    values["steps"] = _resolve_steps(values["dataset"], values["task"], values.pop("step"))
+    values["lr"], values["incremental_lr"] = _resolve_lr(values["lr"], values["incremental_lr"], values["steps"])
+    values["amp"] = _resolve_amp(values["amp"], values.pop("opt_level"))
+    values["pretrained"] = _resolve_pretrained(values)
+    if not values["visualize"]:
+        values["sample_num"] = 0  # images are only logged to TensorBoard
+    note = preset_note(values["method"], values["task"], filled)
+    config = Config.from_values(values, ([note] if note else []) + notes)
+    check_options(config)
+    return config

@@ -14,10 +14,12 @@ import socket
 from pathlib import Path
 from typing import Optional, Union
 
+from segmentation.errors import RunError
+
 LOCK_NAME = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(RunError, RuntimeError):
     """Another process is running with the same run folder."""
 
     raised_on_every_rank = True  # rank 0 holds the lock and tells the others

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,9 +44,13 @@ from segmentation.engine.evaluation import autocast_context
 from segmentation.engine.loader_watch import DataLoaderFailure, SampleTracker
 from segmentation.engine.logger import Logger, Progress
 from segmentation.engine.sampler import GlobalBatchSampler
+from segmentation.errors import EXIT_INTERRUPTED, RunError
 from segmentation.faults import fault_point
 from segmentation.methods.step_methods import StepMethods, StepOutputs
 from segmentation.signals import StopSignal, detach_worker_from_stop_signals
+
+if TYPE_CHECKING:
+    from segmentation.engine.run_files import InStepWriter
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,8 +61,11 @@ MAX_CHECK_INTERVAL = 10
 _NO_BAD_ITERATION = -1
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(RunError):
     """Raised after a stop signal once an in-step checkpoint was written on every rank's behalf."""
+
+    exit_code = EXIT_INTERRUPTED
+    raised_on_every_rank = True  # every process stopped after the same iteration
 
     def __init__(self, step: int, iteration: int) -> None:
         super().__init__(f"training of step {step} stopped by a signal after iteration {iteration}; an in-step "
@@ -67,7 +74,7 @@ class TrainingInterrupted(Exception):
         self.iteration = iteration
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError, RuntimeError):
     """A loss term or the gradient became NaN/Inf (more often than ``max_bad_iterations`` allows)."""
 
     raised_on_every_rank = True  # the ranks agree on it in one all-reduce
@@ -128,8 +135,9 @@ class Trainer:
     loss and hooks of the step's active ``methods``.
 
     ``model`` may be DDP-wrapped; ``old_model`` (step t-1, frozen, eval mode) is used only when
-    a method needs it. ``checkpoints`` receives in-step checkpoints every ``ckpt_interval``
-    iterations (0: epoch ends only) and at every epoch end; ``checkpoint_meta`` (dataset, task,
+    a method needs it. ``checkpoints.save(state, iteration)`` is called on every rank (the run's
+    files write on rank 0) every ``ckpt_interval`` iterations (0: epoch ends only) and at every
+    epoch end; ``checkpoint_meta`` (dataset, task,
     step, classes, options) is stored with them. ``on_epoch_end(epoch)`` runs after each epoch
     (validation). Call ``resume(state)`` before ``train()`` to continue an interrupted step.
     After every backward the methods observe the loss gradients, then add their own gradient
@@ -155,7 +163,7 @@ class Trainer:
         amp: str = "off",
         channels_last: bool = False,
         fix_bn: bool = False,
-        checkpoints: Optional[InStepCheckpoints] = None,
+        checkpoints: Optional[Union[InStepCheckpoints, InStepWriter]] = None,
         ckpt_interval: int = 0,
         checkpoint_meta: Optional[Dict[str, Any]] = None,
         logger: Optional[Logger] = None,
@@ -266,9 +274,7 @@ class Trainer:
         if not all(torch.isfinite(value).all() for value in unwrap(self.model).state_dict().values()
                    if value.is_floating_point()):
             raise NonFiniteLossError(self._step(), self.iteration, ["the model weights"], self.last_checkpoint)
-        state = self.state_dict()
-        if distributed.is_main_process():
-            self.checkpoints.save(state, self.iteration)
+        self.checkpoints.save(self.state_dict(), self.iteration)
         self.last_checkpoint = self.iteration
 
     # ---------------------------------------------------------------- loop

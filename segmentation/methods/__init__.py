@@ -8,9 +8,9 @@ step) trained with plain cross-entropy.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Dict, List, Optional, Type
 
+from segmentation.config import Config
 from segmentation.methods.ewc import EWC
 from segmentation.methods.ft import FT
 from segmentation.methods.ilt import ILT
@@ -47,9 +47,9 @@ def method_preset(name: str, task: str) -> Preset:
     return method.task_preset(task)
 
 
-def active_methods(opts: argparse.Namespace) -> List[Type[Method]]:
-    """The methods taking part in a run with ``opts``, in registry order."""
-    return [method for method in REGISTRY.values() if method.active(opts)]
+def active_methods(config: Config) -> List[Type[Method]]:
+    """The methods taking part in a run with ``config``, in registry order."""
+    return [method for method in REGISTRY.values() if method.active(config)]
 
 
 def methods_option_owners() -> List[type]:

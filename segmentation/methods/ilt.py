@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, FrozenSet
 
+from segmentation.config import Config
 from segmentation.methods.method import Method, StepOutputs
 
 
@@ -22,8 +23,8 @@ class ILT(Method):
                            help="weight of feature (L2) distillation on the backbone output")
 
     @classmethod
-    def active(cls, opts: argparse.Namespace) -> bool:
-        return opts.loss_de > 0
+    def active(cls, config: Config) -> bool:
+        return config.methods.loss_de > 0
 
     @property
     def needs_old_model(self) -> bool:
@@ -38,4 +39,4 @@ class ILT(Method):
             return {}
         import torch.nn.functional as F
 
-        return {"loss_de": self.opts.loss_de * F.mse_loss(outputs.features["body"], outputs.old_features["body"])}
+        return {"loss_de": self.config.methods.loss_de * F.mse_loss(outputs.features["body"], outputs.old_features["body"])}

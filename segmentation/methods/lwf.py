@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict
 
+from segmentation.config import Config
 from segmentation.methods.method import Method, StepOutputs
 
 
@@ -23,15 +24,15 @@ class LwF(Method):
                            help="scale of the old logits before the distillation softmax")
 
     @classmethod
-    def active(cls, opts: argparse.Namespace) -> bool:
+    def active(cls, config: Config) -> bool:
         # MiB's --unkd turns this distillation into its unbiased form (segmentation.methods.mib).
-        return opts.loss_kd > 0 and not opts.unkd
+        return config.methods.loss_kd > 0 and not config.methods.unkd
 
-    def __init__(self, opts: argparse.Namespace, step) -> None:
-        super().__init__(opts, step)
+    def __init__(self, config: Config, step) -> None:
+        super().__init__(config, step)
         from segmentation import losses
 
-        self.distillation = losses.KnowledgeDistillationLoss(reduction="mean", alpha=opts.alpha)
+        self.distillation = losses.KnowledgeDistillationLoss(reduction="mean", alpha=config.methods.alpha)
 
     @property
     def needs_old_model(self) -> bool:
@@ -40,4 +41,4 @@ class LwF(Method):
     def loss_terms(self, outputs: StepOutputs) -> Dict[str, object]:
         if self.step.num_old_channels == 0:
             return {}
-        return {"loss_kd": self.opts.loss_kd * self.distillation(outputs.logits, outputs.old_logits)}
+        return {"loss_kd": self.config.methods.loss_kd * self.distillation(outputs.logits, outputs.old_logits)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Dict, Optional
 
+from segmentation.config import Config
 from segmentation.methods.method import Method, StepOutputs
 
 IGNORE_INDEX = 255
@@ -39,26 +40,27 @@ class LwFMC(Method):
                            "channel")
 
     @classmethod
-    def check_options(cls, opts: argparse.Namespace) -> Optional[str]:
-        if opts.icarl_disjoint and not opts.icarl:
+    def check_options(cls, config: Config) -> Optional[str]:
+        if config.methods.icarl_disjoint and not config.methods.icarl:
             return "--icarl_disjoint is a variant of the LwF-MC loss: add --icarl (or --method LWF-MC)"
-        if opts.icarl_bkg and not opts.icarl_disjoint:
+        if config.methods.icarl_bkg and not config.methods.icarl_disjoint:
             return "--icarl_bkg only applies to --icarl_disjoint"
         return None
 
     @classmethod
-    def active(cls, opts: argparse.Namespace) -> bool:
-        return opts.icarl or opts.bce
+    def active(cls, config: Config) -> bool:
+        return config.methods.icarl or config.methods.bce
 
-    def __init__(self, opts: argparse.Namespace, step) -> None:
-        super().__init__(opts, step)
+    def __init__(self, config: Config, step) -> None:
+        super().__init__(config, step)
         from segmentation import losses
 
+        options = config.methods
         incremental = step.num_old_channels > 0
-        self.use_old_targets = opts.icarl and opts.icarl_disjoint and incremental
-        self.use_distillation = incremental and opts.icarl and not opts.icarl_disjoint and opts.icarl_importance > 0
+        self.use_old_targets = options.icarl and options.icarl_disjoint and incremental
+        self.use_distillation = incremental and options.icarl and not options.icarl_disjoint and options.icarl_importance > 0
         if self.use_old_targets:
-            self._loss = losses.BCEWithOldTargetsLoss(keep_background=opts.icarl_bkg, ignore_index=IGNORE_INDEX,
+            self._loss = losses.BCEWithOldTargetsLoss(keep_background=options.icarl_bkg, ignore_index=IGNORE_INDEX,
                                                       reduction="none")
         else:
             self._loss = losses.BCEWithIgnoreLoss(ignore_index=IGNORE_INDEX, reduction="none")
@@ -77,4 +79,4 @@ class LwFMC(Method):
     def loss_terms(self, outputs: StepOutputs) -> Dict[str, object]:
         if not self.use_distillation:
             return {}
-        return {"loss_icarl": self.opts.icarl_importance * self.distillation(outputs.logits, outputs.old_logits)}
+        return {"loss_icarl": self.config.methods.icarl_importance * self.distillation(outputs.logits, outputs.old_logits)}

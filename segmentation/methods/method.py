@@ -3,18 +3,19 @@
 A method is one class in one module of ``segmentation/methods/`` plus a line in the registry
 (``segmentation/methods/__init__.py``). The class says, without torch:
 
-- ``add_options(group)``: the command-line options it owns; ``check_options(opts)``: whether
+- ``add_options(group)``: the command-line options it owns (the run's ``Config`` holds their
+  values in ``config.methods``, e.g. ``config.methods.loss_kd``); ``check_options(config)``: whether
   their values can work (an error message, or None); ``non_negative_options``: its options that
   must be >= 0 (checked with the engine's own);
 - ``preset`` and ``task_preset(task)``: the options ``--method`` fills in (explicit flags win);
-- ``active(opts)``: whether it takes part in a run with these options. Methods combine: the
+- ``active(config)``: whether it takes part in a run with these options. Methods combine: the
   options of the original command line (``--unce --unkd --loss_kd 10 --init_balanced``) switch
   on the methods that own them, with or without ``--method``;
 - ``incremental_options``: its options that act only from step 1 on, so that one step-0 model
   can start it and any other method whose step 0 is the same; ``neutral_options``: its options
   that change no number (the same-name check ignores them).
 
-For each step the engine builds one instance of every active method (``__init__(opts, step)``)
+For each step the engine builds one instance of every active method (``__init__(config, step)``)
 and calls its hooks, in this order:
 
 1. ``initialize_weights(model)``: the step's model with the step t-1 weights loaded, before it
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Mapping, Optional
+from segmentation.config import Config
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +102,7 @@ class Method:
         """Add the options this method owns (once per defining class, see ``option_owners``)."""
 
     @classmethod
-    def check_options(cls, opts: argparse.Namespace) -> Optional[str]:
+    def check_options(cls, config: Config) -> Optional[str]:
         """An error message when the parsed options cannot work, naming the option; else None."""
         return None
 
@@ -115,13 +117,13 @@ class Method:
         return ""
 
     @classmethod
-    def active(cls, opts: argparse.Namespace) -> bool:
-        """Whether this method takes part in a run with ``opts``."""
+    def active(cls, config: Config) -> bool:
+        """Whether this method takes part in a run with ``config``."""
         return False
 
     @classmethod
-    def launch_warnings(cls, opts: argparse.Namespace) -> List[str]:
-        """Warnings logged at the start of a run with ``opts`` (this method active)."""
+    def launch_warnings(cls, config: Config) -> List[str]:
+        """Warnings logged at the start of a run with ``config`` (this method active)."""
         return []
 
     @classmethod
@@ -130,8 +132,8 @@ class Method:
         return cls.name.lower()
 
     # ------------------------------------------------------------ one step
-    def __init__(self, opts: argparse.Namespace, step: StepInfo) -> None:
-        self.opts = opts
+    def __init__(self, config: Config, step: StepInfo) -> None:
+        self.config = config
         self.step = step
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Dict, Optional
 
+from segmentation.config import Config
 from segmentation.methods.method import Method, Preset, StepOutputs
 
 # The paper's 15-1 results used loss_kd = 100, not the preset's 10 (confirmed by the authors).
@@ -42,28 +43,28 @@ class MiB(Method):
         return ""
 
     @classmethod
-    def active(cls, opts: argparse.Namespace) -> bool:
-        return opts.unce or opts.unkd or opts.init_balanced
+    def active(cls, config: Config) -> bool:
+        return config.methods.unce or config.methods.unkd or config.methods.init_balanced
 
-    def __init__(self, opts: argparse.Namespace, step) -> None:
-        super().__init__(opts, step)
+    def __init__(self, config: Config, step) -> None:
+        super().__init__(config, step)
         from segmentation import losses
 
         incremental = step.num_old_channels > 0
-        self.use_unce = opts.unce and incremental
-        self.use_unkd = opts.unkd and opts.loss_kd > 0 and incremental
+        self.use_unce = config.methods.unce and incremental
+        self.use_unkd = config.methods.unkd and config.methods.loss_kd > 0 and incremental
         if self.use_unce:
             self._unce = losses.UnbiasedCrossEntropy(old_cl=step.num_old_channels, reduction="none",
                                                      ignore_index=IGNORE_INDEX)
         if self.use_unkd:
-            self.distillation = losses.UnbiasedKnowledgeDistillationLoss(reduction="mean", alpha=opts.alpha)
+            self.distillation = losses.UnbiasedKnowledgeDistillationLoss(reduction="mean", alpha=config.methods.alpha)
 
     @property
     def needs_old_model(self) -> bool:
         return self.use_unkd
 
     def initialize_weights(self, model) -> None:
-        if self.opts.init_balanced and self.step.step > 0:
+        if self.config.methods.init_balanced and self.step.step > 0:
             model.init_new_classifier()
 
     def classification(self) -> Optional[Callable[[StepOutputs], object]]:
@@ -74,4 +75,4 @@ class MiB(Method):
     def loss_terms(self, outputs: StepOutputs) -> Dict[str, object]:
         if not self.use_unkd:
             return {}
-        return {"loss_kd": self.opts.loss_kd * self.distillation(outputs.logits, outputs.old_logits)}
+        return {"loss_kd": self.config.methods.loss_kd * self.distillation(outputs.logits, outputs.old_logits)}

@@ -9,12 +9,12 @@ under its ``state_name``.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from segmentation.config import Config
 from segmentation.methods import active_methods
 from segmentation.methods.method import Method, StepInfo, StepOutputs, StepStart
 
@@ -22,11 +22,11 @@ IGNORE_INDEX = 255
 
 
 class StepMethods:
-    """The active methods of step ``step.step`` for ``opts`` (every option already resolved)."""
+    """The active methods of step ``step.step`` for ``config`` (every option already resolved)."""
 
-    def __init__(self, opts: argparse.Namespace, step: StepInfo) -> None:
+    def __init__(self, config: Config, step: StepInfo) -> None:
         self.step = step
-        self.methods: List[Method] = [method(opts, step) for method in active_methods(opts)]
+        self.methods: List[Method] = [method(config, step) for method in active_methods(config)]
         replacements = [method.classification() for method in self.methods]
         replacement = next((loss for loss in replacements if loss is not None), None)
         if replacement is None:
@@ -110,9 +110,9 @@ class StepMethods:
         return states
 
 
-def step_methods(opts: argparse.Namespace, step: int, num_old_channels: int) -> StepMethods:
+def step_methods(config: Config, step: int, num_old_channels: int) -> StepMethods:
     """The active methods of ``step`` (``num_old_channels``: C_{t-1}, 0 at step 0)."""
-    return StepMethods(opts, StepInfo(step=step, num_old_channels=num_old_channels))
+    return StepMethods(config, StepInfo(step=step, num_old_channels=num_old_channels))
 
 
 __all__ = ["StepMethods", "StepOutputs", "StepStart", "step_methods"]

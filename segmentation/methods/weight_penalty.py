@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List, Mapping, Optional
 
+from segmentation.config import Config
 from segmentation.methods.method import Method, StepStart
 
 
@@ -61,23 +62,23 @@ class WeightPenalty(Method):
                            help="RW: iterations between score updates")
 
     @classmethod
-    def check_options(cls, opts: argparse.Namespace) -> Optional[str]:
-        if not 0.0 <= opts.reg_alpha <= 1.0:
-            return f"--reg_alpha must be in [0, 1], got {opts.reg_alpha}"
-        if opts.reg_iterations <= 0:
-            return f"--reg_iterations must be positive, got {opts.reg_iterations}"
+    def check_options(cls, config: Config) -> Optional[str]:
+        if not 0.0 <= config.methods.reg_alpha <= 1.0:
+            return f"--reg_alpha must be in [0, 1], got {config.methods.reg_alpha}"
+        if config.methods.reg_iterations <= 0:
+            return f"--reg_iterations must be positive, got {config.methods.reg_iterations}"
         return None
 
     @classmethod
-    def active(cls, opts: argparse.Namespace) -> bool:
-        return opts.regularizer == cls.regularizer or cls.regularizer in opts.estimate_importance
+    def active(cls, config: Config) -> bool:
+        return config.methods.regularizer == cls.regularizer or cls.regularizer in config.methods.estimate_importance
 
     @classmethod
     def state_name(cls) -> str:
         return cls.regularizer
 
     @classmethod
-    def launch_warnings(cls, opts: argparse.Namespace) -> List[str]:
+    def launch_warnings(cls, config: Config) -> List[str]:
         """The penalty is unstable at a step's learning rate.
 
         Normalised importances stay below ``importance_bound``, and in practice the largest
@@ -89,17 +90,18 @@ class WeightPenalty(Method):
         """
         from segmentation.engine.optim import step_learning_rate
 
-        if opts.regularizer != cls.regularizer or opts.reg_no_normalize or opts.test:
+        options = config.methods
+        if options.regularizer != cls.regularizer or options.reg_no_normalize or config.test:
             return []
-        curvature = 2 * opts.reg_importance * cls.importance_bound
-        limit = nesterov_stability_limit(opts.momentum)
-        for step in opts.steps:
-            lr = step_learning_rate(vars(opts), step)
+        curvature = 2 * options.reg_importance * cls.importance_bound
+        limit = nesterov_stability_limit(config.momentum)
+        for step in config.steps:
+            lr = step_learning_rate(config.as_dict(), step)
             if step > 0 and lr * curvature > limit:
                 return [f"the {cls.regularizer} penalty is unstable at step {step}: learning rate {lr} times its "
-                        f"largest curvature {curvature:g} (2 x --reg_importance {opts.reg_importance:g} x the "
+                        f"largest curvature {curvature:g} (2 x --reg_importance {options.reg_importance:g} x the "
                         f"largest importance) is {lr * curvature:.3g}, above {limit:.3g}, the limit of SGD with "
-                        f"Nesterov momentum {opts.momentum}, so the penalised weights can grow without bound; "
+                        f"Nesterov momentum {config.momentum}, so the penalised weights can grow without bound; "
                         f"use a learning rate below {limit / curvature:.3g} for the steps after step 0 (the "
                         "protocol's 0.001 is) or a smaller --reg_importance"]
         return []
@@ -111,7 +113,7 @@ class WeightPenalty(Method):
 
     @property
     def penalizes(self) -> bool:
-        return self.opts.regularizer == self.regularizer
+        return self.config.methods.regularizer == self.regularizer
 
     def begin_step(self, start: StepStart) -> None:
         from segmentation.methods.regularizer import build_regularizer
@@ -122,10 +124,10 @@ class WeightPenalty(Method):
             if self.regularizer not in saved:
                 raise ValueError(self._missing_state_message(start, saved))
             state, weights = saved[self.regularizer], start.previous["model_state"]
-        opts = self.opts
+        options = self.config.methods
         self.estimate = build_regularizer(
-            self.regularizer, start.model, state, weights, weight=opts.reg_importance,
-            normalize=not opts.reg_no_normalize, alpha=opts.reg_alpha, iterations=opts.reg_iterations,
+            self.regularizer, start.model, state, weights, weight=options.reg_importance,
+            normalize=not options.reg_no_normalize, alpha=options.reg_alpha, iterations=options.reg_iterations,
             penalize=self.penalizes,
         )
 
