@@ -231,11 +231,8 @@ class RunFiles:
         failure = distributed.broadcast_object(failure, what=f"rank 0 locking {self.checkpoint_dir}")
         if failure is not None:
             raise RunLockedError(failure)
-        if self._overwrite is not None:
-            self._remove_overwritten(*self._overwrite)
-
-    def _remove_overwritten(self, step: int, differences: List[str]) -> None:
-        if self.main:
+        if self.main and self._overwrite is not None:
+            step, differences = self._overwrite
             for path in files_of_steps(self.checkpoint_dir, self.log_dir, step):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             self.notes.append(f"--overwrite: removed the files of step {step} and later of "
