@@ -70,11 +70,15 @@ class Config:
     allow_regenerated_splits: bool
     split_dir: Optional[str]
     num_workers: int
-    # incremental task
+    # incremental task; ``label_protocol`` is resolved ("mib" or "plop"), ``data_masking`` is
+    # "current" on ADE (which ignores it)
     task: str
     steps: Tuple[int, ...]
     overlap: bool
     no_mask: bool
+    label_protocol: str
+    data_masking: str
+    ignore_test_bg: bool
     # method
     method: Optional[str]
     freeze: bool
@@ -116,6 +120,7 @@ class Config:
     test: bool
     val_interval: int
     cross_val: bool
+    test_on_val: bool
     val_on_trainset: bool
     eval_full_image: bool
     # logging

@@ -229,9 +229,10 @@ def test_every_option_the_engine_reads_is_present():
                  "eval_full_image", "pooling", "split_dir", "visualize", "sample_num", "device",
                  "print_interval", "bce", "icarl_disjoint", "icarl_bkg", "no_mask", "cross_val",
                  "val_on_trainset", "dtype", "regularizer", "reg_importance", "reg_alpha",
-                 "reg_no_normalize", "reg_iterations"):
+                 "reg_no_normalize", "reg_iterations", "label_protocol", "data_masking", "ignore_test_bg",
+                 "test_on_val"):
         assert name in opts.as_dict(), name
-    assert options.method_names() == ["FT", "PI", "EWC", "RW", "LWF", "LWF-MC", "ILT", "MiB"]
+    assert options.method_names() == ["FT", "PI", "EWC", "RW", "LWF", "LWF-MC", "ILT", "MiB", "PLOP"]
 
 
 def test_incremental_lr_defaults_to_none_and_must_be_positive():
@@ -279,18 +280,99 @@ def test_visualize_is_refused_with_its_original_meaning(capsys):
 
 
 def test_plop_harmless_options_are_noted(capsys):
-    opts = parse_options(["--date", "2021-01-01", "--code_directory", ".", "--fusion-mode", "mean"])
-    assert [note.split(":")[0] for note in opts.notes] == ["--date 2021-01-01", "--code_directory .",
-                                                           "--fusion-mode mean"]
+    opts = parse_options(["--date", "2021-01-01", "--code_directory", ".", "--fusion-mode", "mean",
+                          "--pod_apply", "all", "--step_threshold", "0.1", "--dont_predict_bg",
+                          "--pod_interpolate_last", "--entropy_min_mean_pixels", "--strict_weights",
+                          "--base_weights"])
+    assert [note.split(":")[0] for note in opts.notes] == [
+        "--date 2021-01-01", "--code_directory .", "--fusion-mode mean", "--pod_apply all", "--step_threshold 0.1",
+        "--dont_predict_bg", "--pod_interpolate_last", "--entropy_min_mean_pixels", "--strict_weights",
+        "--base_weights"]
+    assert all("changes nothing here" in note and note.endswith("; ignored") for note in opts.notes)
+    assert "the original does not use it either" in opts.notes[3]
+    assert "only the new head may be missing" in opts.notes[8]
     assert not any(name.startswith("ignored_") for name in opts.as_dict())
+    # Nothing of them reaches the configuration: the same options without them.
+    assert opts.replace(notes=()) == parse_options([]).replace(notes=())
 
 
-@pytest.mark.parametrize("argv", [["--pod", "local"], ["--pseudo=entropy"], ["--classif_adaptive_factor"],
-                                  ["--method", "PLOP"]])
-def test_plop_method_options_are_refused(argv, capsys):
+def test_base_weights_is_refused_after_step_0(capsys):
+    message = usage_error(["--task", "15-5", "--step", "0", "1", "--base_weights"])
+    assert "--base_weights" in message and "[1]" in message
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--cosine"], "--cosine"),
+    (["--cosine", "--lr_old", "0.1", "--temperature=2", "--cosine"], "--cosine, --lr_old, --temperature"),
+    (["--pseudo_soft", "soft_certain", "--ce_on_new", "--disable_background"],
+     "--pseudo_soft, --ce_on_new, --disable_background"),
+])
+def test_plop_experimental_options_are_refused_in_one_line(argv, named, capsys):
     message = usage_error(argv)
-    assert argv[0].split("=")[0] in message or "PLOP" in message
-    assert "not implemented" in message
+    assert message.startswith("PLOP's experimental options") and "not implemented here: " + named + ";" in message
+
+
+def test_plop_experimental_options_are_not_options_of_the_parser():
+    # Refused by name before parsing; none of them may also be an option (or an ignored one).
+    flags = {flag for action in build_parser()._actions for flag in action.option_strings}
+    assert not set(options.PLOP_EXPERIMENTAL_OPTIONS) & flags
+    assert not set(options.PLOP_EXPERIMENTAL_OPTIONS) & (set(options.PLOP_IGNORED_OPTIONS) | set(options.PLOP_IGNORED_FLAGS))
+
+
+def test_label_option_values_match_the_data_protocol():
+    from segmentation.data.protocol import DATA_MASKINGS, LABEL_PROTOCOLS
+
+    assert options.LABEL_PROTOCOLS == LABEL_PROTOCOLS
+    assert options.DATA_MASKINGS == DATA_MASKINGS + ("all",)  # "all" is refused with its own message
+
+
+def test_label_protocol_is_mib_by_default_and_can_be_given():
+    opts = parse_options([])
+    assert (opts.label_protocol, opts.data_masking, opts.ignore_test_bg, opts.test_on_val) == (
+        "mib", "current", False, False)
+    assert opts.notes == ()
+    opts = parse_options(["--label_protocol", "plop"])
+    assert opts.label_protocol == "plop" and opts.notes == ()
+
+
+# These need PLOP's method options (segmentation/methods/plop.py, registered).
+@pytest.mark.parametrize("argv, why", [
+    (["--pod", "local"], "--pod local"),
+    (["--pseudo", "entropy"], "--pseudo entropy"),
+    (["--method", "PLOP", "--task", "15-1"], "--pod local and --pseudo entropy"),  # from the preset
+])
+def test_plop_options_choose_the_plop_label_protocol(argv, why):
+    opts = parse_options(argv)
+    assert opts.label_protocol == "plop"
+    assert f"--label_protocol plop (PLOP's label mapping) chosen with {why}; pass --label_protocol mib" in opts.notes[-1]
+    # Given explicitly, the protocol wins, and nothing is noted.
+    opts = parse_options([*argv, "--label_protocol", "mib"])
+    assert opts.label_protocol == "mib" and not any("--label_protocol" in note for note in opts.notes)
+
+
+def test_data_masking(capsys):
+    assert "NotImplementedError" in usage_error(["--data_masking", "all"])
+    assert parse_options(["--label_protocol", "plop", "--data_masking", "new"]).data_masking == "new"
+    message = usage_error(["--data_masking", "current+old"])
+    assert "--data_masking current+old" in message and "--label_protocol plop" in message
+    message = usage_error(["--label_protocol", "plop", "--data_masking", "new", "--no_mask"])
+    assert "--data_masking new" in message and "--no_mask" in message
+    assert parse_options(["--label_protocol", "plop", "--data_masking", "current+old", "--no_mask"]).no_mask
+    # ADE ignores it, as the original: noted, and the configuration holds what is used.
+    opts = parse_options(["--dataset", "ade", "--task", "100-50", "--data_masking", "new"])
+    assert opts.data_masking == "current"
+    assert opts.notes == ("--data_masking new: PLOP's masking of VOC labels; ignored on ade, as in the original",)
+
+
+def test_ignore_test_bg_and_test_on_val_where_they_apply(capsys):
+    assert parse_options(["--dataset", "ade", "--task", "100-50", "--ignore_test_bg"]).ignore_test_bg
+    assert parse_options(["--test_on_val"]).test_on_val
+    assert parse_options(["--dataset", "synthetic", "--data_root", "syn", "--test_on_val"]).test_on_val
+    for dataset in ("voc", "synthetic"):
+        message = usage_error(["--dataset", dataset, "--data_root", "syn", "--ignore_test_bg"])
+        assert "--ignore_test_bg" in message and f"--dataset {dataset}" in message
+    message = usage_error(["--dataset", "ade", "--task", "100-50", "--test_on_val"])
+    assert "--test_on_val" in message and "--dataset ade" in message
 
 
 @pytest.mark.parametrize("task", ["50", "50b", "50-50"])

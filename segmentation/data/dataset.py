@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ..tasks import channel_order as task_channel_order
 from ..tasks import num_steps
-from .protocol import apply_lut, label_lut
+from .protocol import apply_lut, label_lut, shuffled_80_20_part
 from .readers import (
     DATASET_DIRS,
     DatasetError,
@@ -138,6 +138,10 @@ def build_dataset(
     split_dir: Optional[str] = None,
     mask_old: bool = True,
     images_from: Optional[str] = None,
+    protocol: str = "mib",
+    data_masking: str = "current",
+    ignore_test_bg: bool = False,
+    test_on_val: bool = False,
 ) -> IncrementalSegmentationDataset:
     """The images of ``split`` ("train", "val", "test") at ``step`` of ``task``.
 
@@ -145,8 +149,12 @@ def build_dataset(
     ``name="synthetic"``, generated here on first use) ``SyntheticVOC/``. Image selection and
     label mapping follow ``protocol.py``; split files are cached as described in ``splits.py``.
     ``overlap`` only affects the train split. ``mask_old=False`` keeps old classes in the
-    training and validation labels (``--no_mask``). ``images_from="train"`` draws the test split from the
-    training images (``--val_on_trainset``; its index files are named ``test_on_train-<step>``).
+    training and validation labels (``--no_mask``); ``protocol`` ("mib" or "plop"), ``data_masking``
+    and ``ignore_test_bg`` choose the rest of the label mapping (``protocol.label_lut``).
+    ``images_from="train"`` draws the test split from the training images (``--val_on_trainset``; its
+    index files are named ``test_on_train-<step>``). ``test_on_val`` (PLOP's option) keeps part of the
+    train and test images (``protocol.shuffled_80_20_part``): the first 80 % of those drawn from the
+    train list, the last 20 % of those drawn from the val list.
 
     In a distributed run every rank calls this; rank 0 prepares split files (and the synthetic
     data) and broadcasts them, so with NCCL the CUDA device must be set before. Call
@@ -162,10 +170,13 @@ def build_dataset(
         on_main_process(lambda: ensure_synthetic_voc(root))
     base = read_base_list(name, root, images_from or split)
     indices = load_split_indices(base, root, task, step, split, overlap, split_dir)
+    if test_on_val and split != "val":
+        indices = shuffled_80_20_part(indices, first=(images_from or split) == "train")
     if indices.size == 0:
         raise DatasetError(
             f"no image of {base.source} belongs to {split} step {step} of {name} task {task!r} "
-            f"(overlap={overlap}) in {os.path.join(root, DATASET_DIRS[name])}"
+            f"(overlap={overlap}{', test_on_val' if test_on_val else ''}) in "
+            f"{os.path.join(root, DATASET_DIRS[name])}"
         )
     images, labels = files_of(base, indices)
     return IncrementalSegmentationDataset(
@@ -173,7 +184,8 @@ def build_dataset(
         images,
         labels,
         indices,
-        label_lut(name, task, step, split, mask_old=mask_old),
+        label_lut(name, task, step, split, mask_old=mask_old, protocol=protocol, data_masking=data_masking,
+                  ignore_test_bg=ignore_test_bg),
         task_channel_order(name, task, step),
         transform,
         seed,

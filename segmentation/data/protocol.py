@@ -8,20 +8,31 @@ Image filtering (reference ``filter_images``), with ``current`` = foreground lab
 
 The train split filters with the step's labels and the run's ``overlap`` flag. Val always uses
 the overlapped filter on the current labels; test the overlapped filter on all seen labels.
+PLOP's ``--test_on_val`` (:func:`shuffled_80_20_part`) then keeps part of the train and test
+images.
 
-Label mapping at step t (``mask`` = 0 for train, 255 for val/test); seen labels go to their
-channel index in ``channel_order`` = ``[0] + old + current``:
+Label mapping at step t, for MiB's and PLOP's ``protocol`` ("mib" / "plop", where they differ;
+PLOP's values in bold); seen labels go to their channel index in ``channel_order`` =
+``[0] + old + current``, 255 is ignored:
 
-==================  =================  ==========  ===========
-original label      train              val         test
-==================  =================  ==========  ===========
-current class       channel            channel     channel
-old class           0                  255         channel
-future class        0                  255         255
-VOC 0 background    0                  0           0
-VOC 255 void        **0**              255         255
-ADE 0 "other"       0                  255         255
-==================  =================  ==========  ===========
+==================  =================  ==============  ==============
+original label      train              val             test
+==================  =================  ==============  ==============
+current class       channel            channel         channel
+old class           0                  255 / **0**     channel
+future class        0                  255 / **0**     255 / **0**
+VOC 0 background    0                  0               0
+VOC 255 void        0 / **255**        255             255
+ADE 0 "other"       0                  255 / **0**     255 / **0**
+==================  =================  ==============  ==============
+
+The synthetic dataset follows VOC. Options that change the table:
+
+- ``mask_old=False`` (``--no_mask``): old classes keep their channel in train and val.
+- ``data_masking`` (PLOP's VOC masking, plop protocol only, train and val; ADE ignores it):
+  ``"current"`` is the table, ``"current+old"`` keeps old classes at their channel (an oracle),
+  ``"new"`` maps every label but 0 and the current classes to 255 (old, future and void).
+- ``ignore_test_bg`` (ADE test): label 0 and the future classes become 255, as MiB's test does.
 
 The mapping is a 256-entry lookup table applied to whole label tensors. Values that are not
 classes of the dataset map to -1 (:data:`INVALID`) so that they can be reported.
@@ -30,15 +41,20 @@ classes of the dataset map to -1 (:data:`INVALID`) so that they can be reported.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
-from ..tasks import NUM_LABELS, channel_order, labels_of_step, old_labels
+from ..tasks import NUM_LABELS, channel_order, future_labels, labels_of_step, old_labels
 from .readers import VOID_LABEL, check_split_name, label_family
 
 IGNORE_INDEX = 255
 INVALID = -1
+
+# ``--label_protocol`` and ``--data_masking`` values (the option parser, which must not import
+# this module's numpy and torch neighbours, lists them again; a test compares).
+LABEL_PROTOCOLS = ("mib", "plop")
+DATA_MASKINGS = ("current", "current+old", "new")
 
 
 @dataclass(frozen=True)
@@ -88,30 +104,87 @@ def filter_presence(presence: np.ndarray, split_filter: SplitFilter) -> np.ndarr
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def label_lut(dataset: str, task: str, step: int, split: str, mask_old: bool = True) -> np.ndarray:
+def label_lut(
+    dataset: str,
+    task: str,
+    step: int,
+    split: str,
+    mask_old: bool = True,
+    *,
+    protocol: str = "mib",
+    data_masking: str = "current",
+    ignore_test_bg: bool = False,
+) -> np.ndarray:
     """Lookup table (256 int64 entries) from original label value to training/eval target.
 
-    ``mask_old=False`` (``--no_mask``): the train and val splits keep old classes at their
-    channel instead of mapping them to background (train) or ignoring them (val), as the original
-    built both with the same masking switch.
+    ``protocol``, ``mask_old`` (``--no_mask``: the train and val splits keep old classes at their
+    channel, as the original built both with the same masking switch), ``data_masking`` and
+    ``ignore_test_bg``: see the module's table.
     """
     check_split_name(split)
+    if protocol not in LABEL_PROTOCOLS:
+        raise ValueError(f"unknown label protocol {protocol!r}; valid: {', '.join(LABEL_PROTOCOLS)}")
+    if data_masking not in DATA_MASKINGS:
+        raise ValueError(f"unknown data masking {data_masking!r}; valid: {', '.join(DATA_MASKINGS)}")
+    if data_masking != "current" and protocol != "plop":
+        raise ValueError(f"data masking {data_masking!r} belongs to the plop label protocol")
+    voc = label_family(dataset) == "voc"
+    masking = data_masking if voc and split != "test" else "current"
+    if protocol == "mib":
+        masked = 0 if split == "train" else IGNORE_INDEX
+    elif split == "test":
+        masked = IGNORE_INDEX if ignore_test_bg and not voc else 0
+    else:
+        masked = IGNORE_INDEX if masking == "new" else 0
+
     order = channel_order(dataset, task, step)
     current = set(labels_of_step(dataset, task, step)) - {0}
     old = set(old_labels(dataset, task, step)) - {0}
-    mask = 0 if split == "train" else IGNORE_INDEX
-
     lut = np.full(256, INVALID, dtype=np.int64)
-    lut[: NUM_LABELS[dataset]] = mask  # old and future classes unless kept below
-    kept = current | old if split == "test" or not mask_old else current
+    lut[: NUM_LABELS[dataset]] = masked  # old and future classes unless kept below
+    kept = current | old if split == "test" or not mask_old or masking == "current+old" else current
     for label in kept:
         lut[label] = order.index(label)
-    if label_family(dataset) == "voc":
+    if voc:
         lut[0] = 0
-        lut[VOID_LABEL] = mask  # void/boundary pixels are trained as background
+        # MiB trains void/boundary pixels as background; PLOP ignores them.
+        lut[VOID_LABEL] = 0 if protocol == "mib" and split == "train" else IGNORE_INDEX
     else:
-        lut[0] = mask  # ADE "other" is background in training, ignored in evaluation
+        lut[0] = masked  # ADE "other" is background, or ignored where the classes left out are
     return lut
+
+
+def shuffled_80_20_part(indices: np.ndarray, first: bool) -> np.ndarray:
+    """PLOP's ``--test_on_val``: ``indices`` (in their given order) shuffled with
+    ``numpy.random.RandomState(1)``; the first 80 % (``first``) or the last 20 %, sorted.
+
+    The original keeps the first part in the sets drawn from the train list (the train split, and
+    the test split under ``--val_on_trainset``) and the last part in the test split drawn from
+    the val list. The validation split is not cut.
+    """
+    order = list(indices)
+    np.random.RandomState(1).shuffle(order)
+    kept = int(0.8 * len(order))
+    part = order[:kept] if first else order[kept:]
+    return np.sort(np.asarray(part, dtype=np.int64))
+
+
+def label_fates(dataset: str, task: str, step: int, lut: np.ndarray) -> Dict[str, str]:
+    """What ``lut`` makes of the labels that are not the step's classes, for the log: "old" (the
+    classes of earlier steps), "future" (of later steps) and, on ADE, "other" (label 0), each
+    "kept" (at its channel), "background" (0) or "ignored" (255). Groups without labels are left out."""
+    groups = {
+        "old": sorted(set(old_labels(dataset, task, step)) - {0}),
+        "future": sorted(set(future_labels(dataset, task, step)) - {0}),
+    }
+    if label_family(dataset) == "ade":
+        groups["other"] = [0]
+    fates = {}
+    for group, labels in groups.items():
+        if labels:
+            target = int(lut[labels[0]])
+            fates[group] = "ignored" if target == IGNORE_INDEX else "background" if target == 0 else "kept"
+    return fates
 
 
 def apply_lut(lut: np.ndarray, label: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

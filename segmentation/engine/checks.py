@@ -47,6 +47,7 @@ def check_options(config: Config) -> None:
     """The option values and the files and folders they name (no torch, no process group)."""
     _check_ranges(config)
     _check_method_options(config)
+    _check_label_options(config)
     _check_step_checkpoints(config)
     _check_ade_splits(config)
     _check_data_root(config)
@@ -85,6 +86,19 @@ def _check_method_options(config: Config) -> None:
             raise UsageError(error)
     if config.dtype == "float64" and config.amp != "off":
         raise UsageError(f"--dtype float64 cannot be combined with --amp {config.amp}; use one of them")
+
+
+def _check_label_options(config: Config) -> None:
+    if config.data_masking != "current" and config.label_protocol != "plop":
+        raise UsageError(f"--data_masking {config.data_masking} is PLOP's label masking: it needs "
+                         f"--label_protocol plop (got {config.label_protocol})")
+    if config.data_masking == "new" and config.no_mask:
+        raise UsageError("--data_masking new ignores the old classes, --no_mask keeps them; give one of them")
+    if config.ignore_test_bg and config.dataset != "ade":
+        raise UsageError(f"--ignore_test_bg applies to ADE's test labels; --dataset {config.dataset} has no "
+                         "'other' label (its void pixels are always ignored in the test)")
+    if config.test_on_val and config.dataset == "ade":
+        raise UsageError("--test_on_val is PLOP's VOC option (the original ignored it on ADE); not with --dataset ade")
 
 
 def _check_step_checkpoints(config: Config) -> None:

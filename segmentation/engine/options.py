@@ -12,8 +12,11 @@ lines keep working, with these fixes:
 - ``--step`` takes one step, several (``0 1`` as in PLOP, or ``0,1``) or ``all``; ``--lr`` takes
   one value, or one value per selected step (PLOP's ``--lr 0.01 0.001``).
 - ``--visualize`` is refused: the reference's flag turned TensorBoard *off*; use ``--no-visualize``.
-- PLOP's options that do not change results (``--date``, ``--code_directory``, ...) are accepted
-  and ignored with a note; PLOP's method options (``--pod``, ``--pseudo``, ...) are refused.
+- PLOP's options that do not change results here (``--date``, ``--code_directory``,
+  ``--strict_weights``, ...) are accepted and ignored with a note; PLOP's experimental options,
+  which none of its scripts uses (``--cosine``, ``--lr_old``, ...), are refused with one line.
+- ``--label_protocol`` is ``plop`` by default when PLOP's ``--pod`` or ``--pseudo`` is set (after
+  the ``--method`` preset), ``mib`` otherwise; the log says when it was chosen so.
 
 Parsing never imports torch, so ``--help`` and usage errors answer at once.
 """
@@ -35,15 +38,42 @@ from segmentation.methods import (
 DATASETS = ("synthetic", "voc", "ade")
 DTYPES = ("float32", "float64")
 
-# PLOP options that change nothing here: accepted, ignored with a note.
-PLOP_IGNORED_OPTIONS = ("--date", "--code_directory", "--num_classes", "--fusion-mode")
-# PLOP's own method options: not implemented, refused with one message.
-PLOP_METHOD_OPTIONS = (
-    "--pod", "--pod_factor", "--pod_options", "--pod_logits", "--pod_prepro", "--pod_apply",
-    "--pod_deeplab_mask", "--pod_interpolate_last", "--pod_large_logits", "--no_pod_schedule",
-    "--pseudo", "--threshold", "--step_threshold", "--ce_on_pseudo", "--classif_adaptive_factor",
-    "--classif_adaptive_min_factor", "--pseudo_soft", "--nb_background_modes", "--init_multimodal",
-    "--align_weight", "--kd_new", "--cosine", "--nca", "--spp_scales",
+# As segmentation.data.protocol's LABEL_PROTOCOLS and DATA_MASKINGS (which imports torch; the
+# parser must not). PLOP's "all" masking is refused: the original raised NotImplementedError.
+LABEL_PROTOCOLS = ("mib", "plop")
+DATA_MASKINGS = ("current", "current+old", "new", "all")
+
+_UNUSED = "the original does not use it either"
+# PLOP options that change nothing here, and why: accepted, noted in the log, not in the
+# configuration. Options that take a value, then on/off flags.
+PLOP_IGNORED_OPTIONS = {
+    "--date": "it named the original's results file",
+    "--code_directory": "it located the original's ImageNet weights; see --pretrained",
+    "--num_classes": "it sized the original's results file",
+    "--fusion-mode": _UNUSED,
+    "--pod_apply": _UNUSED,
+    "--step_threshold": "it had no effect in the original: it was applied after the threshold was read",
+}
+PLOP_IGNORED_FLAGS = {
+    "--dont_predict_bg": _UNUSED,
+    "--pod_interpolate_last": _UNUSED,
+    "--entropy_min_mean_pixels": _UNUSED,
+    "--strict_weights": "it made the original load checkpoints non-strictly; here the step t-1 weights are "
+                        "always checked (only the new head may be missing), so a checkpoint that fits loads "
+                        "the same either way and any other is refused",
+    "--base_weights": "it built the model with the step-0 head only, which a step-0 model has anyway",
+}
+# PLOP's experimental options, which none of its scripts uses and which would change the numbers:
+# not implemented, refused with one line.
+PLOP_EXPERIMENTAL_OPTIONS = (
+    "--lr_old", "--ce_on_pseudo", "--pseudo_soft", "--pseudo_soft_factor", "--pseudo_ablation",
+    "--kd_new", "--kd_mask", "--kd_mask_adaptative_factor", "--kd_scheduling", "--temperature",
+    "--temperature_apply", "--temperature_semiold", "--exkd_gt", "--exkd_sum", "--kd_bce_sig",
+    "--kd_bce_sig_shape", "--pod_large_logits", "--pod_deeplab_mask", "--pod_deeplab_mask_factor",
+    "--deeplab_mask_downscale", "--cosine", "--nca", "--nca_margin", "--nb_background_modes",
+    "--multimodal_fusion", "--init_multimodal", "--align_weight", "--align_weight_frequency",
+    "--entropy_min", "--sample_weights_new", "--focal_loss", "--focal_loss_new", "--focal_loss_gamma",
+    "--ce_on_new", "--disable_background",
 )
 
 DEBUG_ENV = "SEGMENTATION_DEBUG"
@@ -110,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--no_mask", action="store_true",
                       help="training labels keep the old classes (default: old classes become "
                       "background, as the protocol says)")
+    task.add_argument("--label_protocol", default=None, choices=LABEL_PROTOCOLS,
+                      help="label mapping. mib: void pixels are background in training; old and future "
+                      "classes and ADE's 'other' (0) are ignored in validation, future classes and 'other' "
+                      "in the test. plop: void pixels are ignored in training; old and future classes and "
+                      "'other' are background in validation, future classes and 'other' in the test (so "
+                      "ADE's class 0 is scored). Default: plop when PLOP's --pod or --pseudo is set, else mib")
+    task.add_argument("--data_masking", default="current", choices=DATA_MASKINGS,
+                      help="PLOP's masking of the VOC training and validation labels (--label_protocol "
+                      "plop): current (the protocol), current+old (old classes keep their label: an "
+                      "oracle) or new (every class but the background and the step's ignored); ADE "
+                      "ignores it")
+    task.add_argument("--ignore_test_bg", action="store_true",
+                      help="ADE: ignore 'other' (0) and the future classes in the test instead of scoring "
+                      "them as background (PLOP's option; the mib label protocol always ignores them)")
 
     method = parser.add_argument_group(
         "method and losses",
@@ -198,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--cross_val", action="store_true",
                             help="validate on a held-out random 20%% of the step's training images "
                             "(trained on the other 80%%) instead of the val split")
+    evaluation.add_argument("--test_on_val", action="store_true",
+                            help="PLOP's option (VOC): in an order shuffled with seed 1, train on the first "
+                            "80%% of the step's training images and test on the last 20%% of its test "
+                            "images (the first 80%% with --val_on_trainset); validation keeps every val "
+                            "image, so this is not the thesis' validation on 20%% of the training set")
     evaluation.add_argument("--val_on_trainset", action="store_true",
                             help="run the final test on the training images of the seen classes "
                             "instead of the val split")
@@ -236,9 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # PLOP options that change nothing here: accepted, noted in the log, not shown in --help.
     for flag in PLOP_IGNORED_OPTIONS:
-        parser.add_argument(flag, dest="ignored_" + flag.strip("-").replace("-", "_"), default=None,
-                            help=argparse.SUPPRESS)
+        parser.add_argument(flag, dest=_ignored_dest(flag), default=None, help=argparse.SUPPRESS)
+    for flag in PLOP_IGNORED_FLAGS:
+        parser.add_argument(flag, dest=_ignored_dest(flag), action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _ignored_dest(flag: str) -> str:
+    return "ignored_" + flag.strip("-").replace("-", "_")
 
 
 def _explicit_options(argv: List[str]) -> Set[str]:
@@ -250,12 +304,12 @@ def _explicit_options(argv: List[str]) -> Set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _refuse_plop_method_options(argv: List[str]) -> None:
-    given = [token.split("=", 1)[0] for token in argv if token.split("=", 1)[0] in PLOP_METHOD_OPTIONS]
+def _refuse_plop_experimental_options(argv: List[str]) -> None:
+    given = [token.split("=", 1)[0] for token in argv if token.split("=", 1)[0] in PLOP_EXPERIMENTAL_OPTIONS]
     if given:
         raise UsageError(
-            f"{', '.join(dict.fromkeys(given))}: PLOP's method options are not implemented here "
-            f"(methods: {', '.join(method_names())}); remove them, or run PLOP with its own code")
+            f"PLOP's experimental options, which none of its scripts uses, are not implemented here: "
+            f"{', '.join(dict.fromkeys(given))}; remove them")
 
 
 def _normalise_method(method: Optional[str]) -> Optional[str]:
@@ -263,8 +317,7 @@ def _normalise_method(method: Optional[str]) -> Optional[str]:
         return None
     found = find_method(method)
     if found is None:
-        what = "PLOP is not implemented" if method.upper() == "PLOP" else "unknown method"
-        raise UsageError(f"--method {method}: {what}; available methods: {', '.join(method_names())}")
+        raise UsageError(f"--method {method}: unknown method; available methods: {', '.join(method_names())}")
     return found.name
 
 
@@ -356,16 +409,44 @@ def _resolve_pretrained(values: Dict[str, Any]) -> Optional[str]:
 
 
 def _compatibility_notes(values: Dict[str, Any]) -> List[str]:
-    """Refuses the original's ``--visualize``; notes for the PLOP options that are ignored (and
-    removes both from ``values``)."""
+    """Refuses the original's ``--visualize`` and ``--base_weights`` beyond step 0; notes for the
+    PLOP options that are ignored (and removes all of them from ``values``)."""
     if values.pop("visualize_flag"):
         raise UsageError("--visualize: in the original MiB/PLOP code this flag turned TensorBoard off; "
                          "TensorBoard is on by default here, pass --no-visualize to turn it off")
+    if values["ignored_base_weights"] and values["steps"] != [0]:
+        raise UsageError(f"--base_weights: PLOP's model with the step-0 head only cannot learn or score the "
+                         f"classes of steps {[step for step in values['steps'] if step > 0]}; it is accepted "
+                         "at step 0 only, where it changes nothing")
     notes = []
-    for flag in PLOP_IGNORED_OPTIONS:
-        value = values.pop("ignored_" + flag.strip("-").replace("-", "_"))
+    for flag, why in PLOP_IGNORED_OPTIONS.items():
+        value = values.pop(_ignored_dest(flag))
         if value is not None:
-            notes.append(f"{flag} {value}: a PLOP option that changes nothing here; ignored")
+            notes.append(f"{flag} {value}: a PLOP option that changes nothing here ({why}); ignored")
+    for flag, why in PLOP_IGNORED_FLAGS.items():
+        if values.pop(_ignored_dest(flag)):
+            notes.append(f"{flag}: a PLOP option that changes nothing here ({why}); ignored")
+    return notes
+
+
+def _resolve_labels(values: Dict[str, Any]) -> List[str]:
+    """``--label_protocol`` when not given (plop when PLOP's ``--pod`` or ``--pseudo`` is set, after
+    the preset, else mib) and ``--data_masking`` (ADE ignores it); returns the notes to log."""
+    notes = []
+    if values["label_protocol"] is None:
+        # Options of the PLOP method (segmentation/methods/plop.py), hence ``get``.
+        plop = [f"--{name} {values[name]}" for name in ("pod", "pseudo") if values.get(name) is not None]
+        values["label_protocol"] = "plop" if plop else "mib"
+        if plop:
+            notes.append(f"--label_protocol plop (PLOP's label mapping) chosen with {' and '.join(plop)}; "
+                         "pass --label_protocol mib for MiB's")
+    if values["data_masking"] == "all":
+        raise UsageError("--data_masking all: not implemented (the original raised NotImplementedError); "
+                         "use current, current+old or new")
+    if values["dataset"] == "ade" and values["data_masking"] != "current":
+        notes.append(f"--data_masking {values['data_masking']}: PLOP's masking of VOC labels; ignored on ade, "
+                     "as in the original")
+        values["data_masking"] = "current"
     return notes
 
 
@@ -380,17 +461,17 @@ def parse_options(argv: Optional[List[str]] = None) -> Config:
 
     A wrong option raises ``UsageError``, a missing file or folder ``SetupError`` (one message
     naming the option or file; ``--help`` exits as argparse does). ``config.notes`` holds lines to
-    log: the values a preset filled in, ignored PLOP options.
+    log: the values a preset filled in, ignored PLOP options, the label protocol chosen by default.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    _refuse_plop_method_options(argv)
+    _refuse_plop_experimental_options(argv)
     values = vars(build_parser().parse_args(argv))
     explicit = _explicit_options(argv)
-    notes = _compatibility_notes(values)
 
     values["method"] = _normalise_method(values["method"])
     filled = apply_preset(values["method"], values["task"], values, explicit)
     values["steps"] = _resolve_steps(values["dataset"], values["task"], values.pop("step"))
+    notes = _compatibility_notes(values) + _resolve_labels(values)
     values["lr"], values["incremental_lr"] = _resolve_lr(values["lr"], values["incremental_lr"], values["steps"])
     values["amp"] = _resolve_amp(values["amp"], values.pop("opt_level"))
     values["pretrained"] = _resolve_pretrained(values)
