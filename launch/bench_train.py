@@ -187,7 +187,8 @@ def build_trainer(variant: Variant, backbone: str, tv_backbone: str, device: tor
         old_model = old_model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, config, variant.step)
     scheduler = build_scheduler(optimizer, config, total_iterations=10**6)
-    methods = step_methods(config, variant.step, num_old_channels=sum(classes[:-1]))
+    methods = step_methods(config, variant.step, num_old_channels=sum(classes[:-1]),
+                           num_channels=sum(classes))
     if variant.compile:
         model = torch.compile(model)
         if old_model is not None:

@@ -1,11 +1,13 @@
 """Fault injection for the fault-tolerance tests: kill or hang this process at a named point.
 
 ``SEGMENTATION_FAULT=<action>:<point>[@<rank>]`` makes the process of that rank (any rank when
-omitted) ``kill`` itself with SIGKILL or ``hang`` (sleep for ever, as a rank stuck in a
-collective does) the first time it reaches ``fault_point(<point>)``. Unset (the normal case),
+omitted) ``kill`` itself with SIGKILL, ``term``inate itself with SIGTERM (a scheduler's stop
+signal, at an exact point) or ``hang`` (sleep for ever, as a rank stuck in a collective does) the
+first time it reaches ``fault_point(<point>)``. Unset (the normal case),
 ``fault_point`` does nothing but read the variable.
 
-Points: ``train-iteration:<k>`` (after the k-th optimisation step of a step), ``validation`` and ``test`` (during an
+Points: ``train-iteration:<k>`` (after the k-th optimisation step of a step), ``data-pass-batch:<k>``
+(after the k-th batch of a method's pass over the training set before training), ``validation`` and ``test`` (during an
 evaluation), ``write:<file name>`` (a file written, not yet renamed into place) and
 ``after-step-checkpoint`` (``step<t>.pth`` written, results not yet).
 """
@@ -33,10 +35,12 @@ def fault_point(point: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
     elif action == "hang":
         for name in ("SIGTERM", "SIGUSR1"):  # a hung process still dies when the launcher stops it
             signal.signal(getattr(signal, name), signal.SIG_DFL)
         while True:
             time.sleep(1)
     else:
-        raise ValueError(f"{ENV_VAR}={spec!r}: unknown action {action!r}; valid: kill, hang")
+        raise ValueError(f"{ENV_VAR}={spec!r}: unknown action {action!r}; valid: kill, term, hang")

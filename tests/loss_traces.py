@@ -23,10 +23,13 @@ sys.path.insert(0, str(TESTS))
 from train_cli_worker import run_train_in_process, train_args  # noqa: E402
 
 TRACES_PATH = TESTS / "data" / "loss_traces.json"
-# The shared step 0 estimates every regularizer's importance; LwF-MC trains its own (BCE).
+# The shared step 0 estimates every regularizer's importance; LwF-MC trains its own (BCE) and PLOP
+# its own (PLOP's labels). PLOP's grid is 2x2 at most: 32 px crops give 2-pixel maps at stride 16.
+PLOP = ("--method", "PLOP", "--spp_scales", "1", "2")
 STEP0_RUNS: Dict[str, Tuple[str, ...]] = {
     "step0-ce": ("--estimate_importance", "ewc", "pi", "rw"),
     "step0-lwf-mc": ("--method", "LWF-MC"),
+    "step0-plop": PLOP,
 }
 # Step 1 from a step 0 above: every method, and the options the presets leave at their defaults.
 STEP1_RUNS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
@@ -41,6 +44,9 @@ STEP1_RUNS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "MiB alpha 0.5, freeze": ("step0-ce", ("--method", "MiB", "--alpha", "0.5", "--freeze")),
     "iCaRL disjoint with background": ("step0-lwf-mc", ("--method", "LWF-MC", "--icarl_disjoint",
                                                         "--icarl_bkg")),
+    "PLOP": ("step0-plop", PLOP),
+    "PLOP median thresholds, global POD": ("step0-plop", (*PLOP, "--pseudo_thresholds", "median", "--pod",
+                                                          "global")),
 }
 COMMON = ("--dtype", "float64", "--crop_size", "32", "--ckpt_interval", "0", "--print_interval", "1")
 Trace = Dict[str, object]

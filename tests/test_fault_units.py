@@ -159,10 +159,10 @@ class TinySegmenter(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), ABN(4))
         self.cls = nn.ModuleList([nn.Conv2d(4, 3, 1)])
 
-    def forward(self, x, return_features=False):
+    def forward(self, x, features=()):
         body = self.body(x)
         logits = self.cls[0](body)
-        return (logits, {"body": body}) if return_features else logits
+        return (logits, {"body": body}) if features else logits
 
 
 class RandomSet(Dataset):
@@ -189,7 +189,7 @@ class PoisonedLoss(StepMethods):
     """Cross-entropy whose value becomes NaN at the given iterations (1-based)."""
 
     def __init__(self, bad_iterations):
-        super().__init__(synthetic_config(), StepInfo(step=0, num_old_channels=0))
+        super().__init__(synthetic_config(), StepInfo(step=0, num_old_channels=0, num_channels=16))
         self.bad_iterations = set(bad_iterations)
         self.calls = 0
 

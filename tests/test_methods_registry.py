@@ -47,5 +47,6 @@ def test_lookup_accepts_the_original_spellings():
 
 
 def test_only_methods_whose_preset_changes_step_0_train_their_own():
-    # LwF-MC's BCE classification acts at step 0; every other preset acts from step 1 on.
-    assert [name for name in REGISTRY if not shares_step0(name)] == ["LWF-MC"]
+    # LwF-MC's BCE classification acts at step 0, and PLOP's label protocol ignores VOC's void
+    # pixels from step 0 on; every other preset acts from step 1 on.
+    assert [name for name in REGISTRY if not shares_step0(name)] == ["LWF-MC", "PLOP"]

@@ -228,7 +228,7 @@ def test_segmenter_logits_in_step_order(norm_act):
     assert [c.weight.shape for c in model.cls] == [(16, 256, 1, 1), (1, 256, 1, 1), (1, 256, 1, 1)]
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
-        logits, features = model(x, return_features=True)
+        logits, features = model(x, features=("body", "pre_logits"))
         assert torch.equal(model(x), logits)
     assert logits.shape == (2, 18, 64, 80)
     assert features["body"].shape == (2, 512, 4, 5)
@@ -261,7 +261,7 @@ def test_inplace_norm_training_step_matches_abn(norm_act):
     target = torch.randn(2, 6, 48, 48, dtype=torch.float64)
     outputs = []
     for m in (reference, model):
-        logits, features = m(x, return_features=True)
+        logits, features = m(x, features={"body"})
         ((logits * target).sum() + features["body"].sum()).backward()
         outputs.append(logits.detach())
     assert torch.allclose(outputs[0], outputs[1], rtol=1e-7, atol=1e-8)

@@ -23,7 +23,7 @@ class _Loss:
     """The loss of the active methods of a step with ``num_old_channels`` old channels."""
 
     def __init__(self, opts, num_old_channels):
-        self.methods = step_methods(opts, 1 if num_old_channels else 0, num_old_channels)
+        self.methods = step_methods(opts, 1 if num_old_channels else 0, num_old_channels, OLD + NEW)
         self.needs_old_model = self.methods.needs_old_model
         self.needs_features = self.methods.needs_features
 

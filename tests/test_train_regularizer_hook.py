@@ -23,7 +23,7 @@ def _trainer(amp, previous=None, reference=None, estimate=(), previous_states=No
     scheduler = build_scheduler(optimizer, _opts(), len(sampler))
     step = 0 if previous is None else 1
     opts = synthetic_config(regularizer="ewc", reg_importance=2.0, estimate_importance=list(estimate))
-    methods = step_methods(opts, step, num_old_channels=0)
+    methods = step_methods(opts, step, num_old_channels=0, num_channels=16)
     checkpoint = None
     if previous is not None:
         checkpoint = {"model_state": reference, "method_states": {"ewc": previous, **(previous_states or {})}}

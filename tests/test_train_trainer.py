@@ -18,7 +18,7 @@ from segmentation.models.norm import ABN
 
 def cross_entropy_step():
     """The methods of a step 0 without any method option: plain cross-entropy."""
-    return step_methods(synthetic_config(), 0, num_old_channels=0)
+    return step_methods(synthetic_config(), 0, num_old_channels=0, num_channels=16)
 
 
 class TinySegmenter(nn.Module):
@@ -30,10 +30,10 @@ class TinySegmenter(nn.Module):
         self.head = nn.Dropout2d(0.3)
         self.cls = nn.ModuleList(nn.Conv2d(4, n, 1) for n in classes)
 
-    def forward(self, x, return_features=False):
+    def forward(self, x, features=()):
         body = self.body(x)
         logits = torch.cat([c(self.head(body)) for c in self.cls], dim=1)
-        return (logits, {"body": body}) if return_features else logits
+        return (logits, {"body": body}) if features else logits
 
     def fix_bn(self):
         for module in self.modules():

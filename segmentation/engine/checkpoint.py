@@ -2,7 +2,9 @@
 
 Layout: ``<checkpoint_dir>/<dataset>-<task>[-ov]/<name>/`` holds ``step<t>.pth`` (the model at
 the end of step t, input of step t+1) and ``step<t>-iter<k>.pth`` (in-step checkpoints for
-resuming an interrupted step; the last two are kept and removed when the step completes).
+resuming an interrupted step; the last two are kept and removed when the step completes) and,
+for a method that needs one, ``step<t>-pass.pth`` (its pass over the training set before training,
+complete or stopped part way).
 
 These functions write unconditionally: in a run, ``segmentation.engine.run_files.RunFiles`` calls
 them on rank 0 only, as it enables the ``Logger`` on rank 0 only.
@@ -174,7 +176,26 @@ class InStepCheckpoints:
                 _log.warning("skipping in-step checkpoint %s: %s", candidate, error)
         return None
 
+    @property
+    def data_pass_path(self) -> Path:
+        """The accumulators of the pass over the training set before training (``step<t>-pass.pth``)."""
+        return self.run_dir / f"step{self.step}-pass.pth"
+
+    def save_data_pass(self, state: Dict[str, Any]) -> None:
+        atomic_save(state, self.data_pass_path)
+
+    def load_data_pass(self) -> Optional[Dict[str, Any]]:
+        """The saved pass, or None (none, or unreadable: the pass is then run again, with a warning)."""
+        if not self.data_pass_path.is_file():
+            return None
+        try:
+            return load_checkpoint(self.data_pass_path)
+        except (OSError, CheckpointError) as error:
+            _log.warning("ignoring %s (the pass over the training set runs again): %s", self.data_pass_path, error)
+            return None
+
     def clear(self) -> None:
-        """Delete this step's in-step checkpoints (once the step-final checkpoint is written)."""
+        """Delete this step's in-step checkpoints and saved pass (once the step-final checkpoint is written)."""
         for entry in self.paths():
             entry.unlink()
+        self.data_pass_path.unlink(missing_ok=True)

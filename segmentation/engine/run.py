@@ -7,7 +7,9 @@ For each step t of ``config.steps``:
 2. Otherwise the datasets and models are built; at t > 0 the step t-1 checkpoint is checked
    against the task and loaded (the new head is the only missing part), the old model is built
    from it when a distillation loss needs it. Training resumes from the latest in-step
-   checkpoint when one exists (unless ``--no_resume``).
+   checkpoint when one exists (unless ``--no_resume``); otherwise the methods' passes over the
+   training set run first (e.g. PLOP's thresholds; a stopped one continues from
+   ``step<t>-pass.pth``).
 3. Rank 0 writes ``step<t>.pth`` atomically and reads it back; the model is then rebuilt from that file (never the
    weights in memory, which with the original's ``--test`` were not the trained ones), tested on the test split, and the results are written to
    ``<logdir>/<dataset>-<task>[-ov]/<name>/step<t>.json``.
@@ -249,6 +251,10 @@ class StepRunner:
             split_dir=config.split_dir,
             mask_old=not config.no_mask,
             images_from="train" if split == "test" and config.val_on_trainset else None,
+            protocol=config.label_protocol,
+            data_masking=config.data_masking,
+            ignore_test_bg=config.ignore_test_bg,
+            test_on_val=config.test_on_val,
         )
 
     def _eval_loader(self, dataset):
@@ -266,22 +272,44 @@ class StepRunner:
     def _evaluation_sets(self, val_set, test_set) -> str:
         """One line: which images the validation and the test use, which classes they score, and
         how many images they share."""
+        from segmentation.data.protocol import label_fates
+
         config = self.config
         step_classes = self.classes[-1] - (1 if self.step == 0 else 0)  # without the background
-        background = " and the background" if label_family(config.dataset) == "voc" else ""
+        names = {"old": "old classes", "future": "future classes", "other": "'other' (0)"}
+
+        def beyond_classes(fates: Dict[str, str], say_ignored: bool) -> str:
+            """The background when it is scored, the labels counted as background (PLOP's label
+            protocol) and, if ``say_ignored``, whether other labels are ignored."""
+            as_background = [names[group] for group, fate in fates.items() if fate == "background"]
+            scored = label_family(config.dataset) == "voc" or fates.get("other") == "background"
+            notes = []
+            if as_background:
+                *others, last = as_background
+                notes.append(f"{', '.join(others) + ' and ' if others else ''}{last} counted as background")
+            if say_ignored and "ignored" in fates.values():
+                notes.append("the other classes ignored")
+            return (" and the background" if scored else "") + (f" ({', '.join(notes)})" if notes else "")
+
+        val_fates = label_fates(config.dataset, config.task, self.step, val_set.lut)
         if config.cross_val:
-            labels = "old classes kept (--no_mask)" if config.no_mask else "old classes as background"
+            fate = {"kept": "kept", "background": "as background", "ignored": "ignored"}.get(val_fates.get("old"))
+            labels = f": old classes {fate}" if fate else ""
             val = (f"{len(val_set)} training images held out by --cross_val (not trained on; labelled as "
-                   f"for training: {labels})")
+                   f"for training{labels})")
         else:
-            scored = (f"scored on the {self.num_channels - 1} classes seen so far{background} (--no_mask)"
-                      if config.no_mask else
-                      f"scored on these classes{background} (the other classes ignored)")
+            classes = (f"the {self.num_channels - 1} classes seen so far" if val_fates.get("old") == "kept"
+                       else "these classes")
             val = (f"{len(val_set)} images of the {list_name_for_split(config.dataset, 'val')!r} list that show "
-                   f"one of this step's {step_classes} classes, {scored}")
+                   f"one of this step's {step_classes} classes, scored on {classes}"
+                   f"{beyond_classes(val_fates, say_ignored=True)}")
         test_list = list_name_for_split(config.dataset, "train" if config.val_on_trainset else "test")
+        part = "first 80 %" if config.val_on_trainset else "last 20 %"
+        cut = f" (--test_on_val: the {part} of them in a fixed shuffled order)" if config.test_on_val else ""
+        test_fates = label_fates(config.dataset, config.task, self.step, test_set.lut)
         test = (f"{len(test_set)} images of the {test_list!r} list that show one of the "
-                f"{self.num_channels - 1} classes seen so far, scored on all of them{background}")
+                f"{self.num_channels - 1} classes seen so far{cut}, scored on all of them"
+                f"{beyond_classes(test_fates, say_ignored=False)}")
         shared = len(set(val_set.image_paths) & set(test_set.image_paths))
         if shared == len(val_set) == len(test_set):
             relation = "the validation images are the test images"
@@ -327,7 +355,8 @@ class StepRunner:
         else:
             val_set = self._dataset("val", self._eval_transform())
         LOGGER.info("%s", self._evaluation_sets(val_set, self._test_set))
-        methods = step_methods(config, self.step, num_old_channels=sum(self.classes[:-1]))
+        methods = step_methods(config, self.step, num_old_channels=sum(self.classes[:-1]),
+                               num_channels=self.num_channels)
         model, old_model, previous = self._build_models(methods)
         methods.begin_step(StepStart(
             model=model, old_model=old_model, previous=previous,
@@ -411,6 +440,8 @@ class StepRunner:
             "step %d: %d training images, %d iterations per epoch, %d epochs, global batch %d",
             self.step, len(train_set), len(sampler), config.epochs, config.batch_size * world_size,
         )
+        if state is None:  # an in-step checkpoint holds what the methods' passes computed
+            trainer.run_data_passes(self.files.load_data_pass(self.step) if config.resume else None)
         trainer.train()
 
         final_state = {

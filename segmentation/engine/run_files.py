@@ -121,9 +121,9 @@ def remove_created(created: List[Path]) -> None:
 
 
 def _is_finished_step_file(path: Path) -> bool:
-    """``step<t>.pth`` (and in-step checkpoints, kept for resuming) or a ``step<t>.json`` result."""
+    """``step<t>.pth`` (and in-step checkpoints and passes, kept for resuming) or a ``step<t>.json`` result."""
     stem, _, suffix = path.name.partition(".")
-    return suffix in ("pth", "json") and stem[4:].split("-iter")[0].isdigit()
+    return suffix in ("pth", "json") and stem[4:].split("-")[0].isdigit()
 
 
 class InStepWriter:
@@ -137,6 +137,10 @@ class InStepWriter:
     def save(self, state: Dict[str, Any], iteration: int) -> None:
         if self.main:
             self.checkpoints.save(state, iteration)
+
+    def save_data_pass(self, state: Dict[str, Any]) -> None:
+        if self.main:
+            self.checkpoints.save_data_pass(state)
 
 
 class RunFiles:
@@ -270,6 +274,12 @@ class RunFiles:
 
     def in_step_writer(self, step: int) -> InStepWriter:
         return InStepWriter(self.in_step(step), self.main)
+
+    def load_data_pass(self, step: int) -> Optional[Dict[str, Any]]:
+        """The saved pass over the training set before ``step``'s training, as rank 0 reads it
+        (every rank must continue it from the same batch)."""
+        saved = self.in_step(step).load_data_pass() if self.main else None
+        return distributed.broadcast_object(saved, what=f"the saved pass of step {step}")
 
     def clear_in_step(self, step: int) -> None:
         """Rank 0 deletes the in-step checkpoints of ``step``."""

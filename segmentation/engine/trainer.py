@@ -62,14 +62,20 @@ _NO_BAD_ITERATION = -1
 
 
 class TrainingInterrupted(RunError):
-    """Raised after a stop signal once an in-step checkpoint was written on every rank's behalf."""
+    """Raised after a stop signal once an in-step checkpoint (or, during the pass over the training
+    set before training, its counts) was written on every rank's behalf."""
 
     exit_code = EXIT_INTERRUPTED
     raised_on_every_rank = True  # every process stopped after the same iteration
 
-    def __init__(self, step: int, iteration: int) -> None:
-        super().__init__(f"training of step {step} stopped by a signal after iteration {iteration}; an in-step "
-                         "checkpoint was written, rerun the same command to resume")
+    def __init__(self, step: int, iteration: int, data_pass_batch: Optional[int] = None) -> None:
+        if data_pass_batch is None:
+            what = (f"training of step {step} stopped by a signal after iteration {iteration}; an in-step "
+                    "checkpoint was written")
+        else:
+            what = (f"the pass over the training set before the training of step {step} stopped by a signal "
+                    f"after batch {data_pass_batch}; its counts were saved")
+        super().__init__(f"{what}, rerun the same command to resume")
         self.step = step
         self.iteration = iteration
 
@@ -359,10 +365,10 @@ class Trainer:
         self._first_bad.fill_(_NO_BAD_ITERATION)
         return True
 
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
-        if self.batch_in_epoch:
-            self.sampler.set_start_batch(self.batch_in_epoch)
+        if start_batch:
+            self.sampler.set_start_batch(start_batch)
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
         generator = torch.Generator()
@@ -381,23 +387,86 @@ class Trainer:
     def _forward(
         self, model: nn.Module, images: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
-        """Logits, and body features when a method needs them, computed under AMP, in the model's dtype."""
+        """Logits, and the features the methods read (``feature_names``), computed under AMP, in the model's dtype."""
         features = None
         with autocast_context(self.device, self.amp):
             if self.methods.needs_features:
-                logits, features = model(images, return_features=True)
+                logits, features = model(images, features=self.methods.feature_names)
             else:
                 logits = model(images)
         if features is not None:
             features = {name: value.to(self.dtype) for name, value in features.items()}
         return logits.to(self.dtype), features
 
-    def run_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One optimisation step on a batch; returns the detached loss components."""
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, dtype=self.dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels
+
+    def run_data_passes(self, saved: Optional[Dict[str, Any]] = None) -> None:
+        """Run the methods' passes over the training set before training (``DataPass``): the batches
+        of epoch 0 through the old model, without gradients; each pass's counts are summed over the
+        processes and handed to it. ``saved``: the counts a stopped pass saved (``step<t>-pass.pth``),
+        to continue from. A stop signal saves the counts and raises ``TrainingInterrupted``.
+        The complete pass is saved too, so that a run stopped before its first in-step checkpoint
+        does not run it again.
+        """
+        passes = self.methods.data_passes()
+        if not passes:
+            return
+        if self.old_model is None:
+            raise ValueError("a pass over the training set needs the old model, but none was given")
+        step = self._step()
+        total = self.iterations_per_epoch
+        counts = [data_pass.new_counts(self.device) for data_pass in passes]
+        done = 0
+        if saved is not None:
+            done = int(saved["batches"])
+            if distributed.rank() == 0:  # the saved counts are already the sum over the processes
+                for count, saved_count in zip(counts, saved["counts"]):
+                    count.copy_(saved_count)
+            LOGGER.info("step %d: %s continues at batch %d of %d", step, passes[0].name, done, total)
+        else:
+            LOGGER.info("step %d: %s over the %d training batches of epoch 0", step,
+                        ", ".join(data_pass.name for data_pass in passes), total)
+        progress = Progress(total - done, desc=f"step {step} pass", enabled=distributed.is_main_process(),
+                            every=self.print_interval)
+        if done < total:
+            for images, labels in self._epoch_batches(self._loader(0, done)):
+                global_batch = images.shape[0] * distributed.world_size()
+                with distributed.waiting_for(f"batch {done + 1} of the pass before step {step}"):
+                    images, labels = self._to_device(images, labels)
+                    with torch.no_grad(), autocast_context(self.device, self.amp):
+                        old_logits = self.old_model(images)
+                    with torch.no_grad():
+                        old_logits = old_logits.to(self.dtype)
+                        for data_pass, count in zip(passes, counts):
+                            data_pass.add_batch(count, labels, old_logits)
+                done += 1
+                fault_point(f"data-pass-batch:{done}")
+                progress.update(global_batch)
+                stop_seen_alone = distributed.world_size() == 1 and self._stop_received()
+                if (done % self.check_interval == 0 or stop_seen_alone) and done < total and self._check():
+                    self._save_data_pass(counts, done)
+                    progress.close()
+                    raise TrainingInterrupted(step, 0, data_pass_batch=done)
+        progress.close()
+        self._save_data_pass(counts, done)
+        for data_pass, count in zip(passes, counts):
+            data_pass.finish(count)
+
+    def _save_data_pass(self, counts: List[torch.Tensor], batches: int) -> None:
+        """Sum ``counts`` over the processes (in place) and let rank 0 save them."""
+        for count in counts:
+            distributed.all_reduce_sum(count, what="the counts of the pass over the training set")
+        if self.checkpoints is not None:
+            self.checkpoints.save_data_pass({"batches": batches, "counts": [count.cpu() for count in counts]})
+
+    def run_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One optimisation step on a batch; returns the detached loss components."""
+        images, labels = self._to_device(images, labels)
         outputs = StepOutputs(labels=labels, logits=None)
         if self.methods.needs_old_model:
             with torch.no_grad():
@@ -487,7 +556,7 @@ class Trainer:
         running: Dict[str, torch.Tensor] = {}
         running_count = 0
         while self.epoch < self.epochs:
-            loader = self._loader(self.epoch)
+            loader = self._loader(self.epoch, self.batch_in_epoch)
             self.train_mode()
             epoch_sums: Dict[str, torch.Tensor] = {}
             epoch_count = 0

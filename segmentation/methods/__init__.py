@@ -1,4 +1,4 @@
-"""The methods of the paper's tables, one class per module (``segmentation.methods.method``
+"""The methods of the MiB paper's tables and PLOP, one class per module (``segmentation.methods.method``
 describes what a method is). Adding one: a new module with its ``Method`` subclass and a line in
 ``REGISTRY`` below.
 
@@ -19,11 +19,12 @@ from segmentation.methods.lwf_mc import LwFMC
 from segmentation.methods.method import Method, Preset, option_owners
 from segmentation.methods.mib import MiB
 from segmentation.methods.pi import PI
+from segmentation.methods.plop import PLOP
 from segmentation.methods.rw import RW
 
 #: ``--method`` name -> class, in the paper's row order. When several methods are active, the
 #: first one here that replaces the classification loss decides it.
-REGISTRY: Dict[str, Type[Method]] = {method.name: method for method in (FT, PI, EWC, RW, LwF, LwFMC, ILT, MiB)}
+REGISTRY: Dict[str, Type[Method]] = {method.name: method for method in (FT, PI, EWC, RW, LwF, LwFMC, ILT, MiB, PLOP)}
 
 
 def method_names() -> List[str]:
@@ -73,10 +74,11 @@ def non_negative_options() -> frozenset:
 
 
 def shares_step0(name: str) -> bool:
-    """Whether ``--method name``'s step 0 is plain cross-entropy training (its preset acts only from
-    step 1 on), so one step-0 model serves it and every other such method."""
+    """Whether ``--method name``'s step 0 is plain cross-entropy training with MiB's labels (its
+    preset acts only from step 1 on), so one step-0 model serves it and every other such method."""
     independent = step0_independent_options()
-    return all(option in independent for option in method_preset(name, "").keys())
+    return (all(option in independent for option in method_preset(name, "").keys())
+            and find_method(name).label_protocol == "mib")
 
 
 __all__ = ["Method", "REGISTRY", "active_methods", "find_method", "method_names", "method_preset",

@@ -21,7 +21,11 @@ and calls its hooks, in this order:
 1. ``initialize_weights(model)``: the step's model with the step t-1 weights loaded, before it
    moves to the device (e.g. MiB's classifier initialisation);
 2. ``begin_step(start)``: the model on its device, the old model, the step t-1 checkpoint and the
-   training set (e.g. state carried from the previous step, or a pass over the data);
+   training set (e.g. state carried from the previous step);
+   then ``data_pass()``: a ``DataPass`` that the engine runs once over the step's training set
+   before training (the old model's outputs of every batch, e.g. PLOP's thresholds), with
+   progress, stop signals and resume handled like training's; skipped when training resumes
+   from an in-step checkpoint (the method's state then holds what the pass computed);
 3. for every iteration: ``classification()`` (once: the classification loss, if this method
    replaces cross-entropy), ``loss_terms(outputs)``: weighted loss terms from the batch's labels
    and the new and old models' outputs; after the backward ``observe_gradients()`` (every
@@ -51,10 +55,12 @@ Preset = Dict[str, object]
 
 @dataclass(frozen=True)
 class StepInfo:
-    """The step a method instance serves: ``num_old_channels`` is C_{t-1} (0 at step 0)."""
+    """The step a method instance serves: ``num_old_channels`` is C_{t-1} (0 at step 0),
+    ``num_channels`` is C_t (every channel of the step's model, background included)."""
 
     step: int
     num_old_channels: int
+    num_channels: int
 
 
 @dataclass
@@ -81,6 +87,30 @@ class StepOutputs:
     old_features: Optional[Dict[str, "torch.Tensor"]] = None
 
 
+class DataPass:
+    """What a method computes in one pass of the old model over the step's training set, before
+    training (the batches of epoch 0, in the training order, with the training augmentation).
+
+    The engine owns the accumulator: ``new_counts(device)`` makes it (an integer tensor, so that
+    summing it over the processes is exact and the result does not depend on the process
+    count), ``add_batch(counts, labels, old_logits)`` adds one batch of this process to it, and
+    ``finish(total)`` receives the sum over every process and batch. A pass stopped by a signal
+    is saved as its accumulator and resumed from it.
+    """
+
+    #: Shown in the progress bar and the log.
+    name: str = "a pass over the training set"
+
+    def new_counts(self, device: "torch.device") -> "torch.Tensor":
+        raise NotImplementedError
+
+    def add_batch(self, counts: "torch.Tensor", labels: "torch.Tensor", old_logits: "torch.Tensor") -> None:
+        raise NotImplementedError
+
+    def finish(self, counts: "torch.Tensor") -> None:
+        raise NotImplementedError
+
+
 class Method:
     """Base class: a method that adds nothing (every hook is a no-op)."""
 
@@ -95,6 +125,8 @@ class Method:
     neutral_options: FrozenSet[str] = frozenset()
     #: Options of this method whose value must be >= 0.
     non_negative_options: FrozenSet[str] = frozenset()
+    #: The label protocol (``--label_protocol``) a run with this method's options uses by default.
+    label_protocol: str = "mib"
 
     # ------------------------------------------------------------ command line (no torch)
     @classmethod
@@ -154,6 +186,10 @@ class Method:
 
     def begin_step(self, start: StepStart) -> None:
         """Prepare the step: state from the previous checkpoint, a pass over the data, ..."""
+
+    def data_pass(self) -> Optional[DataPass]:
+        """A pass over the training set to run before training (None: none)."""
+        return None
 
     def classification(self) -> Optional["nn.Module"]:
         """The per-pixel classification loss (``reduction="none"``) if this method replaces

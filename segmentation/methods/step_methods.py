@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from segmentation.config import Config
 from segmentation.methods import active_methods
-from segmentation.methods.method import Method, StepInfo, StepOutputs, StepStart
+from segmentation.methods.method import DataPass, Method, StepInfo, StepOutputs, StepStart
 
 IGNORE_INDEX = 255
 
@@ -58,6 +58,10 @@ class StepMethods:
     def begin_step(self, start: StepStart) -> None:
         for method in self.methods:
             method.begin_step(start)
+
+    def data_passes(self) -> List[DataPass]:
+        """The passes over the training set that the methods need before training."""
+        return [data_pass for data_pass in (method.data_pass() for method in self.methods) if data_pass is not None]
 
     def loss(self, outputs: StepOutputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Total loss and its terms (detached, for the log): ``loss_cls``, each method's, ``loss``."""
@@ -110,9 +114,10 @@ class StepMethods:
         return states
 
 
-def step_methods(config: Config, step: int, num_old_channels: int) -> StepMethods:
-    """The active methods of ``step`` (``num_old_channels``: C_{t-1}, 0 at step 0)."""
-    return StepMethods(config, StepInfo(step=step, num_old_channels=num_old_channels))
+def step_methods(config: Config, step: int, num_old_channels: int, num_channels: int) -> StepMethods:
+    """The active methods of ``step`` (``num_old_channels``: C_{t-1}, 0 at step 0; ``num_channels``:
+    C_t)."""
+    return StepMethods(config, StepInfo(step=step, num_old_channels=num_old_channels, num_channels=num_channels))
 
 
-__all__ = ["StepMethods", "StepOutputs", "StepStart", "step_methods"]
+__all__ = ["DataPass", "StepMethods", "StepOutputs", "StepStart", "step_methods"]

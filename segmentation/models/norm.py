@@ -3,7 +3,9 @@
 Every layer here computes ``act(BN(x))`` with ``act`` a leaky ReLU (default slope 0.01) or
 the identity, or ``act(BN(x) + residual)`` when called as ``layer(x, residual=r)``: a residual
 block hands its shortcut to its last norm, so that In-Place ABN keeps only the block's output
-(the norm's output and the sum are never stored separately).
+(the norm's output and the sum are never stored separately). ``layer(x, residual=r, activate=False)``
+skips the activation and returns ``BN(x) + r`` (In-Place ABN runs with the identity activation), for a
+caller that needs the pre-activation sum and applies the activation itself, out of place.
 
 In-Place ABN (Rota Bulo et al., CVPR 2018) overwrites its input with the output in training
 mode and keeps only the output for the backward pass: the normalised input is recovered by
@@ -67,13 +69,18 @@ class ABN(_BatchNormAct):
     """Batch norm followed by an activation, with autograd's usual memory use (no in-place trick).
 
     Like InPlace-ABN's ``ABN``, the activation runs in place on the fresh batch-norm output (or sum),
-    so autograd keeps the norm's input and the activation's output.
+    so autograd keeps the norm's input and the activation's output. ``activate=False`` returns
+    ``BN(x) [+ residual]`` without the activation.
     """
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, activate: bool = True
+    ) -> torch.Tensor:
         out = super().forward(x)
         if residual is not None:
             out = out + residual
+        if not activate:
+            return out
         return apply_activation(out, self.activation, self.activation_param, inplace=True)
 
 
@@ -234,7 +241,8 @@ class InPlaceABN(_BatchNormAct):
     elsewhere afterwards, e.g. by a residual connection) and only the output is kept for the
     backward pass. Running statistics use ``momentum`` and the unbiased batch variance, like
     ``nn.BatchNorm2d``. Eval mode uses the running statistics and does not modify the input.
-    Accepts any ``(N, C, ...)`` input and any memory format.
+    Accepts any ``(N, C, ...)`` input and any memory format. ``activate=False`` computes
+    ``BN(x) [+ residual]`` (the identity activation instead of the layer's own), in place too.
     """
 
     def __init__(
@@ -258,7 +266,9 @@ class InPlaceABN(_BatchNormAct):
         """The process group to pool batch statistics over, or None for local statistics."""
         return None
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, activate: bool = True
+    ) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expects an (N, {self.num_features}, ...) input, "
@@ -269,14 +279,15 @@ class InPlaceABN(_BatchNormAct):
                 f"{type(self).__name__}: the residual's shape {tuple(residual.shape)} differs from the input's "
                 f"{tuple(x.shape)}"
             )
+        activation = self.activation if activate else "identity"
         if not self.training:
-            return self._forward_eval(x, residual)
+            return self._forward_eval(x, residual, activation)
 
         group = self._sync_group()
         if group is None and x.numel() // x.shape[1] <= 1:
             raise ValueError(f"expected more than 1 value per channel when training, got input shape {tuple(x.shape)}")
         y, batch_mean, batch_var = InPlaceABNFunction.apply(
-            x, self.weight, self.bias, self.eps, self.activation, self.activation_param, group, residual
+            x, self.weight, self.bias, self.eps, activation, self.activation_param, group, residual
         )
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
@@ -288,12 +299,12 @@ class InPlaceABN(_BatchNormAct):
             self.running_var.mul_(1 - factor).add_(batch_var.to(self.running_var.dtype), alpha=factor)
         return y
 
-    def _forward_eval(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward_eval(self, x: torch.Tensor, residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
         weight = self.weight.abs() + self.eps if self.weight is not None else None
         out = F.batch_norm(x, self.running_mean, self.running_var, weight, self.bias, False, 0.0, self.eps)
         if residual is not None:
             out = out + residual
-        return apply_activation(out, self.activation, self.activation_param)
+        return apply_activation(out, activation, self.activation_param)
 
 
 class InPlaceABNSync(InPlaceABN):

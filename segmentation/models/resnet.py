@@ -11,14 +11,22 @@ identity activation; the last norm of ``convs`` is called with the shortcut as i
 computes ``leaky_relu(BN(conv) + shortcut)`` in one layer, so that In-Place ABN keeps only the
 block's output for backward. Norm+activation layers are In-Place-safe: each is fed a fresh conv
 output.
+
+Feature taps (PLOP's distillation): ``ResNet.forward(x, stage_features=True)`` also returns the
+pre-activation ``z = BN(conv) + shortcut`` of the last block of mod2..mod5. Only those four blocks
+then compute ``z`` with the last norm's activation skipped (``activate=False``) and apply the leaky
+ReLU out of place, so In-Place ABN never overwrites ``z`` and autograd keeps it; their output equals
+the untapped block's bit for bit (float32, float64).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.nn as nn
+
+from .norm import apply_activation
 
 LEAKY_RELU_SLOPE = 0.01
 
@@ -84,13 +92,23 @@ class ResidualBlock(nn.Module):
             self.proj_conv = None
             self.proj_bn = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, preactivation: bool = False
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The block's output; with ``preactivation`` the pair (output, ``BN(conv) + shortcut``).
+
+        With ``preactivation`` the activation runs out of place on the pre-activation sum, which
+        stays intact (In-Place ABN overwrites only the conv output it is given).
+        """
         shortcut = x if self.proj_conv is None else self.proj_bn(self.proj_conv(x))
         *layers, last_norm = self.convs
         out = x
         for layer in layers:
             out = layer(out)
-        return last_norm(out, residual=shortcut)
+        if not preactivation:
+            return last_norm(out, residual=shortcut)
+        summed = last_norm(out, residual=shortcut, activate=False)
+        return apply_activation(summed, last_norm.activation, last_norm.activation_param), summed
 
 
 class ResNet(nn.Module):
@@ -130,9 +148,22 @@ class ResNet(nn.Module):
             setattr(self, f"mod{index + 2}", nn.Sequential(OrderedDict(module)))
         self.out_channels = in_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, stage_features: bool = False
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
+        """The body's output; with ``stage_features`` the pair (output, pre-activations of the last
+        block of mod2, mod3, mod4, mod5)."""
         x = self.mod1(x)
-        x = self.mod2(x)
-        x = self.mod3(x)
-        x = self.mod4(x)
-        return self.mod5(x)
+        if not stage_features:
+            x = self.mod2(x)
+            x = self.mod3(x)
+            x = self.mod4(x)
+            return self.mod5(x)
+        preactivations = []
+        for module in (self.mod2, self.mod3, self.mod4, self.mod5):
+            *blocks, last_block = module
+            for block in blocks:
+                x = block(x)
+            x, summed = last_block(x, preactivation=True)
+            preactivations.append(summed)
+        return x, preactivations

@@ -1,12 +1,26 @@
-"""Incremental segmentation model: shared body and head, one 1x1 classifier per learning step."""
+"""Incremental segmentation model: shared body and head, one 1x1 classifier per learning step.
+
+``model(x)`` returns the logits; ``model(x, features=names)`` also returns the intermediate maps
+named in ``FEATURE_NAMES`` that a method distils:
+
+- ``body``: the body's output;
+- ``pre_logits``: the head's output (after its last norm and activation);
+- ``stage2`` .. ``stage5``: the pre-activation (``BN(conv) + shortcut``) of the last block of
+  ResNet mod2..mod5, computed only when one of them is requested (``ResNet.forward``);
+- ``logits_small``: the concatenated classifier outputs at the head's resolution, before the
+  bilinear upsampling.
+"""
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Collection, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+FEATURE_NAMES = ("body", "pre_logits", "stage2", "stage3", "stage4", "stage5", "logits_small")
+STAGE_FEATURE_NAMES = ("stage2", "stage3", "stage4", "stage5")
 
 
 class IncrementalSegmenter(nn.Module):
@@ -26,16 +40,28 @@ class IncrementalSegmenter(nn.Module):
         self.cls = nn.ModuleList(nn.Conv2d(head.out_channels, n, 1, bias=True) for n in self.classes)
 
     def forward(
-        self, x: torch.Tensor, return_features: bool = False
+        self, x: torch.Tensor, features: Collection[str] = ()
     ) -> Union[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """Logits at the input resolution; with ``return_features`` also ``{"body", "pre_logits"}``."""
-        body_out = self.body(x)
+        """Logits at the input resolution; with ``features`` (names from ``FEATURE_NAMES``) the pair
+        (logits, ``{name: map}`` holding exactly the requested maps)."""
+        if isinstance(features, str):
+            raise TypeError(f"features must be a collection of names, got the string {features!r}")
+        unknown = set(features).difference(FEATURE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown features {sorted(unknown)}; valid: {', '.join(FEATURE_NAMES)}")
+        maps = {}
+        if any(name in features for name in STAGE_FEATURE_NAMES):
+            body_out, stages = self.body(x, stage_features=True)
+            maps.update(zip(STAGE_FEATURE_NAMES, stages))
+        else:
+            body_out = self.body(x)
         head_out = self.head(body_out)
-        logits = torch.cat([classifier(head_out) for classifier in self.cls], dim=1)
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        if return_features:
-            return logits, {"body": body_out, "pre_logits": head_out}
-        return logits
+        logits_small = torch.cat([classifier(head_out) for classifier in self.cls], dim=1)
+        logits = F.interpolate(logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if not features:
+            return logits
+        maps.update(body=body_out, pre_logits=head_out, logits_small=logits_small)
+        return logits, {name: maps[name] for name in FEATURE_NAMES if name in features}
 
     @torch.no_grad()
     def init_new_classifier(self) -> None:
