@@ -116,3 +116,20 @@ def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
             _assert_close(value, two[key], key)
         else:
             assert torch.equal(value, two[key]), key
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_original_code_starts_step_1(plop_run, data_root, tmp_path):
+    # PLOP's own step-0 checkpoint layout: the DDP wrapper's "module." keys under "model_state",
+    # no task or classes, In-Place ABN 1.0's buffers (no num_batches_tracked).
+    ours = torch.load(_run_dir(plop_run) / "step0.pth", map_location="cpu", weights_only=False)["model_state"]
+    original = tmp_path / "15-5-voc_PLOP_0.pth"
+    torch.save({"model_state": {f"module.{key}": value for key, value in ours.items()
+                                if not key.endswith("num_batches_tracked")}, "epoch": 30}, original)
+    output = _output(run_train_in_process(plop_args(data_root, tmp_path, "--step", "1", "--step_ckpt", str(original))))
+    assert "a checkpoint of the original MiB/PLOP code, converted" in output
+    # The running statistics' counters only count: every weight and statistic equals the run from our step 0.
+    step1 = model_state(_run_dir(tmp_path) / "step1.pth")
+    reference = model_state(_run_dir(plop_run) / "step1.pth")
+    assert_states_equal({key: value for key, value in step1.items() if not key.endswith("num_batches_tracked")},
+                        {key: value for key, value in reference.items() if not key.endswith("num_batches_tracked")})
