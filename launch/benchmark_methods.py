@@ -15,8 +15,8 @@ Step 0 is trained once per setting for every method whose step 0 is plain cross-
 ILT, MiB, and EWC, PI, RW, whose penalty is zero at step 0) and shared with them (its checkpoint is
 linked into each run's folder). That run estimates EWC's, PI's and RW's importances on the way
 (``--estimate_importance``), which only reads the gradients, so it trains the same weights as their
-own step 0 would. LwF-MC (BCE from step 0) trains its own step 0. 15-5 and 15-1 share the step-0
-models, as the original authors did. Finished runs (their last
+own step 0 would. LwF-MC (BCE from step 0) and PLOP (its label protocol) train their own step 0.
+15-5 and 15-1 share the step-0 models, as the original authors did. Finished runs (their last
 step's results file exists) are skipped, so the script can be stopped and restarted. Progress and
 an ETA are printed after every run.
 
@@ -410,7 +410,7 @@ def write_report(grid: Grid, results, argv: List[str], wall: float, path: Path) 
         markdown_table(grid, results, foreground=False),
         "",
         "Old classes kept: their mIoU after the last step as a share of their mIoU after the run's own step 0 "
-        "(foreground only; LwF-MC's step 0 is its own BCE model, every other method's the shared one):",
+        "(foreground only; LwF-MC's and PLOP's step 0 are their own, every other method's the shared one):",
         "",
         retention_table(grid, results),
         "",
