@@ -51,9 +51,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from segmentation.pseudo_modes import PSEUDO_MODES, THRESHOLD_PREFIX, threshold_probability
+
 IGNORE_INDEX = 255
-PSEUDO_MODES = ("naive", "confidence", "median", "entropy")
-THRESHOLD_PREFIX = "threshold_"
 THRESHOLD_MODES = ("entropy", "probability")
 # The original's histogram sizes (--pseudo_nb_bins overrides them), over [0, 1].
 ORIGINAL_BINS = {"entropy": 100, "probability": 20}
@@ -242,16 +242,6 @@ class PseudoLabels:
     pixel_weights: Optional[torch.Tensor] = None
 
 
-def _threshold_probability(mode: str) -> float:
-    try:
-        probability = float(mode[len(THRESHOLD_PREFIX):])
-    except ValueError:
-        probability = math.nan
-    if not 0.0 < probability <= 1.0:
-        raise ValueError(f"pseudo mode {mode!r}: the probability of threshold_<p> must be in (0, 1]")
-    return probability
-
-
 def _class_thresholds(thresholds: Optional[torch.Tensor], mode: str, num_channels: int) -> torch.Tensor:
     if thresholds is None or thresholds.shape != (num_channels,):
         shape = None if thresholds is None else tuple(thresholds.shape)
@@ -321,7 +311,7 @@ def pseudo_label(
         tau = _class_thresholds(thresholds, mode, num_channels).to(confidence.device, confidence.dtype)
         accepted = confidence >= tau[predicted]
     elif mode.startswith(THRESHOLD_PREFIX):
-        accepted = confidence >= _threshold_probability(mode)
+        accepted = confidence >= threshold_probability(mode)
     else:
         raise ValueError(f"unknown pseudo mode {mode!r}; valid: {', '.join(PSEUDO_MODES)} or threshold_<p>")
 

@@ -39,6 +39,7 @@ from segmentation import distributed, tasks
 from segmentation.config import Config
 from segmentation.data import CLASS_NAMES, build_dataset
 from segmentation.data.dataset import held_out_split
+from segmentation.data.protocol import label_fates
 from segmentation.data.palette import colorize
 from segmentation.data.readers import label_family, list_name_for_split
 from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
@@ -272,8 +273,6 @@ class StepRunner:
     def _evaluation_sets(self, val_set, test_set) -> str:
         """One line: which images the validation and the test use, which classes they score, and
         how many images they share."""
-        from segmentation.data.protocol import label_fates
-
         config = self.config
         step_classes = self.classes[-1] - (1 if self.step == 0 else 0)  # without the background
         names = {"old": "old classes", "future": "future classes", "other": "'other' (0)"}

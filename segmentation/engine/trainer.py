@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -385,18 +385,18 @@ class Trainer:
         )
 
     def _forward(
-        self, model: nn.Module, images: torch.Tensor
+        self, model: nn.Module, images: torch.Tensor, features: FrozenSet[str] = frozenset()
     ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
-        """Logits, and the features the methods read (``feature_names``), computed under AMP, in the model's dtype."""
-        features = None
+        """Logits, and the requested ``features`` (None when none), computed under AMP, in the model's dtype."""
+        maps = None
         with autocast_context(self.device, self.amp):
-            if self.methods.needs_features:
-                logits, features = model(images, features=self.methods.feature_names)
+            if features:
+                logits, maps = model(images, features=features)
             else:
                 logits = model(images)
-        if features is not None:
-            features = {name: value.to(self.dtype) for name, value in features.items()}
-        return logits.to(self.dtype), features
+        if maps is not None:
+            maps = {name: value.to(self.dtype) for name, value in maps.items()}
+        return logits.to(self.dtype), maps
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, dtype=self.dtype, non_blocking=True)
@@ -421,9 +421,9 @@ class Trainer:
         step = self._step()
         total = self.iterations_per_epoch
         counts = [data_pass.new_counts(self.device) for data_pass in passes]
-        done = 0
+        done = start = 0
         if saved is not None:
-            done = int(saved["batches"])
+            done = start = int(saved["batches"])
             if distributed.rank() == 0:  # the saved counts are already the sum over the processes
                 for count, saved_count in zip(counts, saved["counts"]):
                     count.copy_(saved_count)
@@ -438,10 +438,8 @@ class Trainer:
                 global_batch = images.shape[0] * distributed.world_size()
                 with distributed.waiting_for(f"batch {done + 1} of the pass before step {step}"):
                     images, labels = self._to_device(images, labels)
-                    with torch.no_grad(), autocast_context(self.device, self.amp):
-                        old_logits = self.old_model(images)
                     with torch.no_grad():
-                        old_logits = old_logits.to(self.dtype)
+                        old_logits, _ = self._forward(self.old_model, images)
                         for data_pass, count in zip(passes, counts):
                             data_pass.add_batch(count, labels, old_logits)
                 done += 1
@@ -449,18 +447,24 @@ class Trainer:
                 progress.update(global_batch)
                 stop_seen_alone = distributed.world_size() == 1 and self._stop_received()
                 if (done % self.check_interval == 0 or stop_seen_alone) and done < total and self._check():
+                    self._sum_over_processes(counts)
                     self._save_data_pass(counts, done)
                     progress.close()
                     raise TrainingInterrupted(step, 0, data_pass_batch=done)
         progress.close()
-        self._save_data_pass(counts, done)
+        self._sum_over_processes(counts)
+        if done > start:  # a pass loaded complete is on disk already
+            self._save_data_pass(counts, done)
         for data_pass, count in zip(passes, counts):
             data_pass.finish(count)
 
-    def _save_data_pass(self, counts: List[torch.Tensor], batches: int) -> None:
-        """Sum ``counts`` over the processes (in place) and let rank 0 save them."""
+    @staticmethod
+    def _sum_over_processes(counts: List[torch.Tensor]) -> None:
         for count in counts:
             distributed.all_reduce_sum(count, what="the counts of the pass over the training set")
+
+    def _save_data_pass(self, counts: List[torch.Tensor], batches: int) -> None:
+        """Rank 0 saves ``counts`` (already summed over the processes) after ``batches`` batches."""
         if self.checkpoints is not None:
             self.checkpoints.save_data_pass({"batches": batches, "counts": [count.cpu() for count in counts]})
 
@@ -470,10 +474,11 @@ class Trainer:
         outputs = StepOutputs(labels=labels, logits=None)
         if self.methods.needs_old_model:
             with torch.no_grad():
-                outputs.old_logits, outputs.old_features = self._forward(self.old_model, images)
+                outputs.old_logits, outputs.old_features = self._forward(
+                    self.old_model, images, self.methods.feature_names)
 
         self.optimizer.zero_grad(set_to_none=True)
-        outputs.logits, outputs.features = self._forward(self.model, images)
+        outputs.logits, outputs.features = self._forward(self.model, images, self.methods.feature_names)
         total, components = self.methods.loss(outputs)
         self.scaler.scale(total).backward()
         bad = self._record_health(total, components)

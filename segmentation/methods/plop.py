@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Mapping, Optional
 
 from segmentation.config import Config
 from segmentation.methods.method import DataPass, Method, StepOutputs
 from segmentation.pod_settings import POD_PREPROCESSING, POD_TYPES, pod_settings
+from segmentation.pseudo_modes import PSEUDO_MODES, threshold_probability
 
 if TYPE_CHECKING:
     import torch
@@ -39,32 +39,20 @@ IGNORE_INDEX = 255
 # into the background.
 PLOP_POD_OPTIONS = json.dumps({"switch": {"after": {"extra_channels": "sum", "factor": 0.0005, "type": "local"}}})
 THRESHOLD_RULES = ("original", "median")
-# --pseudo values: the ones the original's training loop acts on.
-PSEUDO_MODES = ("entropy", "median", "naive", "confidence")
-_THRESHOLD_MODE = re.compile(r"threshold_(.+)")
 # The maps Local POD distils, in the original's order; the stride-16 logits come last.
 STAGE_FEATURES = ("stage2", "stage3", "stage4", "stage5", "pre_logits")
 LOGITS_FEATURE = "logits_small"
 
 
-def threshold_mode_probability(pseudo: str) -> Optional[float]:
-    """p of ``--pseudo threshold_<p>``, or None for another value."""
-    match = _THRESHOLD_MODE.fullmatch(pseudo)
-    return float(match.group(1)) if match else None
-
-
 def _check_pseudo(pseudo: str) -> Optional[str]:
     if pseudo in PSEUDO_MODES:
         return None
-    if _THRESHOLD_MODE.fullmatch(pseudo):
-        try:
-            probability = threshold_mode_probability(pseudo)
-        except ValueError:
-            probability = None
-        if probability is None or not 0.0 < probability <= 1.0:
-            return (f"--pseudo {pseudo}: the probability of threshold_<p> must be in (0, 1], e.g. "
-                    "threshold_0.5 (the original read threshold_5 as p = 5 and ignored every background pixel)")
-        return None
+    try:
+        if threshold_probability(pseudo) is not None:
+            return None
+    except ValueError:
+        return (f"--pseudo {pseudo}: the probability of threshold_<p> must be in (0, 1], e.g. "
+                "threshold_0.5 (the original read threshold_5 as p = 5 and ignored every background pixel)")
     if pseudo.startswith(("entropy_", "median_")):
         return (f"--pseudo {pseudo}: the original computed thresholds for this value but then used no "
                 "pseudo-labels at all (its training loop compared the exact strings); pass --pseudo "
@@ -176,6 +164,8 @@ class PLOP(Method):
         self.use_pod = options.pod is not None and incremental
         self.pseudo = options.pseudo if incremental else None
         self.thresholds: Optional["torch.Tensor"] = None
+        # The distilled maps, in the original's order (the last one gets --pod_options' "after").
+        self.pod_maps = (STAGE_FEATURES + ((LOGITS_FEATURE,) if options.pod_logits else ())) if self.use_pod else ()
         if self.use_pod:
             self.pod_settings = pod_settings(options.pod, options.pod_factor, options.pod_options,
                                              options.pod_prepro, options.spp_scales, options.no_pod_schedule)
@@ -190,9 +180,7 @@ class PLOP(Method):
 
     @property
     def feature_names(self) -> FrozenSet[str]:
-        if not self.use_pod:
-            return frozenset()
-        return frozenset(STAGE_FEATURES + ((LOGITS_FEATURE,) if self.config.methods.pod_logits else ()))
+        return frozenset(self.pod_maps)
 
     def data_pass(self) -> Optional[DataPass]:
         if not self._needs_thresholds:
@@ -234,9 +222,8 @@ class PLOP(Method):
             return {}
         from segmentation.pod import pod_loss
 
-        names = sorted(self.feature_names, key=(*STAGE_FEATURES, LOGITS_FEATURE).index)
         return {"loss_pod": pod_loss(
-            [outputs.old_features[name] for name in names], [outputs.features[name] for name in names],
+            [outputs.old_features[name] for name in self.pod_maps], [outputs.features[name] for name in self.pod_maps],
             self.pod_settings, num_channels=self.step.num_channels,
             num_new_channels=self.step.num_channels - self.step.num_old_channels, labels=outputs.labels,
         )}
