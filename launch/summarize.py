@@ -5,13 +5,16 @@
 Reads every ``<logdir>/**/step<t>.json`` written after a step's test and keeps, per run (method,
 name and setting), the last step found. Prints two Markdown tables, with rows ``method/name`` and
 columns ``setting: old / new / all`` in percent: one with the background class counted in old and
-all (the MiB paper's convention) and one over foreground classes only. A value marked ``*`` comes
+all (the MiB paper's convention) and one over foreground classes only; runs of domain-incremental
+tasks get a table of their own, whose old / new / all are the test images of the earlier steps'
+cities, of the last step's cities and of all of them. A value marked ``*`` comes
 from a run whose last step is not the task's final step. ``--csv`` prints one CSV row per run
 instead.
 
 ``--plot OUT.png`` also draws mIoU (%, with background) against the step for every step of every
 run, unfinished ones included: one subplot per setting, one colour per run, one line style per
-old / new / all (no point where a value is null, as ``new`` at step 0). The PNG is written
+old / new / all (cities on domain tasks; no point where a value is null, as ``new`` at step 0 of a
+class-incremental task). The PNG is written
 atomically (a missing folder is created) and its path printed on stderr, so that stdout stays the
 table or CSV. Only ``--plot`` imports matplotlib.
 """
@@ -40,10 +43,19 @@ CONVENTIONS = (
     ("with background", ("miou_old", "miou_new", "miou_all")),
     ("foreground only", ("miou_old_fg", "miou_new_fg", "miou_all_fg")),
 )
+# Domain-incremental results: the 19 classes on the test images of the old cities, of the step's
+# new cities, and of all of them.
+DOMAIN_CONVENTION = ("domain-incremental, by city", ("miou_old_domains", "miou_new_domains", "miou_all"))
 CSV_COLUMNS = ("method", "name", "dataset", "task", "overlap", "step", "num_steps", "miou_old", "miou_new",
-               "miou_all", "miou_old_fg", "miou_new_fg", "miou_all_fg", "hmean", "hmean_fg", "file")
+               "miou_all", "miou_old_fg", "miou_new_fg", "miou_all_fg", "hmean", "hmean_fg", "miou_old_domains",
+               "miou_new_domains", "file")
 # The plot's lines: label, key (with background, the paper's convention), line style, marker.
 PLOT_LINES = (("old", "miou_old", "--", "s"), ("new", "miou_new", ":", "^"), ("all", "miou_all", "-", "o"))
+
+
+def is_domain_result(result: dict) -> bool:
+    """Whether ``result`` is a step of a domain-incremental task (its groups are cities, not classes)."""
+    return "old_domains" in result
 
 
 def setting_of(result: dict) -> str:
@@ -107,13 +119,25 @@ def _setting_sort_key(result: dict) -> tuple:
 
 
 def markdown_tables(results: Sequence[dict]) -> str:
-    """The two Markdown tables (with background / foreground only)."""
+    """The Markdown tables: with background and foreground only for class-incremental tasks, by
+    city for domain-incremental ones."""
+    domain = [r for r in results if is_domain_result(r)]
+    classes = [r for r in results if not is_domain_result(r)]
+    blocks = (_tables(classes, CONVENTIONS) if classes else []) + (_tables(domain, (DOMAIN_CONVENTION,))
+                                                                   if domain else [])
+    text = "\n\n".join(blocks) + "\n"
+    if any(r["step"] != r["num_steps"] - 1 for r in results):
+        text += "\n\\* last step of an unfinished run (not the task's final step)\n"
+    return text
+
+
+def _tables(results: Sequence[dict], conventions) -> List[str]:
+    """One Markdown table of ``results`` per (title, keys) of ``conventions``."""
     settings = list(dict.fromkeys(setting_of(r) for r in sorted(results, key=_setting_sort_key)))
     rows = sorted({row_of(r) for r in results})
     cells = {(row_of(r), setting_of(r)): r for r in results}
-    unfinished = any(r["step"] != r["num_steps"] - 1 for r in results)
     blocks = []
-    for title, keys in CONVENTIONS:
+    for title, keys in conventions:
         header = ["method/name"] + [f"{s}: {k.split('_')[1]}" for s in settings for k in keys]
         lines = [f"### mIoU (%), {title}", "", "| " + " | ".join(header) + " |",
                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -129,10 +153,7 @@ def markdown_tables(results: Sequence[dict]) -> str:
                     values.append(_percent(result.get(key)) + mark)
             lines.append("| " + " | ".join([row] + values) + " |")
         blocks.append("\n".join(lines))
-    text = "\n\n".join(blocks) + "\n"
-    if unfinished:
-        text += "\n\\* last step of an unfinished run (not the task's final step)\n"
-    return text
+    return blocks
 
 
 def csv_text(results: Sequence[dict]) -> str:
@@ -178,6 +199,8 @@ def plot_runs(runs: Dict[Tuple[str, str], List[dict]], path: Path) -> Figure:
                 continue
             num_steps = max(num_steps, run[-1]["num_steps"])
             for quantity, key, style, marker in PLOT_LINES:
+                if is_domain_result(run[-1]) and key != "miou_all":
+                    key += "_domains"  # old and new cities
                 points = [(result["step"], 100.0 * result[key]) for result in run if result.get(key) is not None]
                 if points:
                     steps, values = zip(*points)

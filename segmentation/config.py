@@ -79,6 +79,8 @@ class Config:
     label_protocol: str
     data_masking: str
     ignore_test_bg: bool
+    # domain-incremental datasets: how a city's images divide into training and held-out ones
+    domain_split: str
     # method
     method: Optional[str]
     freeze: bool

@@ -8,10 +8,16 @@ those of the reference MiB code, plus aliases introduced by later papers
 The *channel order* at step t is ``labels of step 0, then step 1, ... step t``: channel k
 of the model's output is original label ``channel_order(...)[k]``. For sequential tasks this
 is the identity; for the ``b``/``c`` ADE orders it renumbers classes.
+
+Domain-incremental datasets (``DOMAIN_DATASETS``, see ``domain_tasks.py``) keep one classifier of
+the 19 Cityscapes classes at every step: there ``TASKS[dataset][task][step]`` lists the step's
+*domains* (cities), every step's model has the same 19 channels, and its old model too.
 """
 from __future__ import annotations
 
 from typing import Dict, List
+
+from .domain_tasks import DOMAIN_TASKS, NUM_DOMAIN_CLASSES
 
 Task = Dict[int, List[int]]
 
@@ -117,8 +123,19 @@ TASKS: Dict[str, Dict[str, Task]] = {
 # The synthetic dataset mirrors VOC's 20 foreground classes, so every VOC task runs on it.
 TASKS["synthetic"] = TASKS["voc"]
 
+# Cityscapes with PLOP's domain tasks, and its synthetic stand-in.
+DOMAIN_DATASETS = ("cityscapes_domain", "synthetic_domain")
+for _name in DOMAIN_DATASETS:
+    TASKS[_name] = DOMAIN_TASKS
+
 # Dataset label spaces: number of original labels (0..n-1), void label excluded.
-NUM_LABELS = {"voc": 21, "synthetic": 21, "ade": 151}
+NUM_LABELS = {"voc": 21, "synthetic": 21, "ade": 151, "cityscapes_domain": NUM_DOMAIN_CLASSES,
+              "synthetic_domain": NUM_DOMAIN_CLASSES}
+
+
+def is_domain_incremental(dataset: str) -> bool:
+    """Whether ``dataset``'s steps add domains (cities) instead of classes."""
+    return dataset in DOMAIN_DATASETS
 
 
 def _task(dataset: str, task: str) -> Task:
@@ -170,11 +187,27 @@ def future_labels(dataset: str, task: str, step: int) -> List[int]:
 
 
 def classes_per_step(dataset: str, task: str, step: int) -> List[int]:
-    """Number of classifier channels added at each step 0..step: the classifier layout."""
+    """Number of classifier channels added at each step 0..step: the classifier layout (one
+    classifier of every class at every step of a domain-incremental task)."""
     steps = _check_step(dataset, task, step)
+    if is_domain_incremental(dataset):
+        return [NUM_DOMAIN_CLASSES]
     return [len(steps[s]) for s in range(step + 1)]
 
 
+def old_classes_per_step(dataset: str, task: str, step: int) -> List[int]:
+    """The classifier layout of the model that ``step`` starts from (step ``step - 1``'s; empty at
+    step 0)."""
+    if step == 0:
+        _check_step(dataset, task, step)
+        return []
+    return classes_per_step(dataset, task, step - 1)
+
+
 def channel_order(dataset: str, task: str, step: int) -> List[int]:
-    """Original label of each output channel at ``step``: channel k predicts ``order[k]``."""
+    """Original label of each output channel at ``step``: channel k predicts ``order[k]`` (for a
+    domain-incremental dataset, the train id: channel k predicts class k)."""
+    if is_domain_incremental(dataset):
+        _check_step(dataset, task, step)
+        return list(range(NUM_DOMAIN_CLASSES))
     return seen_labels(dataset, task, step)

@@ -102,7 +102,7 @@ def test_synthetic_uses_voc_tasks():
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: tasks.labels_of_step("coco", "15-5", 0), "valid datasets: ade, synthetic, voc"),
+        (lambda: tasks.labels_of_step("coco", "15-5", 0), "valid datasets: ade, cityscapes_domain, synthetic, synthetic_domain, voc"),
         (lambda: tasks.labels_of_step("voc", "16-4", 0), "valid tasks: offline, 19-1"),
         (lambda: tasks.labels_of_step("voc", "15-5", 2), "valid steps: 0..1"),
         (lambda: tasks.classes_per_step("ade", "100-10", 6), "valid steps: 0..5"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from ..domain_tasks import CITYSCAPES_CLASS_NAMES
 from .synthetic import class_descriptions
 
 VOC_CLASS_NAMES: List[str] = [
@@ -41,4 +42,7 @@ CLASS_NAMES: Dict[str, List[str]] = {
     "voc": VOC_CLASS_NAMES,
     "ade": ADE_CLASS_NAMES,
     "synthetic": SYNTHETIC_CLASS_NAMES,
+    # Indexed by train id: the synthetic domain set draws the same 19 classes.
+    "cityscapes_domain": CITYSCAPES_CLASS_NAMES,
+    "synthetic_domain": CITYSCAPES_CLASS_NAMES,
 }

@@ -34,7 +34,24 @@ ADE_BALANCED_SPLITS: Dict[str, List[int]] = {
 
 # Folder of each dataset under --data_root (as segmentation.data.readers.DATASET_DIRS, which
 # imports torch; the option checks must not).
-DATASET_FOLDERS = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "synthetic": "SyntheticVOC"}
+DATASET_FOLDERS = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "synthetic": "SyntheticVOC",
+                   "cityscapes_domain": "cityscapes", "synthetic_domain": "SyntheticCityscapes"}
+SYNTHETIC_DATASETS = ("synthetic", "synthetic_domain")
+
+# What a method option would do on a domain-incremental task (the same 19 classes at every step,
+# no background): PLOP's code let these run and crash or train on nothing (plop-spec §13.8).
+DOMAIN_REFUSED_OPTIONS = {
+    "unce": "every class is old, so MiB's unbiased cross-entropy is identically 0",
+    "unkd": "no class is new, so MiB's unbiased distillation has no new channel to fold into the background",
+    "init_balanced": "there is no background classifier to initialise new classes from (and no new class)",
+    "pseudo": "every labelled pixel would count as background, so pseudo-labels would replace the ground truth",
+}
+DOMAIN_REFUSED_ENGINE_OPTIONS = {
+    "no_mask": "no class is masked on these datasets",
+    "test_on_val": "the held-out images are chosen by --domain_split",
+    "val_on_trainset": "the held-out images are chosen by --domain_split",
+    "split_dir": "the images of a step are chosen by city (--domain_split), not by split files",
+}
 
 
 def pretrained_default_path(backbone: str) -> str:
@@ -48,6 +65,7 @@ def check_options(config: Config) -> None:
     _check_ranges(config)
     _check_method_options(config)
     _check_label_options(config)
+    _check_domain_options(config)
     _check_step_checkpoints(config)
     _check_ade_splits(config)
     _check_data_root(config)
@@ -101,6 +119,22 @@ def _check_label_options(config: Config) -> None:
         raise UsageError("--test_on_val is PLOP's VOC option (the original ignored it on ADE); not with --dataset ade")
 
 
+def _check_domain_options(config: Config) -> None:
+    if not tasks.is_domain_incremental(config.dataset):
+        return
+    where = f"on --dataset {config.dataset}"
+    for option, why in DOMAIN_REFUSED_OPTIONS.items():
+        if config.methods[option]:
+            raise UsageError(f"--{option} {where}: {why}. The domain presets of --method MiB and --method PLOP "
+                             "leave it off (README, 'Domain-incremental tasks')")
+    for option, why in DOMAIN_REFUSED_ENGINE_OPTIONS.items():
+        if getattr(config, option):
+            raise UsageError(f"--{option} {where}: {why}")
+    if any(method.name == "LWF-MC" for method in active_methods(config)):
+        raise UsageError(f"LwF-MC {where}: its targets for the old classes come from the old model, and every "
+                         "class is old, so the ground truth would never be used")
+
+
 def _check_step_checkpoints(config: Config) -> None:
     if config.ckpt is not None and len(config.steps) > 1:
         raise UsageError(f"--ckpt belongs to one step, but --step selects steps {list(config.steps)}")
@@ -128,7 +162,15 @@ def _check_ade_splits(config: Config) -> None:
 
 def _check_data_root(config: Config) -> None:
     folder = os.path.join(config.data_root, DATASET_FOLDERS[config.dataset])
-    if config.dataset != "synthetic":
+    if config.dataset == "cityscapes_domain":
+        if not (os.path.isdir(os.path.join(config.data_root, "leftImg8bit")) or os.path.isdir(folder)):
+            raise SetupError(
+                f"--dataset cityscapes_domain: no Cityscapes at {config.data_root} (no leftImg8bit/ there) nor at "
+                f"{folder}. Point --data_root at the folder holding leftImg8bit/ and gtFine/ (the unpacked "
+                "leftImg8bit_trainvaltest and gtFine_trainvaltest archives) or at its parent with the folder "
+                "named cityscapes/, or run --dataset synthetic_domain, which needs no download")
+        return
+    if config.dataset not in SYNTHETIC_DATASETS:
         if not os.path.isdir(folder):
             raise SetupError(
                 f"--dataset {config.dataset}: no dataset at {folder}. Put the data there (or point "
@@ -136,10 +178,10 @@ def _check_data_root(config: Config) -> None:
                 "'Datasets' section says how), or run --dataset synthetic, which needs no download")
         return
     real = [name for key, name in DATASET_FOLDERS.items()
-            if key != "synthetic" and os.path.isdir(os.path.join(config.data_root, name))]
+            if key not in SYNTHETIC_DATASETS and os.path.isdir(os.path.join(config.data_root, name))]
     if real and not os.path.isdir(folder) and not config.allow_synthetic_in_data_root:
         raise UsageError(
-            f"--dataset synthetic would write {DATASET_FOLDERS['synthetic']}/ (hundreds of files) into "
+            f"--dataset {config.dataset} would write {DATASET_FOLDERS[config.dataset]}/ (hundreds of files) into "
             f"--data_root {config.data_root}, which holds the real dataset {real[0]}/; give the synthetic "
             "data a folder of its own (e.g. --data_root data/synthetic), or pass "
             "--allow_synthetic_in_data_root to write it there anyway")

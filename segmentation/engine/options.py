@@ -35,7 +35,9 @@ from segmentation.methods import (
     find_method, method_names, method_preset, methods_option_owners,
 )
 
-DATASETS = ("synthetic", "voc", "ade")
+DATASETS = ("synthetic", "voc", "ade", "synthetic_domain", "cityscapes_domain")
+# As segmentation.data.cityscapes's DOMAIN_SPLIT_MODES (which imports torch; the parser must not).
+DOMAIN_SPLITS = ("per_city", "plop")
 DTYPES = ("float32", "float64")
 
 # As segmentation.data.protocol's LABEL_PROTOCOLS and DATA_MASKINGS (which imports torch; the
@@ -117,10 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_root", default="data",
-                      help="folder holding PascalVOC12/, ADEChallengeData2016/ or SyntheticVOC/")
+                      help="folder holding PascalVOC12/, ADEChallengeData2016/, cityscapes/ or the synthetic "
+                      "sets (for cityscapes_domain it may also be the Cityscapes folder itself, as in PLOP's "
+                      "scripts)")
     data.add_argument("--dataset", default="voc", choices=DATASETS,
                       help="'synthetic' is a small generated VOC-like dataset (written under "
-                      "<data_root>/SyntheticVOC on first use) so the quickstart needs no download")
+                      "<data_root>/SyntheticVOC on first use) so the quickstart needs no download; "
+                      "'cityscapes_domain' is PLOP's domain-incremental Cityscapes (tasks 11-5, 11-1, 1-1: "
+                      "new cities, the same 19 classes), 'synthetic_domain' its generated stand-in "
+                      "(<data_root>/SyntheticCityscapes)")
+    data.add_argument("--domain_split", default="per_city", choices=DOMAIN_SPLITS,
+                      help="domain-incremental datasets: 'per_city' holds out 20%% of each city for "
+                      "validation and test (no test image is ever trained on); 'plop' is the original "
+                      "code's split, whose test sets from step 1 on hold images trained on")
     data.add_argument("--allow_synthetic_in_data_root", action="store_true",
                       help="write SyntheticVOC/ even into a --data_root that holds a real dataset")
     data.add_argument("--allow_regenerated_splits", action="store_true",
@@ -326,7 +337,7 @@ def apply_preset(method: Optional[str], task: str, values: Dict[str, Any],
     """Set the preset's options that were not given explicitly in ``values``; returns what it set."""
     if method is None:
         return {}
-    preset = method_preset(method, task)
+    preset = method_preset(method, task, tasks.is_domain_incremental(values["dataset"]))
     filled = {name: value for name, value in preset.items() if name not in explicit}
     values.update(filled)
     return filled
@@ -403,7 +414,7 @@ def _resolve_pretrained(values: Dict[str, Any]) -> Optional[str]:
         return values["pretrained"]
     # ImageNet weights only matter when a step-0 model is trained; later steps and --test
     # start from a checkpoint.
-    if values["dataset"] == "synthetic" or values["test"] or 0 not in values["steps"]:
+    if values["dataset"] in ("synthetic", "synthetic_domain") or values["test"] or 0 not in values["steps"]:
         return None
     return pretrained_default_path(values["backbone"])
 
@@ -432,6 +443,12 @@ def _compatibility_notes(values: Dict[str, Any]) -> List[str]:
 def _resolve_labels(values: Dict[str, Any]) -> List[str]:
     """``--label_protocol`` when not given (plop when PLOP's ``--pod`` or ``--pseudo`` is set, after
     the preset, else mib) and ``--data_masking`` (ADE ignores it); returns the notes to log."""
+    if tasks.is_domain_incremental(values["dataset"]):
+        notes = [f"--{name} {values[name]}: ignored on --dataset {values['dataset']} (no background, no class "
+                 "masking: every step labels the same 19 classes)"
+                 for name, default in (("label_protocol", None), ("data_masking", "current")) if values[name] != default]
+        values["label_protocol"], values["data_masking"] = "mib", "current"
+        return notes
     notes = []
     if values["label_protocol"] is None:
         # Options of the PLOP method (segmentation/methods/plop.py), hence ``get``.

@@ -38,6 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from segmentation import distributed, tasks
 from segmentation.config import Config
 from segmentation.data import CLASS_NAMES, build_dataset
+from segmentation.data.cityscapes import build_domain_dataset
+from segmentation.domain_tasks import CITY_NAMES
 from segmentation.data.dataset import held_out_split
 from segmentation.data.protocol import label_fates
 from segmentation.data.palette import colorize
@@ -46,6 +48,7 @@ from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_trans
 from segmentation.engine import checkpoint
 from segmentation.engine.checks import ADE_BALANCED_SPLITS, run_checks
 from segmentation.engine.evaluation import build_eval_loader, evaluate
+from segmentation.metrics import segmentation_scores
 from segmentation.engine.logger import Logger
 from segmentation.engine.optim import build_optimizer, build_scheduler
 from segmentation.engine.original_checkpoint import adapt_checkpoint
@@ -132,7 +135,9 @@ class StepRunner:
         self.device = device
         self.files = files
         self.classes = tasks.classes_per_step(config.dataset, config.task, step)
+        self.old_classes = tasks.old_classes_per_step(config.dataset, config.task, step)
         self.num_channels = sum(self.classes)
+        self.domain_incremental = tasks.is_domain_incremental(config.dataset)
         self.channel_order = tasks.channel_order(config.dataset, config.task, step)
         self.final_path = files.step_checkpoint(step)
         self.results_path = files.results(step)
@@ -226,7 +231,7 @@ class StepRunner:
             load_new_step_model(model, previous["model_state"], self.step, path)
             methods.initialize_weights(model)
             if methods.needs_old_model:
-                old_model = make_model(config, self.classes[:-1], None)
+                old_model = make_model(config, self.old_classes, None)
                 old_model.load_state_dict(previous["model_state"], strict=True)
                 old_model = freeze(old_model).to(self.device)
                 if config.channels_last:
@@ -238,8 +243,13 @@ class StepRunner:
             model.fix_bn()
         return model, old_model, previous
 
-    def _dataset(self, split: str, transform):
+    def _dataset(self, split: str, transform, domains: Optional[List[int]] = None):
+        """The step's ``split``; for a domain-incremental dataset, of the images of ``domains`` only
+        (None: every domain the split holds)."""
         config = self.config
+        if self.domain_incremental:
+            return build_domain_dataset(config.dataset, config.data_root, config.task, self.step, split, transform,
+                                        seed=config.random_seed, split_mode=config.domain_split, domains=domains)
         return build_dataset(
             config.dataset,
             config.data_root,
@@ -274,6 +284,8 @@ class StepRunner:
         """One line: which images the validation and the test use, which classes they score, and
         how many images they share."""
         config = self.config
+        if self.domain_incremental:
+            return self._domain_evaluation_sets(val_set, test_set)
         step_classes = self.classes[-1] - (1 if self.step == 0 else 0)  # without the background
         names = {"old": "old classes", "future": "future classes", "other": "'other' (0)"}
 
@@ -309,14 +321,48 @@ class StepRunner:
         test = (f"{len(test_set)} images of the {test_list!r} list that show one of the "
                 f"{self.num_channels - 1} classes seen so far{cut}, scored on all of them"
                 f"{beyond_classes(test_fates, say_ignored=False)}")
-        shared = len(set(val_set.image_paths) & set(test_set.image_paths))
-        if shared == len(val_set) == len(test_set):
-            relation = "the validation images are the test images"
-        elif shared == len(val_set):
-            relation = "every validation image is also a test image"
-        else:
-            relation = f"{shared} of the validation images are also test images"
-        return f"step {self.step}: validation on {val}; test on {test}; {relation}"
+        return f"step {self.step}: validation on {val}; test on {test}; {_shared_images(val_set, test_set)}"
+
+    def _step_domains(self) -> Tuple[List[int], List[int]]:
+        """The domain ids of the earlier steps and of this step."""
+        config = self.config
+        return (tasks.old_labels(config.dataset, config.task, self.step),
+                tasks.labels_of_step(config.dataset, config.task, self.step))
+
+    def _domain_evaluation_sets(self, val_set, test_set) -> str:
+        old, new = self._step_domains()
+        cities = ", ".join(f"{CITY_NAMES[domain]} ({domain})" for domain in new)
+        held_out = {"per_city": "the held-out 20 % of each city (--domain_split per_city: never trained on)",
+                    "plop": "the original's split (--domain_split plop: from step 1 on, most test images were "
+                            "trained on at some step)"}[self.config.domain_split]
+        return (f"step {self.step}: trains on {cities}; validation on {len(val_set)} images of this step's "
+                f"cities, test on {len(test_set)} images of the {len(old) + len(new)} cities seen so far, both from "
+                f"{held_out}, scored on the 19 classes; {_shared_images(val_set, test_set)}")
+
+    def _domain_test(self, model: nn.Module) -> Tuple[Dict[str, Any], List[torch.Tensor], Dict[str, Any]]:
+        """Scores on the test images of every city seen so far, from one pass over those of the old
+        cities and one over those of this step's (their confusion matrices add up), samples, and the
+        results entries of each group of cities."""
+        old, new = self._step_domains()
+        transform = self._eval_transform()
+        matrix, samples, groups = None, [], {}
+        for group, domains in (("old", old), ("new", new)):
+            if not domains:
+                groups[f"miou_{group}_domains"] = None
+                continue
+            test_set = self._dataset("test", transform, domains=domains)
+            scores, group_samples = self._evaluate(model, self._eval_loader(test_set), "test")
+            groups[f"miou_{group}_domains"] = scores["miou"]
+            samples += group_samples
+            matrix = scores["confusion_matrix"] if matrix is None else matrix + scores["confusion_matrix"]
+        groups["old_domains"] = [CITY_NAMES[domain] for domain in old]
+        groups["new_domains"] = [CITY_NAMES[domain] for domain in new]
+        scores = dict(segmentation_scores(matrix))
+        scores["confusion_matrix"] = matrix
+        scores["miou_all"] = scores["miou"]
+        for key in ("miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg", "hmean", "hmean_fg"):
+            scores[key] = None  # class groups: every step has the same classes, and no background
+        return scores, samples[:self.config.sample_num], groups
 
     def _evaluate(self, model: nn.Module, loader, fault: str,
                   num_old_channels: Optional[int] = None) -> Tuple[Dict[str, Any], List[torch.Tensor]]:
@@ -354,7 +400,7 @@ class StepRunner:
         else:
             val_set = self._dataset("val", self._eval_transform())
         LOGGER.info("%s", self._evaluation_sets(val_set, self._test_set))
-        methods = step_methods(config, self.step, num_old_channels=sum(self.classes[:-1]),
+        methods = step_methods(config, self.step, num_old_channels=sum(self.old_classes),
                                num_channels=self.num_channels)
         model, old_model, previous = self._build_models(methods)
         methods.begin_step(StepStart(
@@ -516,9 +562,13 @@ class StepRunner:
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         test_set = self._test_set
+        domain_groups: Dict[str, Any] = {}
         with distributed.waiting_for(f"the test of step {self.step}"):
-            scores, samples = self._evaluate(model, self._eval_loader(test_set), "test",
-                                             num_old_channels=self.classes[0])
+            if self.domain_incremental:
+                scores, samples, domain_groups = self._domain_test(model)
+            else:
+                scores, samples = self._evaluate(model, self._eval_loader(test_set), "test",
+                                                 num_old_channels=self.classes[0])
         results = {
             "dataset": config.dataset,
             "task": config.task,
@@ -535,6 +585,7 @@ class StepRunner:
         for key in ("miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg",
                     "hmean", "hmean_fg", "overall_acc", "mean_acc"):
             results[key] = scores[key]
+        results.update(domain_groups)
         seconds = saved.get("train_seconds") if report_training else None
         images = saved.get("train_images") if report_training else None
         results["train_seconds"] = seconds
@@ -548,16 +599,35 @@ class StepRunner:
                     "overall_acc"):
             if scores[key] is not None:
                 logger.scalar(f"test/{key}", scores[key], self.step)
+        for key in ("miou_old_domains", "miou_new_domains"):
+            if domain_groups.get(key) is not None:
+                logger.scalar(f"test/{key}", domain_groups[key], self.step)
         _log_evaluation(logger, "test", scores, self._class_names(), samples, self.step)
         logger.close()
         self.files.write_results(results, self.results_path)
-        LOGGER.info(
-            "step %d test (%s, %d images): mIoU all %s old %s new %s | without background: all %s "
-            "old %s new %s", self.step, path, len(test_set), *(_percent(scores[key]) for key in (
-                "miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg")),
-        )
+        if self.domain_incremental:
+            LOGGER.info("step %d test (%s, %d images): mIoU all %s | old cities %s, this step's cities %s",
+                        self.step, path, len(test_set), *(_percent(value) for value in (
+                            scores["miou_all"], domain_groups["miou_old_domains"],
+                            domain_groups["miou_new_domains"])))
+        else:
+            LOGGER.info(
+                "step %d test (%s, %d images): mIoU all %s old %s new %s | without background: all %s "
+                "old %s new %s", self.step, path, len(test_set), *(_percent(scores[key]) for key in (
+                    "miou_all", "miou_old", "miou_new", "miou_all_fg", "miou_old_fg", "miou_new_fg")),
+            )
         LOGGER.info("step %d results written to %s", self.step, self.results_path)
         return results
+
+
+def _shared_images(val_set, test_set) -> str:
+    """How the validation images relate to the test images, in words."""
+    shared = len(set(val_set.image_paths) & set(test_set.image_paths))
+    if shared == len(val_set) == len(test_set):
+        return "the validation images are the test images"
+    if shared == len(val_set):
+        return "every validation image is also a test image"
+    return f"{shared} of the validation images are also test images"
 
 
 def _percent(value: Optional[float]) -> str:

@@ -40,12 +40,12 @@ def find_method(name: str) -> Optional[Type[Method]]:
     return None
 
 
-def method_preset(name: str, task: str) -> Preset:
-    """The options that ``--method name`` fills in on ``task``."""
+def method_preset(name: str, task: str, domain_incremental: bool = False) -> Preset:
+    """The options that ``--method name`` fills in on ``task`` (of a domain-incremental dataset)."""
     method = find_method(name)
     if method is None:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(REGISTRY)}")
-    return method.task_preset(task)
+    return method.domain_preset(task) if domain_incremental else method.task_preset(task)
 
 
 def active_methods(config: Config) -> List[Type[Method]]:

@@ -8,6 +8,7 @@ A method is one class in one module of ``segmentation/methods/`` plus a line in 
   their values can work (an error message, or None); ``non_negative_options``: its options that
   must be >= 0 (checked with the engine's own);
 - ``preset`` and ``task_preset(task)``: the options ``--method`` fills in (explicit flags win);
+  ``domain_preset(task)`` those it fills in on a domain-incremental task;
 - ``active(config)``: whether it takes part in a run with these options. Methods combine: the
   options of the original command line (``--unce --unkd --loss_kd 10 --init_balanced``) switch
   on the methods that own them, with or without ``--method``;
@@ -61,6 +62,14 @@ class StepInfo:
     step: int
     num_old_channels: int
     num_channels: int
+    #: A domain-incremental task: the same channels at every step, all of them old from step 1 on.
+    domain_incremental: bool = False
+
+    @property
+    def num_new_channels(self) -> int:
+        """The channels this step adds; on a domain-incremental task all of them, as the original
+        counted them (so Local POD's schedule sqrt(C_t / N) is 1 there)."""
+        return self.num_channels if self.domain_incremental else self.num_channels - self.num_old_channels
 
 
 @dataclass
@@ -142,6 +151,12 @@ class Method:
     def task_preset(cls, task: str) -> Preset:
         """The options ``--method`` fills in on ``task``."""
         return dict(cls.preset)
+
+    @classmethod
+    def domain_preset(cls, task: str) -> Preset:
+        """The options ``--method`` fills in on a domain-incremental task (the same classes at
+        every step, new cities)."""
+        return cls.task_preset(task)
 
     @classmethod
     def preset_note(cls, task: str, option: str, value: object) -> str:

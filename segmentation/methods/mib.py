@@ -37,6 +37,13 @@ class MiB(Method):
         return values
 
     @classmethod
+    def domain_preset(cls, task: str) -> Preset:
+        # PLOP's MiB script on Cityscapes domains: with the same 19 classes at every step the
+        # unbiased losses degenerate (UNCE is identically 0, UNKD has no new channel) and the init
+        # has no background to copy, so MiB is plain distillation there.
+        return {"loss_kd": 10.0}
+
+    @classmethod
     def preset_note(cls, task: str, option: str, value: object) -> str:
         if option == "loss_kd" and task in KD_100_TASKS:
             return f" (paper value on {task}; the original code's preset was 10: pass --loss_kd 10 to match it)"

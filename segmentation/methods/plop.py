@@ -27,7 +27,7 @@ import json
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Mapping, Optional
 
 from segmentation.config import Config
-from segmentation.methods.method import DataPass, Method, StepOutputs
+from segmentation.methods.method import DataPass, Method, Preset, StepOutputs
 from segmentation.pod_settings import POD_PREPROCESSING, POD_TYPES, pod_settings
 from segmentation.pseudo_modes import PSEUDO_MODES, threshold_probability
 
@@ -83,6 +83,15 @@ class PLOP(Method):
     label_protocol = "plop"
 
     # ------------------------------------------------------------ command line (no torch)
+    @classmethod
+    def domain_preset(cls, task: str) -> Preset:
+        # PLOP's Cityscapes-domain scripts: Local POD only (no pseudo-labels, no init: there is no
+        # background), 1e-4 on the features, on the logits 1e-3 for 1-1 and 1e-4 otherwise.
+        logits_factor = 0.001 if task == "1-1" else 0.0001
+        return {"pod": "local", "pod_factor": 0.0001, "pod_logits": True,
+                "pod_options": json.dumps({"switch": {"after": {"extra_channels": "sum", "factor": logits_factor,
+                                                                "type": "local"}}})}
+
     @classmethod
     def add_options(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--pod", choices=POD_TYPES, default=None,
@@ -225,7 +234,7 @@ class PLOP(Method):
         return {"loss_pod": pod_loss(
             [outputs.old_features[name] for name in self.pod_maps], [outputs.features[name] for name in self.pod_maps],
             self.pod_settings, num_channels=self.step.num_channels,
-            num_new_channels=self.step.num_channels - self.step.num_old_channels, labels=outputs.labels,
+            num_new_channels=self.step.num_new_channels, labels=outputs.labels,
         )}
 
     def state_dict(self) -> Optional[Dict[str, Any]]:

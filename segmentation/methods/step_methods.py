@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tupl
 import torch
 import torch.nn as nn
 
+from segmentation import tasks
 from segmentation.config import Config
 from segmentation.methods import active_methods
 from segmentation.methods.method import DataPass, Method, StepInfo, StepOutputs, StepStart
@@ -117,7 +118,8 @@ class StepMethods:
 def step_methods(config: Config, step: int, num_old_channels: int, num_channels: int) -> StepMethods:
     """The active methods of ``step`` (``num_old_channels``: C_{t-1}, 0 at step 0; ``num_channels``:
     C_t)."""
-    return StepMethods(config, StepInfo(step=step, num_old_channels=num_old_channels, num_channels=num_channels))
+    return StepMethods(config, StepInfo(step=step, num_old_channels=num_old_channels, num_channels=num_channels,
+                                        domain_incremental=tasks.is_domain_incremental(config.dataset)))
 
 
 __all__ = ["DataPass", "StepMethods", "StepOutputs", "StepStart", "step_methods"]
