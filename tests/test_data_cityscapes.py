@@ -19,7 +19,14 @@ from segmentation.data.cityscapes import (
     train_id_lut,
 )
 from segmentation.data.synthetic import MARKER
-from segmentation.data.synthetic_domain import generate_synthetic_domain, synthetic_domain_item
+from segmentation.data.synthetic_domain import (
+    STUFF,
+    appearance_colour,
+    class_colour,
+    domain_style,
+    generate_synthetic_domain,
+    synthetic_domain_item,
+)
 from segmentation.domain_tasks import CITIES, CITY_NAMES, DOMAIN_TASKS
 
 # §13.3: train id of each label id; every other id is ignored (255).
@@ -384,9 +391,9 @@ def test_default_tree_is_written_on_first_use(tmp_path):
         assert label.mode == "L"
 
 
-def _class_means(domain):
+def _class_means(domain, indices=range(6)):
     sums, counts = np.zeros((256, 3)), np.zeros(256)
-    for index in range(6):
+    for index in indices:
         image, label = synthetic_domain_item(0, domain, index, 96, 48)
         np.add.at(sums, label.ravel(), image.reshape(-1, 3))
         np.add.at(counts, label.ravel(), 1)
@@ -394,10 +401,55 @@ def _class_means(domain):
     return sums[ids] / counts[ids, None]
 
 
-def test_domains_look_different():
-    first, last = _class_means(0), _class_means(20)
-    # The same class, in RGB: far apart between the first and the last domain.
-    assert np.linalg.norm(first - last, axis=1).min() > 60
+def test_every_class_in_most_default_images():
+    ids = set(SPEC_TRAIN_IDS)
+    complete = sum(ids <= set(np.unique(synthetic_domain_item(0, domain, index, 96, 48)[1]).tolist())
+                   for domain in range(21) for index in range(4))
+    assert complete >= 0.9 * 21 * 4
+
+
+def test_appearances_are_a_permutation_per_domain():
+    styles = [domain_style(domain) for domain in range(21)]
+    for style in styles:
+        assert sorted(style.appearance) == list(range(19))
+        assert sorted(style.band_order) == sorted(STUFF)
+    assert len({style.appearance for style in styles}) == 21
+    assert len({(style.pattern, style.period) for style in styles}) == 21  # the domains look different
+    # Old (0-10) against new (11-15) cities: most classes change appearance, and most bands move.
+    for old in range(11):
+        for new in range(11, 16):
+            same = sum(a == b for a, b in zip(styles[old].appearance, styles[new].appearance))
+            assert same <= 4
+    for cls in STUFF:  # no band keeps one place in every domain
+        assert len({style.band_order.index(cls) for style in styles}) >= 4
+    assert np.allclose(class_colour(0, 3), appearance_colour(styles[3].appearance[0]))
+
+
+def test_appearance_is_consistent_within_a_domain_and_conflicts_across():
+    first, again, other = _class_means(0, range(3)), _class_means(0, range(3, 6)), _class_means(11)
+    # The same class in two halves of a domain: close; in another domain: far apart for most classes.
+    assert np.linalg.norm(first - again, axis=1).max() < 25
+    assert np.median(np.linalg.norm(first - other, axis=1)) > 60
+    # One appearance worn by different classes: class c of domain 0 matches class c' != c of domain 11.
+    a, b = domain_style(0).appearance, domain_style(11).appearance
+    pairs = [(c, b.index(a[c])) for c in range(19) if b.index(a[c]) != c]
+    assert len(pairs) >= 15
+    close = [np.linalg.norm(first[c] - other[d]) < np.linalg.norm(first[c] - other[c]) for c, d in pairs]
+    assert np.mean(close) > 0.7
+
+
+def test_colour_does_not_tell_the_class_across_domains():
+    """Nearest class colour fitted on one domain: right within it, mostly wrong in another."""
+    centres = _class_means(0, range(4))
+    ids = sorted(SPEC_TRAIN_IDS)
+
+    def accuracy(domain):
+        image, label = synthetic_domain_item(0, domain, 5, 96, 48)
+        known = np.isin(label, ids)
+        nearest = np.argmin(((image[known][:, None].astype(float) - centres) ** 2).sum(-1), 1)
+        return np.mean(np.asarray(ids)[nearest] == label[known])
+
+    assert accuracy(0) > 0.5 and accuracy(11) < 0.2
 
 
 def test_generator_arguments(tmp_path):

@@ -121,3 +121,18 @@ def test_plop_split_mode_tests_on_the_validation_images_at_step_0(domain_root, t
     assert "the original's split (--domain_split plop" in output
     assert "the validation images are the test images" in output
     assert json.loads((_log_dir(tmp_path) / "step0.json").read_text())["options"]["domain_split"] == "plop"
+
+
+@pytest.mark.slow
+def test_domain_benchmark_writes_the_table_and_restarts_without_training(domain_root, tmp_path):
+    script = str(Path(REPO_ROOT) / "launch" / "benchmark_domains.py")
+    argv = ["--out", str(tmp_path), "--data_root", domain_root, "--methods", "FT,Joint", "--step0_epochs", "1",
+            "--epochs", "1", "--batch_size", "4", "--crop_size", "32"]
+    first = run_train(argv, script=script, launcher=[sys.executable]).stdout
+    assert "2 runs in" in first  # FT's steps 1-2 and Joint, after the shared step 0
+    assert (tmp_path / "checkpoints" / "synthetic_domain-11-5" / "FT" / "step0.pth").is_symlink()
+    rows = {line.split(" | ")[0] for line in first.splitlines() if line.startswith("| ")}
+    assert {"| FT/FT", "| -/Joint", "| -/step0-shared"} <= rows
+    report = (tmp_path / "results.md").read_text()
+    assert "synthetic_domain 11-5: old | synthetic_domain 11-5: new | synthetic_domain 11-5: all" in report
+    assert "0 runs in" in run_train(argv, script=script, launcher=[sys.executable]).stdout

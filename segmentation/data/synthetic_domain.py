@@ -10,30 +10,38 @@
 
 for the 21 cities of ``domain_tasks.CITIES``, each in its official split, ``images_per_city`` each.
 
-Scenes. Every image is a street scene holding all 19 classes (at tiny sizes an occluded one can be
-missing): sky at the top, a skyline of buildings, vegetation, terrain, a wall and a fence above the
-kerb, a sidewalk band, the road, poles carrying a traffic light and a traffic sign, a person on the
-sidewalk, a train, a bus and a truck in the far lane, a car, a motorcycle and a bicycle (one of the
-two with a rider) in the near lane.
-Labels are raw label ids, so the id -> train id mapping is exercised, and include ids that map to
-255: the ego vehicle (1) along the bottom, a static object (4) on the sidewalk and unlabeled (0)
-specks. Every class keeps its place, shape and texture (window grids on buildings and buses, bars
-on fences, tiles on the sidewalk, lane marks on the road, leafy noise on vegetation) in every domain.
+Scenes. Every image holds all 19 classes (at tiny sizes an occluded one can be missing). The six
+"stuff" classes (sky, building, vegetation, terrain, sidewalk, road) are full-width horizontal
+bands with ragged edges, in a domain-specific top-to-bottom order and random heights. The
+"things" are drawn in a jittered 4 x 3 grid of cells, one per cell, in random cells: a wall, a
+fence (posts and rails), two poles carrying a traffic light and a traffic sign, a person, a car, a
+truck (box and cab), a bus, a train, a motorcycle and a bicycle (wheels and frame; one of the two
+with a rider on it), and a static object. Labels are raw label ids, so the id -> train id mapping is
+exercised, and include ids that map to 255: the ego vehicle (1) along the bottom, the static
+object (4) and unlabeled (0) specks.
 
-Domains. A domain changes how the scene looks, not what it shows:
+Appearances. There is one shared palette of 19 appearances, each a colour and a texture (flat,
+windows, bricks, bars, leaves, tiles, dots). In domain ``d`` class ``c`` wears appearance
+``domain_style(d).appearance[c]``: a domain-specific permutation of the palette, so within a
+domain appearance identifies the class, but the same colour and texture is a road in one city and a
+bus or the sky in another, and a class's appearance changes from city to city.
 
-- colour: every class's hue is rotated by a domain-specific angle, ``8 d / 21`` turns for domain
-  ``d`` (so consecutive domains are far apart), and the image gets a colour cast (RGB gains);
-- lighting: a domain-specific contrast and brightness;
-- texture: a domain-specific pattern over the whole image (grain, horizontal, vertical or diagonal
-  stripes, checks, with its own period and strength) and noise level;
-- object scale: objects are 0.75x to 1.25x their base size.
+Domains. Besides the permutation of appearances and the order of the bands, a domain has a look
+of its own, which tells the domains apart:
 
-Why forgetting is measurable: within a domain, colour identifies a class at once, and a network
-fine-tuned on a few domains learns that shortcut; in another domain the same colour belongs to
-another class, so a model fine-tuned on the later domains loses accuracy on the first ones. A model
-trained on all domains jointly can still label every one of them, from place, shape and texture,
-and from the domain's look (e.g. the colour of the sky), which tells it how the colours are rotated.
+- a pattern over the whole image: one of 7 kinds (horizontal, vertical, diagonal or anti-diagonal
+  stripes, checks, a grid, blocky grain) with one of 3 periods, a different pair for every domain;
+- a colour cast (RGB gains), a contrast and a brightness (lighting), and a noise level;
+- an object scale: objects are 0.75x to 1.25x their base size.
+
+Why forgetting is measurable: neither place nor appearance identifies a class across domains.
+Things sit anywhere, the bands change order, and colour and texture are re-assigned to other
+classes; only shapes (thin poles, wheels, a rider on a two-wheeler) are shared. A network trained
+on some domains learns their appearance -> class and band-order mappings; fine-tuned on later
+domains, whose mappings conflict, it relabels the first domains' pixels and loses accuracy on them,
+while a method that keeps the old model's outputs (distillation) keeps more. A model trained on all
+domains jointly can still label every one: the domain's pattern and cast, visible everywhere in the
+image, tell it which mapping applies.
 
 Determinism. A domain's look depends only on its id; image ``i`` of domain ``d`` is drawn from
 ``numpy.random.default_rng([seed, d, i])``. A finished folder (marker with the same parameters) is
@@ -56,11 +64,12 @@ from .cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, SYNTHETIC_DOMAIN_DIR
 from .synthetic import MARKER, Item, _read_marker, _write_item, _write_marker
 
 # Bump when the drawing changes, so that existing folders are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Train ids of the 19 classes (domain_tasks.CITYSCAPES_CLASS_NAMES).
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN, SKY,
  PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(NUM_DOMAIN_CLASSES)
+STUFF = (SKY, BUILDING, VEGETATION, TERRAIN, SIDEWALK, ROAD)  # the horizontal bands
 
 # Raw label ids drawn that are not among the 19 classes (all map to 255), with their colours.
 UNLABELED, EGO_VEHICLE, STATIC = 0, 1, 4
@@ -69,19 +78,27 @@ VOID_COLOURS = {UNLABELED: (20, 20, 20), EGO_VEHICLE: (45, 45, 50), STATIC: (110
 # A brightness factor at given pixel coordinates (row, column arrays of the same shape).
 Texture = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-DOMAIN_TEXTURES = ("grain", "horizontal stripes", "vertical stripes", "diagonal stripes", "checks")
+APPEARANCE_TEXTURES = ("flat", "windows", "bricks", "bars", "leaves", "tiles", "dots")
+DOMAIN_PATTERNS = ("horizontal stripes", "vertical stripes", "diagonal stripes", "anti-diagonal stripes",
+                   "checks", "grid", "grain")
 STYLE_SEED = 2021  # seeds the random part of every domain's look, which does not depend on --seed
+
+# The things, one per grid cell ("light" and "sign" are poles carrying them).
+THINGS = ("wall", "fence", "light", "sign", "person", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+          "static")
+GRID_ROWS, GRID_COLUMNS = 3, 4
 
 
 @dataclass(frozen=True)
 class DomainStyle:
     """How one domain looks."""
 
-    hue_shift: float  # rotation of every class's hue, in turns
+    appearance: Tuple[int, ...]  # appearance (palette index) of each train id: a permutation of 0..18
+    band_order: Tuple[int, ...]  # train ids of the stuff bands, top to bottom
     gain: Tuple[float, float, float]  # colour cast: R, G, B multipliers
     contrast: float
     brightness: float  # added after the contrast
-    texture: int  # index in DOMAIN_TEXTURES: a pattern laid over the whole image
+    pattern: int  # index in DOMAIN_PATTERNS: laid over the whole image
     period: int  # of the pattern, in pixels
     amplitude: float  # of the pattern, in grey levels
     noise: float  # standard deviation of the per-pixel noise
@@ -94,27 +111,51 @@ def domain_style(domain: int) -> DomainStyle:
         raise ValueError(f"unknown domain id {domain}; valid domain ids: 0..{NUM_DOMAINS - 1}")
     rng = np.random.default_rng([STYLE_SEED, domain])
     return DomainStyle(
-        # 8 and 5 are co-prime with 21: every domain gets its own rotation and scale, and
-        # consecutive domains get far-apart ones.
-        hue_shift=(8 * domain % NUM_DOMAINS) / NUM_DOMAINS,
-        gain=tuple(float(g) for g in rng.uniform(0.75, 1.25, size=3)),
-        contrast=float(rng.uniform(0.6, 1.2)),
-        brightness=float(rng.uniform(-30.0, 30.0)),
-        texture=domain % len(DOMAIN_TEXTURES),
-        period=2 + domain // len(DOMAIN_TEXTURES),
-        amplitude=float(rng.uniform(10.0, 28.0)),
-        noise=float(rng.uniform(2.0, 9.0)),
+        appearance=tuple(int(a) for a in rng.permutation(NUM_DOMAIN_CLASSES)),
+        band_order=tuple(int(STUFF[i]) for i in rng.permutation(len(STUFF))),
+        gain=tuple(float(g) for g in rng.uniform(0.85, 1.15, size=3)),
+        contrast=float(rng.uniform(0.75, 1.1)),
+        brightness=float(rng.uniform(-20.0, 20.0)),
+        # 7 kinds x 3 periods: a different pattern for each of the 21 domains.
+        pattern=domain % len(DOMAIN_PATTERNS),
+        period=2 + domain // len(DOMAIN_PATTERNS),
+        amplitude=float(rng.uniform(12.0, 24.0)),
+        noise=float(rng.uniform(2.0, 7.0)),
+        # 5 is co-prime with 21: every domain gets its own scale, consecutive ones far-apart scales.
         scale=0.75 + 0.5 * (5 * domain % NUM_DOMAINS) / (NUM_DOMAINS - 1),
     )
 
 
-def class_colour(train_id: int, hue_shift: float) -> np.ndarray:
-    """RGB (0..255 floats) of class ``train_id`` with its hue rotated by ``hue_shift`` turns."""
-    # A hue stride co-prime with 19 gives classes with neighbouring ids far-apart hues.
-    hue = (train_id * 7 % NUM_DOMAIN_CLASSES) / NUM_DOMAIN_CLASSES + hue_shift
-    saturation = 0.8 if train_id % 2 else 0.55
-    value = (0.9, 0.75, 0.6)[train_id % 3]
-    return np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value)) * 255.0
+def appearance_colour(appearance: int) -> np.ndarray:
+    """RGB (0..255 floats) of palette entry ``appearance`` (0..18)."""
+    # A hue stride co-prime with 19 gives neighbouring entries far-apart hues.
+    hue = (appearance * 7 % NUM_DOMAIN_CLASSES) / NUM_DOMAIN_CLASSES
+    saturation = 0.85 if appearance % 2 else 0.5
+    value = (0.95, 0.75, 0.55)[appearance % 3]
+    return np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255.0
+
+
+def class_colour(train_id: int, domain: int) -> np.ndarray:
+    """RGB (0..255 floats) of class ``train_id`` in ``domain``, before the domain's cast and lighting."""
+    return appearance_colour(domain_style(domain).appearance[train_id])
+
+
+def _appearance_texture(appearance: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Brightness factor of palette entry ``appearance`` at the given pixels."""
+    name = APPEARANCE_TEXTURES[appearance % len(APPEARANCE_TEXTURES)]
+    if name == "windows":
+        return np.where((yy % 4 == 1) & (xx % 4 < 2), 0.6, 1.0)
+    if name == "bricks":
+        return np.where(yy % 3 == 0, 0.72, 1.0)
+    if name == "bars":
+        return np.where(xx % 3 == 0, 0.55, 1.0)
+    if name == "leaves":
+        return rng.uniform(0.65, 1.1, size=yy.shape)
+    if name == "tiles":
+        return np.where((xx % 5 == 0) | (yy % 4 == 0), 0.78, 1.0)
+    if name == "dots":
+        return np.where((yy % 3 == 1) & (xx % 3 == 1), 1.35, 1.0)
+    return np.ones(yy.shape)
 
 
 class _Scene:
@@ -147,155 +188,114 @@ class _Scene:
         return ((self.yy - cy) / ry) ** 2 + ((self.xx - cx) / rx) ** 2 <= 1.0
 
 
-def _draw_scene(rng: np.random.Generator, height: int, width: int, scale: float) -> _Scene:
-    """One street scene; ``scale`` multiplies the size of the objects."""
+def _draw_scene(rng: np.random.Generator, height: int, width: int, style: DomainStyle) -> _Scene:
+    """One scene: the stuff bands in the domain's order, then one thing in each grid cell."""
     scene = _Scene(height, width)
-    kerb = rng.uniform(0.5, 0.58) * height  # top of the sidewalk
-    road_top = kerb + rng.uniform(0.07, 0.1) * height
     ego_top = height - max(1.0, rng.uniform(0.04, 0.08) * height)
-
-    scene.paint_class(scene.rect(0, height, 0, width), SKY)
-    edges = np.linspace(0, width, int(rng.integers(4, 8)) + 1)
-    for left, right in zip(edges[:-1], edges[1:]):
-        scene.paint_class(scene.rect(rng.uniform(0.1, 0.35) * height, kerb, left, right), BUILDING,
-                          lambda yy, xx: np.where((yy % 4 == 1) & (xx % 4 < 2), 0.6, 1.0))  # windows
-    _draw_kerb(scene, rng, kerb, scale)
-    for _ in range(int(rng.integers(2, 5))):
-        top, left = rng.uniform(0, kerb - 2), rng.uniform(0, width - 2)
-        scene.paint(scene.rect(top, top + rng.integers(1, 3), left, left + rng.integers(1, 3)), UNLABELED)
-    scene.paint_class(scene.rect(kerb, road_top, 0, width), SIDEWALK,
-                      lambda yy, xx: np.where((xx % 5 == 0) | (yy % 4 == 0), 0.8, 1.0))  # tiles
-    middle = (road_top + ego_top) / 2
-    scene.paint_class(scene.rect(road_top, ego_top, 0, width), ROAD,
-                      lambda yy, xx: np.where((np.abs(yy - middle) < 0.6) & (xx % 8 < 4), 1.4, 1.0))  # lane marks
+    weights = rng.uniform(0.7, 1.3, size=len(STUFF))
+    edges = ego_top * np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
+    scene.paint_class(scene.rect(0, ego_top, 0, width), style.band_order[0])
+    for position in range(1, len(STUFF)):
+        # A ragged upper edge, within 0.3 of the thinner neighbouring band of its mean height.
+        thinner = min(edges[position] - edges[position - 1], edges[position + 1] - edges[position])
+        columns = np.linspace(0, width, int(rng.integers(3, 7)) + 1)
+        offsets = rng.uniform(-0.3, 0.3, size=len(columns) - 1) * thinner
+        edge = edges[position] + offsets[np.searchsorted(columns[1:-1], scene.xx, side="right")]
+        scene.paint_class((scene.yy >= np.round(edge)) & (scene.yy < ego_top), style.band_order[position])
     scene.paint(scene.rect(ego_top, height, 0, width), EGO_VEHICLE)
-    _draw_far_lane(scene, rng, road_top + rng.uniform(0.3, 0.4) * (ego_top - road_top), scale)
-    left = rng.uniform(0, width * 0.95)
-    scene.paint(scene.rect(kerb - 0.05 * height, kerb + 0.03 * height, left, left + 0.04 * width), STATIC)
-    _draw_sidewalk_objects(scene, rng, kerb, road_top, scale)
-    _draw_near_lane(scene, rng, ego_top - rng.uniform(0.0, 0.03) * height, scale)
+    for _ in range(int(rng.integers(2, 5))):
+        top, left = rng.uniform(0, ego_top - 2), rng.uniform(0, width - 2)
+        scene.paint(scene.rect(top, top + rng.integers(1, 3), left, left + rng.integers(1, 3)), UNLABELED)
+    rows, columns = np.linspace(0, ego_top, GRID_ROWS + 1), np.linspace(0, width, GRID_COLUMNS + 1)
+    ridden = "motorcycle" if rng.random() < 0.5 else "bicycle"
+    for thing, cell in zip(THINGS, rng.permutation(GRID_ROWS * GRID_COLUMNS)):
+        row, column = divmod(int(cell), GRID_COLUMNS)
+        _draw_thing(scene, rng, thing, (rows[row], rows[row + 1], columns[column], columns[column + 1]),
+                    style.scale, thing == ridden)
     return scene
 
 
-def _draw_kerb(scene: _Scene, rng: np.random.Generator, kerb: float, scale: float) -> None:
-    """Vegetation, terrain, a wall and a fence standing on the kerb, each in its own quarter of the
-    width so that none hides another."""
-    height, slot = scene.height, scene.width / 4
-    for cls, start in zip((VEGETATION, TERRAIN, WALL, FENCE), rng.permutation(4) * slot):
-        size = min(1.0, rng.uniform(0.6, 0.9) * scale) * slot
-        left = start + rng.uniform(0, slot - size)
-        if cls == VEGETATION:
-            ry = rng.uniform(0.12, 0.18) * height * scale
-            scene.paint_class(scene.ellipse(kerb - ry, left + size / 2, ry, size / 2), VEGETATION,
-                              lambda yy, xx: rng.uniform(0.65, 1.1, size=yy.shape))  # leaves
-        elif cls == TERRAIN:
-            top = kerb - rng.uniform(0.04, 0.07) * height * scale
-            scene.paint_class(scene.rect(top, kerb, left, left + size), TERRAIN,
-                              lambda yy, xx: rng.uniform(0.85, 1.15, size=yy.shape))  # grass
-        elif cls == WALL:
-            top = kerb - rng.uniform(0.1, 0.16) * height * scale
-            scene.paint_class(scene.rect(top, kerb, left, left + size), WALL,
-                              lambda yy, xx: np.where(yy % 3 == 0, 0.75, 1.0))  # courses of bricks
+def _draw_thing(scene: _Scene, rng: np.random.Generator, thing: str, cell: Tuple[float, float, float, float],
+                scale: float, ridden: bool) -> None:
+    """``thing`` inside ``cell`` (top, bottom, left, right), at a random place in it."""
+    top, bottom, left, right = cell
+    cell_height, cell_width = bottom - top, right - left
+
+    def place(tall: float, wide: float) -> Tuple[float, float, float, float]:
+        """A box of ``tall`` x ``wide`` (fractions of the cell, times the scale) somewhere in the cell."""
+        tall, wide = min(cell_height, tall * scale * cell_height), min(cell_width, wide * scale * cell_width)
+        y, x = rng.uniform(top, bottom - tall), rng.uniform(left, right - wide)
+        return y, y + tall, x, x + wide
+
+    if thing == "wall":
+        scene.paint_class(scene.rect(*place(rng.uniform(0.4, 0.7), rng.uniform(0.55, 0.8))), WALL)
+    elif thing == "fence":  # posts and two rails
+        y0, y1, x0, x1 = place(rng.uniform(0.4, 0.65), rng.uniform(0.55, 0.8))
+        region = scene.rect(y0, y1, x0, x1)
+        yy, xx = scene.yy[region], scene.xx[region]
+        rails = (np.abs(yy - (y0 + 0.25 * (y1 - y0))) < 0.6) | (np.abs(yy - (y0 + 0.7 * (y1 - y0))) < 0.6)
+        mask = np.zeros(scene.label.shape, dtype=bool)
+        mask[region] = rails | (xx % 3 == 0)
+        scene.paint_class(mask, FENCE)
+    elif thing in ("light", "sign"):  # a pole carrying it
+        y0, y1, x0, _ = place(rng.uniform(0.75, 0.95), 0.0)
+        x0 = min(x0 + 0.3 * cell_width, right - 2.0)
+        pole_width = max(1.0, 0.05 * cell_width * scale)
+        size = max(2.0, 0.25 * cell_height * scale)
+        scene.paint_class(scene.rect(y0 + size, y1, x0, x0 + pole_width), POLE)
+        if thing == "light":
+            scene.paint_class(scene.rect(y0, y0 + size, x0 - size / 4, x0 + pole_width + size / 4), TRAFFIC_LIGHT)
         else:
-            top = kerb - rng.uniform(0.08, 0.14) * height * scale
-            scene.paint_class(scene.rect(top, kerb, left, left + size), FENCE,
-                              lambda yy, xx: np.where(xx % 3 == 0, 0.5, 1.0))  # bars
-
-
-def _draw_far_lane(scene: _Scene, rng: np.random.Generator, bottom: float, scale: float) -> None:
-    """A train, a bus and a truck, each in its own third of the width; low enough to leave the kerb
-    objects visible."""
-    height, slot = scene.height, scene.width / 3
-    for cls, start in zip((TRAIN, BUS, TRUCK), rng.permutation(3) * slot):
-        if cls == TRAIN:
-            size, tall = rng.uniform(0.85, 1.0) * slot, rng.uniform(0.1, 0.14) * height * scale
-            left = start + rng.uniform(0, slot - size)
-            scene.paint_class(  # a row of windows
-                scene.rect(bottom - tall, bottom, left, left + size), TRAIN,
-                lambda yy, xx: np.where((yy > bottom - 0.8 * tall) & (yy < bottom - 0.4 * tall) & (xx % 4 != 0),
-                                        0.55, 1.0))
-        elif cls == BUS:
-            size = min(1.0, rng.uniform(0.6, 0.8) * scale) * slot
-            tall = rng.uniform(0.12, 0.15) * height * scale
-            left = start + rng.uniform(0, slot - size)
-            scene.paint_class(  # windows in the upper part
-                scene.rect(bottom - tall, bottom, left, left + size), BUS,
-                lambda yy, xx: np.where((yy < bottom - 0.6 * tall) & (xx % 4 < 2), 0.6, 1.0))
-        else:
-            size = min(0.8, rng.uniform(0.45, 0.6) * scale) * slot  # the box; the cab adds a quarter
-            tall = rng.uniform(0.1, 0.13) * height * scale
-            left = start + rng.uniform(0, slot - 1.25 * size)
-            scene.paint_class(scene.rect(bottom - tall, bottom, left, left + size), TRUCK)
-            scene.paint_class(scene.rect(bottom - 0.6 * tall, bottom, left + size, left + 1.25 * size), TRUCK, 0.8)
-
-
-def _draw_sidewalk_objects(scene: _Scene, rng: np.random.Generator, kerb: float, road_top: float,
-                           scale: float) -> None:
-    """Two poles, one in each half of the width, carrying a traffic light and a traffic sign; a person."""
-    height, width = scene.height, scene.width
-    pole_width = max(1.0, 0.012 * width * scale)
-    for cls, low in ((TRAFFIC_LIGHT, 0.05), (TRAFFIC_SIGN, 0.55)):
-        x = rng.uniform(low, low + 0.4) * width
-        top = kerb - rng.uniform(0.3, 0.4) * height * scale
-        scene.paint_class(scene.rect(top, road_top, x, x + pole_width), POLE)
-        size = max(2.0, 0.08 * height * scale)
-        if cls == TRAFFIC_LIGHT:
-            scene.paint_class(  # lamps
-                scene.rect(top - size, top, x - size / 4, x + pole_width + size / 4), TRAFFIC_LIGHT,
-                lambda yy, xx: np.where(yy % 2 == 0, 1.3, 0.5))
-        else:
-            half, cx = size / 2, x + pole_width / 2
-            diamond = np.abs(scene.yy - (top - half)) + np.abs(scene.xx - cx) <= half
+            half, cx = size / 2, x0 + pole_width / 2
+            diamond = np.abs(scene.yy - (y0 + half)) + np.abs(scene.xx - cx) <= half
             scene.paint_class(diamond, TRAFFIC_SIGN)
-    tall = rng.uniform(0.18, 0.24) * height * scale
-    scene.paint_class(
-        scene.ellipse(road_top - tall / 2, rng.uniform(0.05, 0.95) * width, tall / 2, 0.02 * width * scale), PERSON
-    )
-
-
-def _draw_near_lane(scene: _Scene, rng: np.random.Generator, bottom: float, scale: float) -> None:
-    """A car, a motorcycle and a bicycle, each in its own third of the width; one two-wheeler has a rider."""
-    height, slot = scene.height, scene.width / 3
-    ridden = MOTORCYCLE if rng.random() < 0.5 else BICYCLE
-    for cls, start in zip((CAR, MOTORCYCLE, BICYCLE), rng.permutation(3) * slot):
-        centre = start + slot / 2 + rng.uniform(-0.15, 0.15) * slot
-        if cls == CAR:
-            half, tall = min(0.45, rng.uniform(0.28, 0.4) * scale) * slot, 0.1 * height * scale
-            scene.paint_class(scene.rect(bottom - tall, bottom, centre - half, centre + half), CAR)
-            top = bottom - 1.7 * tall
-            cabin = scene.rect(top, bottom - tall, centre - half / 2, centre + half / 2)
-            scene.paint_class(cabin, CAR, 0.6)
-        elif cls == MOTORCYCLE:
-            ry = 0.05 * height * scale
-            scene.paint_class(scene.ellipse(bottom - ry, centre, ry, 0.2 * slot * scale), MOTORCYCLE)
-            top = bottom - 2 * ry
-        else:
-            radius = max(1.2, 0.06 * height * scale)
-            for cx in (centre - 1.5 * radius, centre + 1.5 * radius):  # wheels: rings
-                distance = np.hypot(scene.yy - (bottom - radius), scene.xx - cx)
+    elif thing == "person":
+        y0, y1, x0, x1 = place(rng.uniform(0.6, 0.85), 0.15)
+        scene.paint_class(scene.ellipse((y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2, (x1 - x0) / 2), PERSON)
+    elif thing == "car":  # a body and a darker cabin
+        y0, y1, x0, x1 = place(rng.uniform(0.5, 0.7), rng.uniform(0.6, 0.85))
+        split, quarter = y0 + 0.45 * (y1 - y0), (x1 - x0) / 4
+        scene.paint_class(scene.rect(split, y1, x0, x1), CAR)
+        scene.paint_class(scene.rect(y0, split, x0 + quarter, x1 - quarter), CAR, 0.6)
+    elif thing == "truck":  # a box and a lower cab
+        y0, y1, x0, x1 = place(rng.uniform(0.5, 0.75), rng.uniform(0.7, 0.9))
+        box = x0 + 0.75 * (x1 - x0)
+        scene.paint_class(scene.rect(y0, y1, x0, box), TRUCK)
+        scene.paint_class(scene.rect(y0 + 0.4 * (y1 - y0), y1, box, x1), TRUCK, 0.8)
+    elif thing == "bus":
+        scene.paint_class(scene.rect(*place(rng.uniform(0.55, 0.75), rng.uniform(0.7, 0.9))), BUS)
+    elif thing == "train":
+        scene.paint_class(scene.rect(*place(rng.uniform(0.4, 0.55), rng.uniform(0.9, 1.0) / scale)), TRAIN)
+    elif thing == "static":
+        scene.paint(scene.rect(*place(rng.uniform(0.3, 0.5), rng.uniform(0.15, 0.25))), STATIC)
+    else:  # a two-wheeler in the lower part of the cell, maybe with a rider above it
+        y0, y1, x0, x1 = place(rng.uniform(0.3, 0.4), rng.uniform(0.45, 0.6))
+        y0, y1 = bottom - (y1 - y0), bottom
+        cx = (x0 + x1) / 2
+        if thing == "motorcycle":
+            scene.paint_class(scene.ellipse((y0 + y1) / 2, cx, (y1 - y0) / 2, (x1 - x0) / 2), MOTORCYCLE)
+        else:  # two rings and a frame
+            radius = max(1.2, min((y1 - y0) / 2, (x1 - x0) / 4))
+            for wheel in (cx - 1.5 * radius, cx + 1.5 * radius):
+                distance = np.hypot(scene.yy - (y1 - radius), scene.xx - wheel)
                 scene.paint_class((distance <= radius) & (distance >= 0.45 * radius), BICYCLE)
-            frame = scene.rect(bottom - radius, bottom - radius + 1, centre - 1.5 * radius, centre + 1.5 * radius)
-            scene.paint_class(frame, BICYCLE)
-            top = bottom - 2 * radius
-        if cls == ridden:
-            tall = rng.uniform(0.12, 0.16) * height * scale
-            rider = scene.ellipse(top - tall / 2 + 0.5, centre, tall / 2, 0.02 * scene.width * scale)
-            scene.paint_class(rider, RIDER)
+            scene.paint_class(scene.rect(y1 - radius, y1 - radius + 1, cx - 1.5 * radius, cx + 1.5 * radius),
+                              BICYCLE)
+        if ridden:
+            tall = max(1.5, (y0 - top) * rng.uniform(0.7, 0.95))
+            scene.paint_class(scene.ellipse(y0 - tall / 2 + 0.5, cx, tall / 2, 0.08 * cell_width * scale), RIDER)
 
 
 def _domain_pattern(style: DomainStyle, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """The domain's texture: values in [-1, 1] over the image."""
-    name, period = DOMAIN_TEXTURES[style.texture], style.period
-    if name == "grain":
-        return rng.uniform(-1.0, 1.0, size=yy.shape)
-    if name == "horizontal stripes":
-        stripes = yy // period
-    elif name == "vertical stripes":
-        stripes = xx // period
-    elif name == "diagonal stripes":
-        stripes = (xx + yy) // period
-    else:
-        stripes = xx // period + yy // period
+    """The domain's pattern: values in [-1, 1] over the image."""
+    name, period = DOMAIN_PATTERNS[style.pattern], style.period
+    iy, ix = (yy // period).astype(np.int64), (xx // period).astype(np.int64)
+    if name == "grain":  # blocks of period x period pixels
+        return rng.uniform(-1.0, 1.0, size=(iy.max() + 1, ix.max() + 1))[iy, ix]
+    if name == "grid":
+        return np.where((yy % (period + 1) == 0) | (xx % (period + 1) == 0), 1.0, -0.3)
+    stripes = {"horizontal stripes": iy, "vertical stripes": ix, "diagonal stripes": (xx + yy) // period,
+               "anti-diagonal stripes": (xx - yy) // period, "checks": ix + iy}[name]
     return np.where(stripes % 2 == 0, 1.0, -1.0)
 
 
@@ -303,13 +303,21 @@ def synthetic_domain_item(seed: int, domain: int, index: int, width: int, height
     """Image ``index`` of ``domain``: (RGB image (H, W, 3) uint8, raw label ids (H, W) uint8)."""
     style = domain_style(domain)
     rng = np.random.default_rng([seed, domain, index])
-    scene = _draw_scene(rng, height, width, style.scale)
+    scene = _draw_scene(rng, height, width, style)
     colours = np.zeros((256, 3))
+    appearance = np.full(256, -1)
     for train_id, label_id in enumerate(LABEL_ID_OF_TRAIN_ID):
-        colours[label_id] = class_colour(train_id, style.hue_shift)
+        appearance[label_id] = style.appearance[train_id]
+        colours[label_id] = appearance_colour(style.appearance[train_id])
     for label_id, colour in VOID_COLOURS.items():
         colours[label_id] = colour
-    image = colours[scene.label] * scene.shade[..., None]
+    shade = scene.shade
+    appearances = appearance[scene.label]
+    for entry in range(NUM_DOMAIN_CLASSES):
+        region = appearances == entry
+        if region.any():
+            shade[region] *= _appearance_texture(entry, rng, scene.yy[region], scene.xx[region])
+    image = colours[scene.label] * shade[..., None]
     image += style.amplitude * _domain_pattern(style, rng, scene.yy, scene.xx)[..., None]
     image *= np.asarray(style.gain)
     image = (image - 128.0) * style.contrast + 128.0 + style.brightness
