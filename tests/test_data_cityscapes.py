@@ -375,6 +375,23 @@ def test_generator_marker(tmp_path):
     assert not os.path.exists(stray) and os.path.exists(os.path.join(folder, MARKER))
 
 
+def test_ensure_keeps_other_parameters_but_redoes_another_generator_version(tmp_path):
+    import json
+
+    from segmentation.data.synthetic_domain import ensure_synthetic_domain
+
+    folder = generate_synthetic_domain(str(tmp_path / "SyntheticCityscapes"), 2, 32, 16)
+    assert ensure_synthetic_domain(str(tmp_path)) == folder
+    assert len(os.listdir(os.path.join(folder, "gtFine", "val", "munster"))) == 2  # a test tree: kept
+    marker = os.path.join(folder, MARKER)
+    params = json.loads(open(marker).read())
+    params["version"] -= 1  # written by an earlier generator: its images are stale
+    with open(marker, "w") as handle:
+        json.dump(params, handle)
+    ensure_synthetic_domain(str(tmp_path))
+    assert len(os.listdir(os.path.join(folder, "gtFine", "val", "munster"))) == 12  # the default tree
+
+
 def test_default_tree_is_written_on_first_use(tmp_path):
     dataset = build_domain_dataset("synthetic_domain", str(tmp_path), "offline", 0, "train")
     assert len(dataset) == 21 * int(0.8 * 12)

@@ -359,8 +359,10 @@ def generate_synthetic_domain(
 
 
 def ensure_synthetic_domain(root: str) -> str:
-    """``<root>/SyntheticCityscapes``, generated with the default parameters if it is missing or unfinished."""
+    """``<root>/SyntheticCityscapes``, generated with the default parameters if it is missing, unfinished or
+    written by another version of the generator (a tree of other parameters is kept)."""
     directory = os.path.join(root, SYNTHETIC_DOMAIN_DIR)
-    if _read_marker(os.path.join(directory, MARKER)) is None:
+    marker = _read_marker(os.path.join(directory, MARKER))
+    if marker is None or marker.get("version") != GENERATOR_VERSION:
         generate_synthetic_domain(directory)
     return directory
