@@ -101,3 +101,21 @@ def test_missing_cityscapes_names_both_places(tmp_path):
                           "--no_pretrained"]).dataset == "cityscapes_domain"
     (tmp_path / "data" / "cityscapes").mkdir()
     assert parse_options(["--dataset", "cityscapes_domain", "--task", "1-1", "--no_pretrained"]).task == "1-1"
+
+
+@pytest.mark.usefixtures("option_workdir")
+def test_plops_cityscapes_script_lines_parse(tmp_path):
+    # As PLOP's scripts/cityscapesDomain/plop_cityscapesDomain_1-1.sh (plop-spec §13.9) write them, step 0 then 1.
+    (tmp_path / "cityscapes" / "leftImg8bit").mkdir(parents=True)
+    common = ["--data_root", "cityscapes", "--batch_size", "12", "--dataset", "cityscapes_domain", "--name", "PLOP",
+              "--task", "1-1", "--overlap", "--opt_level", "O1", "--date", "2021-05-26", "--checkpoint",
+              "checkpoints/step/", "--epochs", "50", "--method", "FT", "--pod", "local", "--pod_factor", "0.0001",
+              "--pod_logits", "--no_pretrained"]
+    step0 = parse_options([*common, "--step", "0", "--lr", "0.01"])
+    logits = '{"switch": {"after": {"extra_channels": "sum", "factor": 0.001, "type": "local"}}}'
+    step1 = parse_options([*common, "--step", "1", "--lr", "0.001", "--pod_options", logits])
+    assert (step0.dataset, step0.task, step0.steps, step0.amp) == ("cityscapes_domain", "1-1", (0,), "fp16")
+    assert step1.steps == (1,) and step1.incremental_lr is None and step1.lr == 0.001
+    # The script's step 1 is what --method PLOP fills in on 1-1.
+    assert step1.methods == parse_options([*DOMAIN, "--task", "1-1", "--method", "PLOP"]).methods
+    assert step1.label_protocol == "mib" and step1.methods.pseudo is None
