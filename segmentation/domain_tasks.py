@@ -4,10 +4,20 @@ Every step trains the same 19 Cityscapes classes on new cities ("domains"). A ci
 its position in ``CITIES``, the original code's table (not alphabetical: the three cities of the
 official val split come last). ``DOMAIN_TASKS[task][step]`` lists the domain ids a step trains on.
 There is no background class: train id 0 is ``road``, and pixels of any other label id are ignored.
+
+Also here, without torch, so that the option checks can use them: the domain datasets, where their
+folder is under ``--data_root`` and the ``--domain_split`` modes (``data/cityscapes.py`` reads the data).
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List
+
+DOMAIN_DATASETS = ("cityscapes_domain", "synthetic_domain")
+# How a city's images divide into training and held-out ones (``--domain_split``; data/cityscapes.py).
+DOMAIN_SPLIT_MODES = ("per_city", "plop")
+CITYSCAPES_DIR = "cityscapes"
+SYNTHETIC_DOMAIN_DIR = "SyntheticCityscapes"
 
 # (city, the official split its images are in), indexed by domain id.
 CITIES = (
@@ -35,6 +45,25 @@ def _domain_steps(first: int, increment: int) -> Dict[int, List[int]]:
     for start in range(first, NUM_DOMAINS, increment):
         steps[len(steps)] = list(range(start, min(start + increment, NUM_DOMAINS)))
     return steps
+
+
+def check_domain_dataset(name: str) -> None:
+    if name not in DOMAIN_DATASETS:
+        raise ValueError(f"unknown domain dataset {name!r}; valid datasets: {', '.join(DOMAIN_DATASETS)}")
+
+
+def cityscapes_folder(name: str, root: str) -> str:
+    """The folder read for dataset ``name`` under ``root`` (``--data_root``).
+
+    cityscapes_domain: ``root`` itself when it holds ``leftImg8bit/`` (PLOP's ``--data_root``), else
+    ``<root>/cityscapes``. synthetic_domain: ``<root>/SyntheticCityscapes``.
+    """
+    check_domain_dataset(name)
+    if name == "synthetic_domain":
+        return os.path.join(root, SYNTHETIC_DOMAIN_DIR)
+    if os.path.isdir(os.path.join(root, "leftImg8bit")):
+        return root
+    return os.path.join(root, CITYSCAPES_DIR)
 
 
 DOMAIN_TASKS: Dict[str, Dict[int, List[int]]] = {

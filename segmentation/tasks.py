@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .domain_tasks import DOMAIN_TASKS, NUM_DOMAIN_CLASSES
+from .domain_tasks import DOMAIN_DATASETS, DOMAIN_TASKS, NUM_DOMAIN_CLASSES
 
 Task = Dict[int, List[int]]
 
@@ -124,7 +124,6 @@ TASKS: Dict[str, Dict[str, Task]] = {
 TASKS["synthetic"] = TASKS["voc"]
 
 # Cityscapes with PLOP's domain tasks, and its synthetic stand-in.
-DOMAIN_DATASETS = ("cityscapes_domain", "synthetic_domain")
 for _name in DOMAIN_DATASETS:
     TASKS[_name] = DOMAIN_TASKS
 

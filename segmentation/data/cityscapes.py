@@ -31,37 +31,20 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..domain_tasks import (
-    CITIES, CITY_NAMES, DOMAIN_TASKS, LABEL_ID_OF_TRAIN_ID, NUM_DOMAIN_CLASSES, NUM_DOMAINS,
+    CITIES, CITY_NAMES, CITYSCAPES_DIR, DOMAIN_SPLIT_MODES, DOMAIN_TASKS, LABEL_ID_OF_TRAIN_ID, NUM_DOMAIN_CLASSES,
+    NUM_DOMAINS, check_domain_dataset, cityscapes_folder,
 )
-from ..tasks import DOMAIN_DATASETS
 from .dataset import IncrementalSegmentationDataset, Transform
 from .protocol import IGNORE_INDEX
 from .readers import SPLIT_NAMES, DatasetError
 from .splits import on_main_process
 
-DOMAIN_SPLIT_MODES = ("per_city", "plop")
-CITYSCAPES_DIR = "cityscapes"
-SYNTHETIC_DOMAIN_DIR = "SyntheticCityscapes"
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 OFFICIAL_SPLITS = ("train", "val")  # the official splits read, in this order
 TRAIN_FRACTION = 0.8
 SPLIT_SEED = 1  # the original's hard-coded numpy.random.RandomState(1)
-
-
-def cityscapes_folder(name: str, root: str) -> str:
-    """The folder read for dataset ``name`` under ``root`` (``--data_root``).
-
-    cityscapes_domain: ``root`` itself when it holds ``leftImg8bit/`` (PLOP's ``--data_root``), else
-    ``<root>/cityscapes``. synthetic_domain: ``<root>/SyntheticCityscapes``.
-    """
-    _check_dataset_name(name)
-    if name == "synthetic_domain":
-        return os.path.join(root, SYNTHETIC_DOMAIN_DIR)
-    if os.path.isdir(os.path.join(root, "leftImg8bit")):
-        return root
-    return os.path.join(root, CITYSCAPES_DIR)
 
 
 def train_id_lut() -> np.ndarray:
@@ -174,7 +157,7 @@ def build_domain_dataset(
     ``synthetic_domain`` the tree is generated under ``root`` on first use, on the main process
     only (``splits.on_main_process``). ``seed`` seeds the transform's augmentation, not the split.
     """
-    _check_dataset_name(name)
+    check_domain_dataset(name)
     _check_selection(task, step, split, split_mode)
     if domains is not None:
         unknown = [domain for domain in domains if not 0 <= domain < NUM_DOMAINS]
@@ -208,11 +191,6 @@ def build_domain_dataset(
         transform,
         seed,
     )
-
-
-def _check_dataset_name(name: str) -> None:
-    if name not in DOMAIN_DATASETS:
-        raise ValueError(f"unknown domain dataset {name!r}; valid datasets: {', '.join(DOMAIN_DATASETS)}")
 
 
 def _check_selection(task: str, step: int, split: str, mode: str) -> None:

@@ -60,7 +60,8 @@ from typing import Callable, Tuple, Union
 import numpy as np
 
 from ..domain_tasks import CITIES, LABEL_ID_OF_TRAIN_ID, NUM_DOMAIN_CLASSES, NUM_DOMAINS
-from .cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, SYNTHETIC_DOMAIN_DIR
+from ..domain_tasks import SYNTHETIC_DOMAIN_DIR
+from .cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX
 from .synthetic import MARKER, Item, _read_marker, _write_item, _write_marker
 
 # Bump when the drawing changes, so that existing folders are regenerated.

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 from segmentation import tasks
 from segmentation.config import Config
+from segmentation.domain_tasks import CITYSCAPES_DIR, SYNTHETIC_DOMAIN_DIR, cityscapes_folder
 from segmentation.errors import SetupError, UsageError
 from segmentation.methods import active_methods, methods_option_owners, non_negative_options
 
@@ -35,7 +36,7 @@ ADE_BALANCED_SPLITS: Dict[str, List[int]] = {
 # Folder of each dataset under --data_root (as segmentation.data.readers.DATASET_DIRS, which
 # imports torch; the option checks must not).
 DATASET_FOLDERS = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "synthetic": "SyntheticVOC",
-                   "cityscapes_domain": "cityscapes", "synthetic_domain": "SyntheticCityscapes"}
+                   "cityscapes_domain": CITYSCAPES_DIR, "synthetic_domain": SYNTHETIC_DOMAIN_DIR}
 SYNTHETIC_DATASETS = ("synthetic", "synthetic_domain")
 
 # What a method option would do on a domain-incremental task (the same 19 classes at every step,
@@ -163,7 +164,7 @@ def _check_ade_splits(config: Config) -> None:
 def _check_data_root(config: Config) -> None:
     folder = os.path.join(config.data_root, DATASET_FOLDERS[config.dataset])
     if config.dataset == "cityscapes_domain":
-        if not (os.path.isdir(os.path.join(config.data_root, "leftImg8bit")) or os.path.isdir(folder)):
+        if not os.path.isdir(cityscapes_folder(config.dataset, config.data_root)):
             raise SetupError(
                 f"--dataset cityscapes_domain: no Cityscapes at {config.data_root} (no leftImg8bit/ there) nor at "
                 f"{folder}. Point --data_root at the folder holding leftImg8bit/ and gtFine/ (the unpacked "

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Set, Tuple
 
 from segmentation import tasks
 from segmentation.config import Config
+from segmentation.domain_tasks import DOMAIN_SPLIT_MODES
 from segmentation.engine.checks import check_options, pretrained_default_path
 from segmentation.errors import UsageError
 from segmentation.methods import (
@@ -36,8 +37,6 @@ from segmentation.methods import (
 )
 
 DATASETS = ("synthetic", "voc", "ade", "synthetic_domain", "cityscapes_domain")
-# As segmentation.data.cityscapes's DOMAIN_SPLIT_MODES (which imports torch; the parser must not).
-DOMAIN_SPLITS = ("per_city", "plop")
 DTYPES = ("float32", "float64")
 
 # As segmentation.data.protocol's LABEL_PROTOCOLS and DATA_MASKINGS (which imports torch; the
@@ -128,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "'cityscapes_domain' is PLOP's domain-incremental Cityscapes (tasks 11-5, 11-1, 1-1: "
                       "new cities, the same 19 classes), 'synthetic_domain' its generated stand-in "
                       "(<data_root>/SyntheticCityscapes)")
-    data.add_argument("--domain_split", default="per_city", choices=DOMAIN_SPLITS,
+    data.add_argument("--domain_split", default="per_city", choices=DOMAIN_SPLIT_MODES,
                       help="domain-incremental datasets: 'per_city' holds out 20%% of each city for "
                       "validation and test (no test image is ever trained on); 'plop' is the original "
                       "code's split, whose test sets from step 1 on hold images trained on")

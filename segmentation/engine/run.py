@@ -39,16 +39,15 @@ from segmentation import distributed, tasks
 from segmentation.config import Config
 from segmentation.data import CLASS_NAMES, build_dataset
 from segmentation.data.cityscapes import build_domain_dataset
-from segmentation.domain_tasks import CITY_NAMES
 from segmentation.data.dataset import held_out_split
 from segmentation.data.protocol import label_fates
 from segmentation.data.palette import colorize
 from segmentation.data.readers import label_family, list_name_for_split
 from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from segmentation.domain_tasks import CITY_NAMES
 from segmentation.engine import checkpoint
 from segmentation.engine.checks import ADE_BALANCED_SPLITS, run_checks
 from segmentation.engine.evaluation import build_eval_loader, evaluate
-from segmentation.metrics import segmentation_scores
 from segmentation.engine.logger import Logger
 from segmentation.engine.optim import build_optimizer, build_scheduler
 from segmentation.engine.original_checkpoint import adapt_checkpoint
@@ -58,6 +57,7 @@ from segmentation.engine.trainer import Trainer, TrainingInterrupted
 from segmentation.errors import UsageError
 from segmentation.faults import fault_point
 from segmentation.launch_env import read_env
+from segmentation.metrics import segmentation_scores
 from segmentation.signals import StopSignal
 from segmentation.methods.step_methods import StepMethods, StepStart, step_methods
 from segmentation.models import build_model
