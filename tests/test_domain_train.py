@@ -9,29 +9,21 @@ import pytest
 import torch
 
 from conftest import build_once, copy_run
-from train_cli_worker import REPO_ROOT, assert_states_equal, model_state, run_train, run_train_in_process, train_args
+from train_cli_worker import (
+    REPO_ROOT, assert_states_equal, model_state, printed, run_checkpoints, run_logs, run_train, run_train_in_process,
+    train_args,
+)
 
 # 5 images per city at 64x32: 4 trained on, 1 held out (--domain_split per_city). With 2 images per
 # batch a one-city step has 2 iterations.
 IMAGES_PER_CITY = 5
+DOMAIN_SETTING = "synthetic_domain-1-1"
 
 
 def domain_args(data_root, out, *extra, task="1-1", name="run"):
     args = train_args(data_root, out, "--crop_size", "32", "--batch_size", "2", *extra, task=task, name=name)
     args[args.index("--dataset") + 1] = "synthetic_domain"
     return args
-
-
-def _run_dir(out, task="1-1", name="run"):
-    return out / "checkpoints" / f"synthetic_domain-{task}" / name
-
-
-def _log_dir(out, task="1-1", name="run"):
-    return out / "logs" / f"synthetic_domain-{task}" / name
-
-
-def _output(result):
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +42,7 @@ def ft_domain_run(domain_root, tmp_path_factory) -> Path:
     """Steps 0-2 of 1-1 (aachen, bremen, darmstadt) with FT, in-step checkpoints every iteration."""
     def build(folder):
         result = run_train_in_process(domain_args(domain_root, folder, "--step", "0", "1", "2", "--ckpt_interval", "1"))
-        (folder / "output.txt").write_text(_output(result))
+        (folder / "output.txt").write_text(printed(result))
 
     return build_once(tmp_path_factory, "ft-domain-run", build)
 
@@ -62,14 +54,15 @@ def test_one_classifier_trained_city_after_city_and_scored_by_city(ft_domain_run
            "cities seen so far" in output
     assert "every validation image is also a test image" in output
     for step, old, new in ((0, [], ["aachen"]), (1, ["aachen"], ["bremen"]), (2, ["aachen", "bremen"], ["darmstadt"])):
-        results = json.loads((_log_dir(ft_domain_run) / f"step{step}.json").read_text())
+        results = json.loads((run_logs(ft_domain_run, DOMAIN_SETTING) / f"step{step}.json").read_text())
         assert (results["old_domains"], results["new_domains"]) == (old, new)
         assert results["class_names"][:2] == ["road", "sidewalk"] and len(results["class_iou"]) == 19
         assert results["miou_old"] is None and results["miou_all_fg"] is None  # no class groups, no background
         assert 0.0 <= results["miou_all"] <= 1.0 and 0.0 <= results["miou_new_domains"] <= 1.0
         assert (results["miou_old_domains"] is None) == (step == 0)
         assert f"step {step} test" in output
-        saved = torch.load(_run_dir(ft_domain_run) / f"step{step}.pth", map_location="cpu", weights_only=False)
+        saved = torch.load(run_checkpoints(ft_domain_run, DOMAIN_SETTING) / f"step{step}.pth", map_location="cpu",
+                           weights_only=False)
         assert saved["classes"] == [19] and saved["channel_order"] == list(range(19))
         assert saved["model_state"]["cls.0.weight"].shape[0] == 19 and "cls.1.weight" not in saved["model_state"]
 
@@ -85,13 +78,13 @@ def test_one_classifier_trained_city_after_city_and_scored_by_city(ft_domain_run
 @pytest.mark.parametrize("method, term", [("MiB", "loss_kd"), ("PLOP", "loss_pod"), ("LWF", "loss_kd"),
                                           ("ILT", "loss_de")])
 def test_methods_train_a_domain_step_from_the_ft_step0(method, term, ft_domain_run, domain_root, tmp_path):
-    step0 = _run_dir(ft_domain_run) / "step0.pth"
+    step0 = run_checkpoints(ft_domain_run, DOMAIN_SETTING) / "step0.pth"
     extra = ("--spp_scales", "1", "2") if method == "PLOP" else ()
     result = run_train_in_process(domain_args(domain_root, tmp_path, "--method", method, "--step", "1",
                                               "--step_ckpt", str(step0), *extra))
-    log = (_log_dir(tmp_path) / "train.log").read_text()
-    assert f" {term} " in log, _output(result)
-    results = json.loads((_log_dir(tmp_path) / "step1.json").read_text())
+    log = (run_logs(tmp_path, DOMAIN_SETTING) / "train.log").read_text()
+    assert f" {term} " in log, printed(result)
+    results = json.loads((run_logs(tmp_path, DOMAIN_SETTING) / "step1.json").read_text())
     assert results["method"] == method and results["old_domains"] == ["aachen"]
     if method in ("MiB", "PLOP"):  # the domain presets: nothing of the class-incremental ones that breaks here
         options = results["options"]
@@ -102,25 +95,27 @@ def test_methods_train_a_domain_step_from_the_ft_step0(method, term, ft_domain_r
 def test_killed_domain_step_resumes_bit_identically(ft_domain_run, domain_root, tmp_path):
     out = copy_run(ft_domain_run, tmp_path)
     for step in (1, 2):
-        (_run_dir(out) / f"step{step}.pth").unlink()
-        (_log_dir(out) / f"step{step}.json").unlink()
+        (run_checkpoints(out, DOMAIN_SETTING) / f"step{step}.pth").unlink()
+        (run_logs(out, DOMAIN_SETTING) / f"step{step}.json").unlink()
     args = domain_args(domain_root, out, "--step", "1", "2", "--ckpt_interval", "1")
     result = run_train(args, check=False, env={"SEGMENTATION_FAULT": "kill:train-iteration:2"})
-    assert result.returncode < 0 and (_run_dir(out) / "step1-iter1.pth").exists(), _output(result)
-    output = _output(run_train_in_process(args))
+    assert result.returncode < 0, printed(result)
+    assert (run_checkpoints(out, DOMAIN_SETTING) / "step1-iter1.pth").exists(), printed(result)
+    output = printed(run_train_in_process(args))
     assert "step 1: resumed from iteration 1" in output
     for step in (1, 2):
-        assert_states_equal(model_state(_run_dir(out) / f"step{step}.pth"),
-                            model_state(_run_dir(ft_domain_run) / f"step{step}.pth"))
+        assert_states_equal(model_state(run_checkpoints(out, DOMAIN_SETTING) / f"step{step}.pth"),
+                            model_state(run_checkpoints(ft_domain_run, DOMAIN_SETTING) / f"step{step}.pth"))
 
 
 def test_plop_split_mode_tests_on_the_validation_images_at_step_0(domain_root, tmp_path):
     result = run_train_in_process(domain_args(domain_root, tmp_path, "--step", "0", "--domain_split", "plop",
                                               "--epochs", "1"))
-    output = _output(result)
+    output = printed(result)
     assert "the original's split (--domain_split plop" in output
     assert "the validation images are the test images" in output
-    assert json.loads((_log_dir(tmp_path) / "step0.json").read_text())["options"]["domain_split"] == "plop"
+    results = json.loads((run_logs(tmp_path, DOMAIN_SETTING) / "step0.json").read_text())
+    assert results["options"]["domain_split"] == "plop"
 
 
 @pytest.mark.slow

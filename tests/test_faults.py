@@ -10,33 +10,23 @@ import torch
 
 from conftest import copy_run, mib_args
 from segmentation.engine.run_lock import RunLock
-from train_cli_worker import assert_states_equal, model_state, run_train, run_train_in_process, train_args
+from train_cli_worker import (
+    assert_states_equal, model_state, printed, run_checkpoints, run_logs, run_train, run_train_in_process, train_args,
+)
 
 EXIT_FAILED = 1
 SCORES = ("class_iou", "miou_all", "miou_old", "miou_new", "overall_acc", "mean_acc")
 
 
-def _run_dir(out):
-    return out / "checkpoints" / "synthetic-15-5" / "run"
-
-
-def _log_dir(out):
-    return out / "logs" / "synthetic-15-5" / "run"
-
-
-def _output(result):
-    return result.stdout + result.stderr
-
-
 def _killed_at(args, point):
     result = run_train(args, check=False, env={"SEGMENTATION_FAULT": f"kill:{point}"})
-    assert result.returncode == -signal.SIGKILL, _output(result)
-    return _output(result)
+    assert result.returncode == -signal.SIGKILL, printed(result)
+    return printed(result)
 
 
 def _failed(args, in_process=True, **kwargs):
     result = run_train_in_process(args, check=False) if in_process else run_train(args, check=False, **kwargs)
-    output = _output(result)
+    output = printed(result)
     assert result.returncode == EXIT_FAILED, output
     assert "Traceback" not in output, output
     return output
@@ -45,7 +35,7 @@ def _failed(args, in_process=True, **kwargs):
 @pytest.mark.slow
 def test_sigkill_at_every_point_of_a_step_then_rerun_is_bit_identical(mib_run, data_root, tmp_path):
     args = mib_args(data_root, tmp_path)
-    run_dir, log_dir = _run_dir(tmp_path), _log_dir(tmp_path)
+    run_dir, log_dir = run_checkpoints(tmp_path), run_logs(tmp_path)
 
     # 1. During the validation at the end of step 0: the in-step checkpoints are the restart point.
     _killed_at(args, "validation")
@@ -76,9 +66,9 @@ def test_sigkill_at_every_point_of_a_step_then_rerun_is_bit_identical(mib_run, d
     run_train_in_process(args)
     for step in (0, 1):
         assert_states_equal(model_state(run_dir / f"step{step}.pth"),
-                            model_state(_run_dir(mib_run) / f"step{step}.pth"))
+                            model_state(run_checkpoints(mib_run) / f"step{step}.pth"))
         ours = json.loads((log_dir / f"step{step}.json").read_text())
-        theirs = json.loads((_log_dir(mib_run) / f"step{step}.json").read_text())
+        theirs = json.loads((run_logs(mib_run) / f"step{step}.json").read_text())
         assert {key: ours[key] for key in SCORES} == {key: theirs[key] for key in SCORES}
     assert sorted(p.name for p in run_dir.iterdir()) == ["step0.pth", "step0.pth.corrupt", "step1.pth"]
     assert not list(log_dir.glob(".*.tmp"))
@@ -86,13 +76,13 @@ def test_sigkill_at_every_point_of_a_step_then_rerun_is_bit_identical(mib_run, d
 
 def test_corrupt_step_checkpoint_without_in_step_checkpoints_stops_with_a_message(mib_run, data_root, tmp_path):
     out = copy_run(mib_run, tmp_path)
-    broken = _run_dir(out) / "step0.pth"
+    broken = run_checkpoints(out) / "step0.pth"
     broken.write_bytes(b"\0" * 4096)
-    (_log_dir(out) / "step0.json").unlink()
+    (run_logs(out) / "step0.json").unlink()
     output = _failed(mib_args(data_root, out))
     assert f"error: cannot read checkpoint {broken}" in output
     assert "delete it (or restore it from a backup) and rerun the same command to train step 0 again" in output
-    assert not (_log_dir(out) / "step0.json").exists()
+    assert not (run_logs(out) / "step0.json").exists()
 
 
 def test_corrupt_checkpoint_options_are_reported(data_root, tmp_path):
@@ -108,18 +98,18 @@ def test_corrupt_checkpoint_options_are_reported(data_root, tmp_path):
 
 def test_second_launch_of_a_running_run_is_refused(data_root, tmp_path):
     args = mib_args(data_root, tmp_path)
-    with RunLock(_run_dir(tmp_path)):  # as a running launch holds it
+    with RunLock(run_checkpoints(tmp_path)):  # as a running launch holds it
         output = _failed(args)
-    assert f"another run is writing to {_run_dir(tmp_path)}" in output and "choose another --name" in output
-    assert not (_run_dir(tmp_path) / "step0.pth").exists()
+    assert f"another run is writing to {run_checkpoints(tmp_path)}" in output and "choose another --name" in output
+    assert not (run_checkpoints(tmp_path) / "step0.pth").exists()
 
 
 def test_overwrite_by_a_second_launch_leaves_the_running_run_alone(mib_run, data_root, tmp_path):
     copy_run(mib_run, tmp_path)
     files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    with RunLock(_run_dir(tmp_path)):  # as a running launch holds it
+    with RunLock(run_checkpoints(tmp_path)):  # as a running launch holds it
         output = _failed([*mib_args(data_root, tmp_path, "--weight_decay", "0.001"), "--overwrite"])
-    assert f"another run is writing to {_run_dir(tmp_path)}" in output
+    assert f"another run is writing to {run_checkpoints(tmp_path)}" in output
     assert {path: path.read_bytes() for path in files} == files
 
 
@@ -134,10 +124,10 @@ def test_write_error_stops_naming_the_file_and_leaves_no_temporary_file(data_roo
     # in-step checkpoint fails.
     args = train_args(data_root, tmp_path, "--step", "0", "--ckpt_interval", "2")
     output = _failed(args, in_process=False, preexec_fn=_file_size_limit(2**20))
-    path = _run_dir(tmp_path) / "step0-iter2.pth"
+    path = run_checkpoints(tmp_path) / "step0-iter2.pth"
     assert f"error: cannot write {path}: File too large" in output
     # No temporary file is left: the failed launch removes the run folder it created.
-    assert not _run_dir(tmp_path).exists()
+    assert not run_checkpoints(tmp_path).exists()
 
 
 def test_diverging_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
@@ -146,7 +136,7 @@ def test_diverging_loss_stops_naming_the_iteration_and_keeps_the_last_good_check
     output = _failed(args)
     assert "error: step 0: non-finite value (NaN or Inf) in the gradient at iteration 4" in output
     assert "the last in-step checkpoint (iteration 2) is kept" in output
-    kept = sorted(p.name for p in _run_dir(tmp_path).iterdir())
+    kept = sorted(p.name for p in run_checkpoints(tmp_path).iterdir())
     assert kept == ["step0-iter2.pth"]
-    state = model_state(_run_dir(tmp_path) / kept[0])
+    state = model_state(run_checkpoints(tmp_path) / kept[0])
     assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())

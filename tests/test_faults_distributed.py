@@ -5,7 +5,7 @@ import time
 import pytest
 
 from conftest import two_process_args
-from train_cli_worker import TORCHRUN, assert_states_equal, model_state, run_train
+from train_cli_worker import TORCHRUN, assert_states_equal, model_state, run_checkpoints, run_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -17,10 +17,6 @@ def _args(data_root, out, *extra):
     return args
 
 
-def _run_dir(out):
-    return out / "checkpoints" / "synthetic-15-5" / "run"
-
-
 def test_elastic_restart_after_a_killed_worker_ends_with_the_same_weights(two_process_run, data_root, tmp_path):
     out = tmp_path / "elastic"
     launcher = [*TORCHRUN, "--nproc_per_node", "2", "--max-restarts", "1"]
@@ -30,8 +26,9 @@ def test_elastic_restart_after_a_killed_worker_ends_with_the_same_weights(two_pr
                        env={"SEGMENTATION_FAULT": "kill:train-iteration:5@1"}, timeout=300)
     output = result.stdout + result.stderr
     assert "step 0: resumed from iteration 4" in output
-    assert_states_equal(model_state(_run_dir(out) / "step0.pth"), model_state(_run_dir(two_process_run) / "step0.pth"))
-    assert sorted(p.name for p in _run_dir(out).iterdir()) == ["step0.pth"]
+    assert_states_equal(model_state(run_checkpoints(out) / "step0.pth"),
+                        model_state(run_checkpoints(two_process_run) / "step0.pth"))
+    assert sorted(p.name for p in run_checkpoints(out).iterdir()) == ["step0.pth"]
 
 
 def test_hung_rank_makes_the_others_stop_within_the_timeout(data_root, tmp_path):

@@ -8,24 +8,14 @@ import pytest
 import torch
 
 from conftest import build_once, copy_run
-from train_cli_worker import assert_states_equal, model_state, run_train, run_train_in_process, train_args
+from train_cli_worker import (
+    assert_states_equal, model_state, printed, run_checkpoints, run_logs, run_train, run_train_in_process, train_args,
+)
 
 EXIT_INTERRUPTED = 3
 # 11 training images at step 1 with 2 per batch: 5 batches in the pass, 5 iterations per epoch.
 PLOP_OPTIONS = ("--method", "PLOP", "--batch_size", "2", "--ckpt_interval", "2", "--crop_size", "64")
 PASS_BATCHES = 5
-
-
-def _run_dir(out):
-    return out / "checkpoints" / "synthetic-15-5" / "run"
-
-
-def _log_dir(out):
-    return out / "logs" / "synthetic-15-5" / "run"
-
-
-def _output(result):
-    return result.stdout + result.stderr
 
 
 def plop_args(data_root, out, *extra):
@@ -37,7 +27,7 @@ def plop_run(data_root, tmp_path_factory):
     """Both steps of PLOP on synthetic 15-5 in one process (shared, read-only)."""
     def build(folder):
         result = run_train_in_process(plop_args(data_root, folder, "--step", "all"))
-        (folder / "output.txt").write_text(_output(result))
+        (folder / "output.txt").write_text(printed(result))
 
     return build_once(tmp_path_factory, "plop-run", build)
 
@@ -49,10 +39,10 @@ def test_plop_trains_both_steps_with_its_pass_and_losses(plop_run):
     assert f"step 1: PLOP's entropy thresholds (100 bins) over the {PASS_BATCHES} training batches of epoch 0" \
         in output
     assert "step 0: PLOP's" not in output  # step 0 is plain cross-entropy
-    log = (_log_dir(plop_run) / "train.log").read_text()
+    log = (run_logs(plop_run) / "train.log").read_text()
     assert re.search(r"epoch 1/1: loss [\d.]+, loss_cls [\d.]+, loss_pod [\d.]+", log)
-    assert sorted(path.name for path in _run_dir(plop_run).iterdir()) == ["step0.pth", "step1.pth"]
-    results = json.loads((_log_dir(plop_run) / "step1.json").read_text())
+    assert sorted(path.name for path in run_checkpoints(plop_run).iterdir()) == ["step0.pth", "step1.pth"]
+    results = json.loads((run_logs(plop_run) / "step1.json").read_text())
     assert results["method"] == "PLOP" and results["options"]["label_protocol"] == "plop"
     assert 0.0 <= results["miou_all"] <= 1.0
 
@@ -60,31 +50,31 @@ def test_plop_trains_both_steps_with_its_pass_and_losses(plop_run):
 @pytest.mark.slow
 def test_stopped_and_killed_step_with_pass_ends_bit_identical(plop_run, data_root, tmp_path):
     out = copy_run(plop_run, tmp_path)
-    (_run_dir(out) / "step1.pth").unlink()
-    (_log_dir(out) / "step1.json").unlink()
+    (run_checkpoints(out) / "step1.pth").unlink()
+    (run_logs(out) / "step1.json").unlink()
     args = plop_args(data_root, out, "--step", "1")
-    run_dir = _run_dir(out)
+    run_dir = run_checkpoints(out)
 
     # 1. SIGKILL in the pass: nothing of it was saved, the rerun starts it again.
     result = run_train(args, check=False, env={"SEGMENTATION_FAULT": "kill:data-pass-batch:2"})
-    assert result.returncode < 0 and not (run_dir / "step1-pass.pth").exists(), _output(result)
+    assert result.returncode < 0 and not (run_dir / "step1-pass.pth").exists(), printed(result)
 
     # 2. A stop signal in the pass: its counts are saved, exit code 3.
     result = run_train(args, check=False, env={"SEGMENTATION_FAULT": "term:data-pass-batch:3"})
-    assert result.returncode == EXIT_INTERRUPTED, _output(result)
+    assert result.returncode == EXIT_INTERRUPTED, printed(result)
     assert "the pass over the training set before the training of step 1 stopped by a signal after batch 3" \
-        in _output(result)
+        in printed(result)
     assert torch.load(run_dir / "step1-pass.pth", weights_only=False)["batches"] == 3
 
     # 3. The rerun continues the pass at batch 4, then SIGKILL in training (in-step checkpoint at 2).
     result = run_train(args, check=False, env={"SEGMENTATION_FAULT": "kill:train-iteration:3"})
-    assert f"step 1: PLOP's entropy thresholds (100 bins) continues at batch 3 of {PASS_BATCHES}" in _output(result)
+    assert f"step 1: PLOP's entropy thresholds (100 bins) continues at batch 3 of {PASS_BATCHES}" in printed(result)
     assert (run_dir / "step1-iter2.pth").exists() and (run_dir / "step1-pass.pth").exists()
 
     # 4. The last rerun resumes training; the thresholds come from the in-step checkpoint.
-    output = _output(run_train_in_process(args))
+    output = printed(run_train_in_process(args))
     assert "step 1: resumed from iteration 2" in output and "thresholds" not in output
-    assert_states_equal(model_state(run_dir / "step1.pth"), model_state(_run_dir(plop_run) / "step1.pth"))
+    assert_states_equal(model_state(run_dir / "step1.pth"), model_state(run_checkpoints(plop_run) / "step1.pth"))
     assert sorted(path.name for path in run_dir.iterdir()) == ["step0.pth", "step1.pth"]
 
 
@@ -106,10 +96,11 @@ def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
         return values
 
     run_train_in_process(args(tmp_path / "step0", 4, "--step", "0"))
-    step0 = _run_dir(tmp_path / "step0") / "step0.pth"
+    step0 = run_checkpoints(tmp_path / "step0") / "step0.pth"
     run_train_in_process(args(tmp_path / "one", 4, "--step", "1", "--step_ckpt", str(step0)))
     run_train(args(tmp_path / "two", 2, "--step", "1", "--step_ckpt", str(step0)), nproc=2)
-    one, two = model_state(_run_dir(tmp_path / "one") / "step1.pth"), model_state(_run_dir(tmp_path / "two") / "step1.pth")
+    one = model_state(run_checkpoints(tmp_path / "one") / "step1.pth")
+    two = model_state(run_checkpoints(tmp_path / "two") / "step1.pth")
     assert one.keys() == two.keys()
     for key, value in one.items():
         if value.is_floating_point():
@@ -122,14 +113,14 @@ def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
 def test_a_checkpoint_of_the_original_code_starts_step_1(plop_run, data_root, tmp_path):
     # PLOP's own step-0 checkpoint layout: the DDP wrapper's "module." keys under "model_state",
     # no task or classes, In-Place ABN 1.0's buffers (no num_batches_tracked).
-    ours = torch.load(_run_dir(plop_run) / "step0.pth", map_location="cpu", weights_only=False)["model_state"]
+    ours = torch.load(run_checkpoints(plop_run) / "step0.pth", map_location="cpu", weights_only=False)["model_state"]
     original = tmp_path / "15-5-voc_PLOP_0.pth"
     torch.save({"model_state": {f"module.{key}": value for key, value in ours.items()
                                 if not key.endswith("num_batches_tracked")}, "epoch": 30}, original)
-    output = _output(run_train_in_process(plop_args(data_root, tmp_path, "--step", "1", "--step_ckpt", str(original))))
+    output = printed(run_train_in_process(plop_args(data_root, tmp_path, "--step", "1", "--step_ckpt", str(original))))
     assert "a checkpoint of the original MiB/PLOP code, converted" in output
     # The running statistics' counters only count: every weight and statistic equals the run from our step 0.
-    step1 = model_state(_run_dir(tmp_path) / "step1.pth")
-    reference = model_state(_run_dir(plop_run) / "step1.pth")
+    step1 = model_state(run_checkpoints(tmp_path) / "step1.pth")
+    reference = model_state(run_checkpoints(plop_run) / "step1.pth")
     assert_states_equal({key: value for key, value in step1.items() if not key.endswith("num_batches_tracked")},
                         {key: value for key, value in reference.items() if not key.endswith("num_batches_tracked")})

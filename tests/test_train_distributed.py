@@ -11,19 +11,15 @@ import torch
 
 from conftest import copy_run, two_process_args
 from train_cli_worker import (
-    REPO_ROOT, assert_states_equal, default_workers, launcher_and_loader_workers, model_state, run_srun_like, run_train,
-    run_train_in_process, run_until, train_args,
+    REPO_ROOT, assert_states_equal, default_workers, launcher_and_loader_workers, model_state, run_checkpoints,
+    run_srun_like, run_train, run_train_in_process, run_until, train_args,
 )
 
 pytestmark = pytest.mark.distributed
 
 
-def _run_dir(out):
-    return out / "checkpoints" / "synthetic-15-5" / "run"
-
-
 def test_torchrun_trains_both_steps(two_process_run):
-    run_dir = _run_dir(two_process_run)
+    run_dir = run_checkpoints(two_process_run)
     assert sorted(p.name for p in run_dir.iterdir()) == ["step0.pth", "step1.pth"]
     for step in (0, 1):
         results = json.loads((two_process_run / "logs" / "synthetic-15-5" / "run" / f"step{step}.json").read_text())
@@ -55,8 +51,8 @@ def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
     run_train_in_process(_float64_ewc_args(data_root, one_dir, batch_size=4))
     run_train(_float64_ewc_args(data_root, two_dir, batch_size=2), nproc=2)
     for step in (0, 1):
-        one = torch.load(_run_dir(one_dir) / f"step{step}.pth", map_location="cpu", weights_only=False)
-        two = torch.load(_run_dir(two_dir) / f"step{step}.pth", map_location="cpu", weights_only=False)
+        one = torch.load(run_checkpoints(one_dir) / f"step{step}.pth", map_location="cpu", weights_only=False)
+        two = torch.load(run_checkpoints(two_dir) / f"step{step}.pth", map_location="cpu", weights_only=False)
         assert one["model_state"].keys() == two["model_state"].keys()
         for key, value in one["model_state"].items():
             if value.is_floating_point():
@@ -74,12 +70,12 @@ def test_torchrun_killed_mid_step_resumes_bit_identically(two_process_run, data_
     # Step 0 only: what follows a resumed step is the chained-run test's (test_train_resume.py).
     args = two_process_args(data_root, tmp_path)
     args[args.index("--step") + 1] = "0"
-    run_dir = _run_dir(tmp_path)
+    run_dir = run_checkpoints(tmp_path)
     code, _ = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGKILL, nproc=2)
     assert code != 0 and not (run_dir / "step0.pth").exists()
     result = run_train(args, nproc=2)
     assert "step 0: resumed from iteration" in result.stdout + result.stderr
-    assert_states_equal(model_state(run_dir / "step0.pth"), model_state(_run_dir(two_process_run) / "step0.pth"))
+    assert_states_equal(model_state(run_dir / "step0.pth"), model_state(run_checkpoints(two_process_run) / "step0.pth"))
 
 
 @pytest.mark.slow
@@ -88,7 +84,7 @@ def test_stop_signal_under_torchrun_stops_every_rank_with_a_checkpoint(data_root
     # torchrun does not handle it and dies, and its ranks then stop as if they had got SIGTERM.
     # (SIGTERM to torchrun is passed on to the ranks by torchrun itself.)
     args = default_workers(train_args(data_root, tmp_path, "--step", "0", "--epochs", "3", "--ckpt_interval", "2"))
-    run_dir = _run_dir(tmp_path)
+    run_dir = run_checkpoints(tmp_path)
     code, output = run_until(args, lambda: any(run_dir.glob("step0-iter*.pth")), sig=signal.SIGUSR1, nproc=2,
                              targets=launcher_and_loader_workers)
     assert code != 0
@@ -114,13 +110,13 @@ def test_two_process_test_scores_equal_single_process_scores(two_process_run, da
 
 def test_srun_launch_equals_torchrun_launch(two_process_run, data_root, tmp_path):
     # Same world size and batch split, so the weights must be bit-identical to the torchrun run.
-    step0 = _run_dir(two_process_run) / "step0.pth"
+    step0 = run_checkpoints(two_process_run) / "step0.pth"
     args = two_process_args(data_root, tmp_path)
     args[args.index("--step") + 1] = "1"
     outputs = run_srun_like([*args, "--step_ckpt", str(step0)], ntasks=2)
     assert "2 process(es)" in outputs[0]
-    assert_states_equal(model_state(_run_dir(tmp_path) / "step1.pth"),
-                        model_state(_run_dir(two_process_run) / "step1.pth"))
+    assert_states_equal(model_state(run_checkpoints(tmp_path) / "step1.pth"),
+                        model_state(run_checkpoints(two_process_run) / "step1.pth"))
 
 
 def test_original_launcher_and_entry_point(two_process_run, data_root, tmp_path):

@@ -196,6 +196,21 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def run_checkpoints(out: Path, setting: str = "synthetic-15-5", name: str = "run") -> Path:
+    """The checkpoint folder of run ``name`` of ``setting`` (``<dataset>-<task>[-ov]``) written under ``out``."""
+    return out / "checkpoints" / setting / name
+
+
+def run_logs(out: Path, setting: str = "synthetic-15-5", name: str = "run") -> Path:
+    """The log folder of run ``name`` of ``setting`` written under ``out``."""
+    return out / "logs" / setting / name
+
+
+def printed(result: subprocess.CompletedProcess) -> str:
+    """What a run printed: its standard output, then its standard error."""
+    return result.stdout + result.stderr
+
+
 def model_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)["model_state"]
 

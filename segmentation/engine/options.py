@@ -445,7 +445,8 @@ def _resolve_labels(values: Dict[str, Any]) -> List[str]:
     if tasks.is_domain_incremental(values["dataset"]):
         notes = [f"--{name} {values[name]}: ignored on --dataset {values['dataset']} (no background, no class "
                  "masking: every step labels the same 19 classes)"
-                 for name, default in (("label_protocol", None), ("data_masking", "current")) if values[name] != default]
+                 for name, default in (("label_protocol", None), ("data_masking", "current"))
+                 if values[name] != default]
         values["label_protocol"], values["data_masking"] = "mib", "current"
         return notes
     notes = []
