@@ -65,11 +65,11 @@ def check(device: torch.device, dtype: torch.dtype, channels_last: bool, with_re
     if channels_last:
         x, grad_out = x.to(memory_format=torch.channels_last), grad_out.to(memory_format=torch.channels_last)
 
-    norm_kernels.set_kernel_mode("never")
+    norm_kernels.set_kernel_mode("reference")
     truth = run(make_layer(32, torch.float64, device), x.double(), residual.double() if with_residual else None,
                 grad_out.double())
     reference = run(make_layer(32, dtype, device), x, residual, grad_out)
-    norm_kernels.set_kernel_mode("always")
+    norm_kernels.set_kernel_mode("fused")
     fused = run(make_layer(32, dtype, device), x, residual, grad_out)
     norm_kernels.set_kernel_mode("auto")
 
@@ -91,7 +91,7 @@ def check(device: torch.device, dtype: torch.dtype, channels_last: bool, with_re
 
 
 def gradcheck(device: torch.device) -> bool:
-    norm_kernels.set_kernel_mode("always")
+    norm_kernels.set_kernel_mode("fused")
     x = (torch.randn(3, 2, 3, 3, dtype=torch.float64, device=device) * 2 + 0.5).requires_grad_(True)
     residual = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     weight = torch.tensor([0.8, -1.3], dtype=torch.float64, device=device, requires_grad=True)
@@ -153,8 +153,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     shape = [int(n) for n in args.shape.split(",")]
     print(f"\nforward+backward of one InPlaceABN with residual on {shape} (channels_last), median of {args.repeats}:")
     for dtype in (torch.float32, torch.bfloat16):
-        reference = time_layer(device, shape, dtype, "never", args.repeats)
-        fused = time_layer(device, shape, dtype, "always", args.repeats)
+        reference = time_layer(device, shape, dtype, "reference", args.repeats)
+        fused = time_layer(device, shape, dtype, "fused", args.repeats)
         print(f"  {str(dtype).replace('torch.', '')}: reference {reference * 1e3:.2f} ms, fused {fused * 1e3:.2f} ms "
               f"({reference / fused:.1f}x)")
     print("all checks passed" if ok else "SOME CHECKS FAILED")

@@ -110,6 +110,8 @@ class Config:
     dtype: str
     channels_last: bool
     device: str
+    norm_kernels: str
+    tf32: str
     # checkpoints and resuming
     checkpoint_dir: str
     step_ckpt: Optional[str]
@@ -134,6 +136,7 @@ class Config:
     print_interval: int
     # distributed
     local_rank: Optional[int]
+    dist_backend: str
     collective_timeout: float
     # the methods' own options
     methods: MethodOptions = field(default_factory=lambda: MethodOptions({}))

@@ -15,7 +15,7 @@ from typing import Any, Iterator, List
 import torch
 import torch.distributed as dist
 
-from .errors import RunError
+from .errors import RunError, UsageError
 from .launch_env import DistEnv
 
 # How long a process waits for the others in a collective before it gives up (a hung or dead
@@ -27,18 +27,39 @@ class CollectiveError(RunError, RuntimeError):
     """A collective failed: another process hung past the timeout, died or closed its connection."""
 
 
-def local_device(env: DistEnv, device_type: str) -> torch.device:
-    """The device this process computes on: ``cuda:<local_rank>`` or ``cpu``."""
-    if device_type == "cuda":
-        return torch.device("cuda", env.local_rank)
-    return torch.device(device_type)
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def gpu_index(local_rank: int, gpu_count: int, backend: str) -> int:
+    """The GPU of the process with ``local_rank`` on a node with ``gpu_count`` GPUs: its own one,
+    or, with the gloo backend, one shared round-robin when there are more processes than GPUs
+    (NCCL refuses two processes on one GPU)."""
+    if local_rank < gpu_count:
+        return local_rank
+    if backend == "gloo":
+        return local_rank % gpu_count
+    raise UsageError(
+        f"the process of local rank {local_rank} has no GPU of its own: this node has {gpu_count}; start at "
+        f"most {gpu_count} processes per node (torchrun --nproc_per_node {gpu_count}, or the Slurm job's tasks "
+        "per node), or pass --dist_backend gloo to let processes share GPUs (slower; for tests)")
+
+
+def backend_name(backend: str, device_type: str) -> str:
+    """``--dist_backend`` resolved: "auto" is NCCL on CUDA, gloo otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown process-group backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    return backend
 
 
 _timeout_seconds = DEFAULT_TIMEOUT_SECONDS
 
 
-def init_distributed(env: DistEnv, device_type: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-    """Join the process group (NCCL for cuda, gloo otherwise); nothing to do for one process.
+def init_distributed(env: DistEnv, device_type: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+                     backend: str = "auto") -> None:
+    """Join the process group (``backend_name``: NCCL for cuda, gloo otherwise, unless ``backend``
+    says which); nothing to do for one process.
 
     A collective that waits more than ``timeout_seconds`` for another process fails (with NCCL
     its watchdog ends the process) instead of hanging until the cluster's time limit.
@@ -47,8 +68,6 @@ def init_distributed(env: DistEnv, device_type: str, timeout_seconds: float = DE
     _timeout_seconds = timeout_seconds
     if env.world_size == 1:
         return
-    if device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
     timeout = datetime.timedelta(seconds=timeout_seconds)
     store, _, _ = next(dist.rendezvous(
         f"tcp://{env.master_addr}:{env.master_port}", env.rank, env.world_size, timeout=timeout))
@@ -56,7 +75,7 @@ def init_distributed(env: DistEnv, device_type: str, timeout_seconds: float = DE
     # worker can read the address that a dead worker of the previous attempt published there.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
-        backend="nccl" if device_type == "cuda" else "gloo",
+        backend=backend_name(backend, device_type),
         store=dist.PrefixStore(f"attempt_{attempt}/", store),
         rank=env.rank,
         world_size=env.world_size,

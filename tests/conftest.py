@@ -70,7 +70,7 @@ def use_eager_fused_kernels(monkeypatch) -> None:
     from segmentation.models import norm_kernels
 
     monkeypatch.setattr(norm_kernels, "_compiled", {f.__name__: f for f in norm_kernels.FUSED_FUNCTIONS})
-    norm_kernels.set_kernel_mode("always")
+    norm_kernels.set_kernel_mode("fused")
 
 
 @pytest.fixture(params=["reference", "fused"])
@@ -81,7 +81,7 @@ def kernels(request, monkeypatch):
     if request.param == "fused":
         use_eager_fused_kernels(monkeypatch)
     else:
-        norm_kernels.set_kernel_mode("never")
+        norm_kernels.set_kernel_mode("reference")
     yield request.param
     norm_kernels.set_kernel_mode("auto")
 

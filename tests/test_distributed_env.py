@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from segmentation import distributed
+from segmentation.errors import UsageError
 from segmentation.launch_env import DistEnv, expand_nodelist, read_env
 
 from train_cli_worker import REPO_ROOT
@@ -72,8 +73,18 @@ def test_helpers_without_process_group():
     distributed.init_distributed(DistEnv(0, 1, 0, "127.0.0.1", 29500), "cpu")
     assert not distributed.is_initialized()
     distributed.cleanup()
-    assert distributed.local_device(DistEnv(0, 2, 1, "h", 1), "cuda") == torch.device("cuda", 1)
-    assert distributed.local_device(DistEnv(0, 2, 1, "h", 1), "cpu") == torch.device("cpu")
+
+
+def test_each_process_gets_its_own_gpu_or_shares_one_through_gloo():
+    assert [distributed.gpu_index(rank, 8, "auto") for rank in (0, 7)] == [0, 7]
+    assert [distributed.gpu_index(rank, 1, "gloo") for rank in (0, 1, 2)] == [0, 0, 0]
+    assert [distributed.gpu_index(rank, 2, "gloo") for rank in range(4)] == [0, 1, 0, 1]
+    for backend in ("auto", "nccl"):
+        with pytest.raises(UsageError, match="local rank 2 has no GPU of its own: this node has 2.*--dist_backend gloo"):
+            distributed.gpu_index(2, 2, backend)
+    assert distributed.backend_name("auto", "cuda") == "nccl"
+    assert distributed.backend_name("auto", "cpu") == "gloo"
+    assert distributed.backend_name("gloo", "cuda") == "gloo"
 
 
 WORKER = textwrap.dedent(

@@ -42,9 +42,9 @@ def run_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activat
 def test_selection(kernel_mode):
     cpu = torch.zeros(2, 3)
     assert not norm_kernels.use_fused(cpu)  # auto: CUDA only
-    kernel_mode("always")
+    kernel_mode("fused")
     assert norm_kernels.use_fused(cpu)
-    kernel_mode("never")
+    kernel_mode("reference")
     assert not norm_kernels.use_fused(cpu)
     with pytest.raises(ValueError, match="kernel mode"):
         kernel_mode("fast")
@@ -62,7 +62,7 @@ def test_fused_matches_reference(kernel_mode, monkeypatch, dtype, channels_last)
     bias = torch.linspace(0.3, -0.4, 5, dtype=torch.float64)
     args = (x.to(dtype), weight, bias, "leaky_relu", grad_out.to(dtype))
 
-    kernel_mode("never")
+    kernel_mode("reference")
     reference = run_layer(*args)
     use_eager_fused_kernels(monkeypatch)
     fused = run_layer(*args)
@@ -96,9 +96,9 @@ def _layer_call(with_residual: bool, device: str = "cpu") -> list:
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_compiled_kernels_match_reference_on_cpu(kernel_mode, with_residual):
     """The kernels torch.compile generates (inductor, CPU) equal the reference in float64."""
-    kernel_mode("never")
+    kernel_mode("reference")
     reference = _layer_call(with_residual)
-    kernel_mode("always")
+    kernel_mode("fused")
     compiled = _layer_call(with_residual)
     for expected, actual in zip(reference, compiled):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)

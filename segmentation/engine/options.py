@@ -38,6 +38,8 @@ from segmentation.methods import (
 
 DATASETS = ("synthetic", "voc", "ade", "synthetic_domain", "cityscapes_domain")
 DTYPES = ("float32", "float64")
+# As segmentation.models.norm_kernels.KERNEL_MODES (which imports torch).
+NORM_KERNELS = ("auto", "fused", "reference")
 
 # As segmentation.data.protocol's LABEL_PROTOCOLS and DATA_MASKINGS (which imports torch; the
 # parser must not). PLOP's "all" masking is refused: the original raised NotImplementedError.
@@ -225,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--channels_last", action="store_true", help="channels-last memory format")
     perf.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                       help="auto = cuda when available")
+    perf.add_argument("--norm_kernels", default="auto", choices=NORM_KERNELS,
+                      help="In-Place ABN's arithmetic: fused = compiled kernels (torch.compile), reference = "
+                      "the PyTorch operations as written (the escape hatch if a GPU's compiled kernels fail); "
+                      "auto = fused on CUDA, reference elsewhere. Does not change results beyond rounding")
+    perf.add_argument("--tf32", default="on", choices=("on", "off"),
+                      help="TF32 tensor cores for float32 convolutions and matrix products on CUDA "
+                      "(Ampere and newer); off = true float32")
 
     ckpt = parser.add_argument_group("checkpoints and resuming")
     ckpt.add_argument("--checkpoint_dir", "--checkpoint", dest="checkpoint_dir", default="checkpoints",
@@ -289,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Launch with torchrun (or srun under SLURM); the rank comes from the environment.")
     dist.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                       help="accepted for torch.distributed.launch command lines and ignored")
+    dist.add_argument("--dist_backend", default="auto", choices=("auto", "nccl", "gloo"),
+                      help="process-group backend: auto = nccl on CUDA, gloo on the CPU; gloo on CUDA lets "
+                      "several processes share one GPU (slower; for tests on a one-GPU machine)")
     dist.add_argument("--collective_timeout", type=float, default=300.0,
                       help="seconds a process waits for the others (or for a data-loader worker) "
                       "before the run stops with an error naming what it waited for")

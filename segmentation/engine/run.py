@@ -46,6 +46,7 @@ from segmentation.data.readers import label_family, list_name_for_split
 from segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segmentation.domain_tasks import CITY_NAMES
 from segmentation.engine import checkpoint
+from segmentation.engine.backends import configure_backends
 from segmentation.engine.checks import ADE_BALANCED_SPLITS, run_checks
 from segmentation.engine.evaluation import build_eval_loader, evaluate
 from segmentation.engine.logger import Logger
@@ -65,14 +66,16 @@ from segmentation.models import build_model
 LOGGER = logging.getLogger(__name__)
 
 
-def select_device(requested: str, local_rank: int) -> torch.device:
-    """``--device``: "cpu", "cuda" (error if unavailable) or "auto" (cuda when available)."""
+def select_device(requested: str, local_rank: int, backend: str = "auto") -> torch.device:
+    """``--device``: "cpu", "cuda" (error if unavailable) or "auto" (cuda when available); on CUDA the
+    process's own GPU (``distributed.gpu_index``)."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was requested but CUDA is not available; use --device cpu")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    device = torch.device("cuda", distributed.gpu_index(local_rank, torch.cuda.device_count(), backend))
+    torch.cuda.set_device(device)
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -657,8 +660,9 @@ def main(config: Config) -> None:
     Raises ``TrainingInterrupted`` when a stop signal ended training after an in-step checkpoint.
     """
     env = read_env()
-    device = select_device(config.device, env.local_rank)
-    distributed.init_distributed(env, device.type, config.collective_timeout)
+    device = select_device(config.device, env.local_rank, config.dist_backend)
+    backends = configure_backends(config.norm_kernels, config.tf32, device)
+    distributed.init_distributed(env, device.type, config.collective_timeout, config.dist_backend)
     stop_signal = StopSignal()
     stop_signal.install()
     files = RunFiles(config)
@@ -674,6 +678,7 @@ def main(config: Config) -> None:
             config.dataset, config.task, " overlapped" if config.overlap else "", list(config.steps),
             config.method, device, distributed.world_size(),
         )
+        LOGGER.info("%s", backends)
         for note in [*config.notes, *files.notes, *checked.notes]:
             LOGGER.info("%s", note)
         for warning in checked.warnings:

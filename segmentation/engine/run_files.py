@@ -41,7 +41,8 @@ NOT_RESULT_CHANGING = frozenset({
     "logdir", "checkpoint_dir", "data_root", "name", "resume", "local_rank", "steps", "step_ckpt",
     "ckpt", "test", "notes", "debug", "overwrite", "device", "channels_last",
     "allow_synthetic_in_data_root", "allow_regenerated_splits", "lr", "incremental_lr",
-    "collective_timeout", "max_bad_iterations",
+    "collective_timeout", "max_bad_iterations", "norm_kernels",
+    "dist_backend",
 })
 
 # Options a step-0 model does not depend on: the methods' options that act from step 1 on

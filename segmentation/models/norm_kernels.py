@@ -10,10 +10,11 @@ memory format and activation, not per layer shape). Both ways compute half-preci
 and round the result once; the compiled graphs may order and fuse the float32 arithmetic differently
 (the fused path equals the reference within rounding, not bitwise).
 
-``kernel_mode()`` decides per call: "auto" (default) runs the compiled functions for CUDA tensors
-outside an already compiled region (there the functions as written are traced and fused into the
-surrounding graph anyway); "always" runs them on every device (tests run them on CPU with the
-inductor CPU backend); "never" runs the functions as written everywhere.
+``kernel_mode()`` (``--norm_kernels``) decides per call: "auto" (default) runs the compiled functions
+for CUDA tensors outside an already compiled region (there the functions as written are traced and
+fused into the surrounding graph anyway); "fused" runs them on every device (on the CPU, inductor's
+C++ kernels); "reference" runs the functions as written everywhere (the escape hatch for a GPU
+whose compiled kernels are wrong).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-KERNEL_MODES = ("auto", "always", "never")
+KERNEL_MODES = ("auto", "fused", "reference")
 _mode = "auto"
 
 # Fused graphs per function: dtypes (4) x memory formats (2) x activations (2), plus the
@@ -32,7 +33,7 @@ _RECOMPILE_LIMIT = 64
 
 
 def set_kernel_mode(mode: str) -> None:
-    """Select the In-Place ABN implementation: "auto", "always" or "never" (see module doc)."""
+    """Select the In-Place ABN implementation: "auto", "fused" or "reference" (see module doc)."""
     global _mode
     if mode not in KERNEL_MODES:
         raise ValueError(f"unknown In-Place ABN kernel mode {mode!r}; valid: {', '.join(KERNEL_MODES)}")
@@ -45,9 +46,9 @@ def kernel_mode() -> str:
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether the In-Place ABN call on ``x`` runs the fused kernels."""
-    if _mode == "never" or torch.compiler.is_compiling():
+    if _mode == "reference" or torch.compiler.is_compiling():
         return False
-    return _mode == "always" or x.is_cuda
+    return _mode == "fused" or x.is_cuda
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
