@@ -286,3 +286,24 @@ def test_state_of_another_regularizer_is_refused():
     model = Tiny([1.0, 2.0])
     with pytest.raises(ValueError, match="'ewc'"):
         PI(model, None, None, weight=1.0).load_state_dict(EWC(model, None, None, weight=1.0).state_dict())
+
+
+@pytest.mark.parametrize("name", ["ewc", "pi", "rw"])
+def test_a_frozen_parameter_is_neither_watched_nor_penalised_and_keeps_its_importance(name):
+    # --freeze (the body) and --fix_bn (norm affine parameters) leave parameters without gradients:
+    # nothing is learnt about them in this step, so the next step gets their importance as it came.
+    keys = REGULARIZERS[name].importance_keys
+    previous = {"name": name, **{key: {"old": _t([0.5, 2.0]), "new": _t([1.0])} for key in keys}}
+    model = Tiny([1.0, 2.0])
+    model.old.requires_grad_(False)
+    regularizer = build_regularizer(name, model, previous, {"old": _t([0.0, 0.0]), "new": _t([0.0])},
+                                    weight=1.0, normalize=False, alpha=0.9, iterations=1)
+    assert list(regularizer.parameters) == ["new"]
+    _set(model, grad_new=[3.0])
+    regularizer.update()
+    regularizer.apply_penalty()
+    assert model.old.grad is None
+    state = regularizer.step_state()
+    for key in keys:
+        assert set(state[key]) == {"old", "new"}
+        assert torch.equal(state[key]["old"], previous[key]["old"])

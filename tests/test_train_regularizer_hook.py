@@ -109,3 +109,23 @@ def test_estimating_regularizers_see_the_loss_gradients_and_add_no_penalty():
         penalty += 2.0 * float((ewc.penalty_importance[name] * difference ** 2).sum())
     assert components["loss_reg"].item() == pytest.approx(penalty, rel=1e-5)
     assert rw.step_state()["score"][names[0]].allclose(0.5 * rw_previous["score"][names[0]])
+
+
+def test_fp16_gradient_check_waits_for_the_device_once_per_iteration(monkeypatch):
+    # The finite-gradient check under fp16 is one fused norm read once, not one read per parameter
+    # (each read is a host synchronisation on a GPU). Here the model has 4 parameters.
+    trainer, model, _ = _trainer("fp16")
+    trainer.scaler.scale(torch.tensor(1.0))
+    _set_gradients(model, [torch.randn_like(p) for p in model.parameters()], 1.0)
+    assert len([p for p in model.parameters() if p.grad is not None]) > 1
+    reads = []
+    tensor_bool = torch.Tensor.__bool__
+
+    def counted_bool(tensor):
+        reads.append(tensor.numel())
+        return tensor_bool(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted_bool)
+    monkeypatch.setattr(torch.Tensor, "item", lambda tensor: reads.append(1) or tensor.tolist())
+    trainer._gradient_hooks({"loss": torch.tensor(1.0)})
+    assert reads == [1]

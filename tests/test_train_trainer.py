@@ -208,3 +208,32 @@ def test_ce_loss_decreases_on_fixed_data(tmp_path):
     model.eval()
     after = F.cross_entropy(model(dataset.images), dataset.labels).item()
     assert after < before
+
+
+def test_freeze_leaves_the_body_without_gradients(tmp_path):
+    # --freeze: the body is out of the optimizer, and no gradient is computed for it at all (one
+    # that were would be all-reduced every iteration and, never cleared, grow without bound).
+    from segmentation.engine.run import StepRunner
+    from segmentation.engine.run_files import RunFiles
+
+    config = synthetic_config("--backbone", "resnet18", "--freeze", "--no_pretrained", "--checkpoint_dir",
+                              str(tmp_path / "checkpoints"), "--logdir", str(tmp_path / "logs"))
+    runner = StepRunner(config, 0, torch.device("cpu"), RunFiles(config))
+    methods = step_methods(config, 0, num_old_channels=0, num_channels=runner.num_channels)
+    model, _, _ = runner._build_models(methods)
+    optimizer = build_optimizer(model, config)
+    sampler = GlobalBatchSampler(4, 2, 0, 1, seed=0)
+    trainer = Trainer(model, None, methods, optimizer, build_scheduler(optimizer, config, 10), [], sampler,
+                      device=torch.device("cpu"), epochs=1)
+    trainer.train_mode()
+    body_before = {name: value.clone() for name, value in model.body.state_dict().items()}
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, runner.num_channels, (2, 32, 32))
+    for _ in range(2):
+        trainer.run_step(images, labels)
+    assert all(parameter.grad is None for parameter in model.body.parameters())
+    assert all(parameter.grad is not None for parameter in model.cls.parameters())
+    body_after = model.body.state_dict()
+    weights = [name for name in body_before if name.endswith(("weight", "bias"))]
+    assert all(torch.equal(body_before[name], body_after[name]) for name in weights)
+    # Training mode still updates the norm layers' running statistics, as in the original.
+    assert not all(torch.equal(body_before[name], body_after[name]) for name in body_before if "running" in name)

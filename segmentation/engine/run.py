@@ -239,6 +239,9 @@ class StepRunner:
                 old_model = freeze(old_model).to(self.device)
                 if config.channels_last:
                     old_model = old_model.to(memory_format=torch.channels_last)
+        if config.freeze:
+            # Not only out of the optimizer: no gradient is computed, all-reduced or kept for the body.
+            model.body.requires_grad_(False)
         model = model.to(self.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)

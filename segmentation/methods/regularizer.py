@@ -93,6 +93,12 @@ class Regularizer:
         self.parameters: Dict[str, nn.Parameter] = {
             name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad
         }
+        # The importance of the frozen parameters (--freeze, --fix_bn): they are neither watched nor
+        # penalised, and their importance goes to the next step as it came.
+        self.frozen_importance: Dict[str, Tensors] = {
+            key: {name: value for name, value in previous[key].items() if name not in self.parameters}
+            for key in self.importance_keys if previous is not None and key in previous
+        }
         self.reference: Tensors = {}
         self.penalty_importance: Tensors = {}
         if penalize and previous is not None and previous_weights is not None:
@@ -112,9 +118,16 @@ class Regularizer:
         """Refine this step's importance from the parameters' current gradients."""
         raise NotImplementedError
 
+    def trained_importance(self) -> Dict[str, Tensors]:
+        """This step's importance of the watched parameters, by importance key (call once, after training)."""
+        raise NotImplementedError
+
     def step_state(self) -> Dict[str, Any]:
         """What the next step needs, for the step checkpoint (call once, after training)."""
-        raise NotImplementedError
+        state: Dict[str, Any] = {"name": self.name}
+        for key, values in self.trained_importance().items():
+            state[key] = {**self.frozen_importance.get(key, {}), **values}
+        return state
 
     # ------------------------------------------------------------- shared
     def _previous(self, previous: Optional[Mapping[str, Any]], key: str) -> Tensors:
@@ -210,8 +223,8 @@ class EWC(Regularizer):
     def update(self) -> None:
         self._fisher.update(self.parameters)
 
-    def step_state(self) -> Dict[str, Any]:
-        return {"name": self.name, "fisher": {name: value.clone() for name, value in self.fisher.items()}}
+    def trained_importance(self) -> Dict[str, Tensors]:
+        return {"fisher": {name: value.clone() for name, value in self.fisher.items()}}
 
 
 PI_EPSILON = 1e-20
@@ -254,7 +267,7 @@ class PI(Regularizer):
                 previous.copy_(parameter)
 
     @torch.no_grad()
-    def step_state(self) -> Dict[str, Any]:
+    def trained_importance(self) -> Dict[str, Tensors]:
         score: Tensors = {}
         for name, parameter in self.parameters.items():
             moved = (parameter - self.origin[name]) ** 2
@@ -262,7 +275,7 @@ class PI(Regularizer):
             if name in self.previous_score:
                 value = value + self.previous_score[name].to(value)
             score[name] = value
-        return {"name": self.name, "score": score}
+        return {"score": score}
 
 
 RW_EPSILON = 1e-8
@@ -312,15 +325,14 @@ class RW(Regularizer):
         self._fisher.update(self.parameters)
 
     @torch.no_grad()
-    def step_state(self) -> Dict[str, Any]:
+    def trained_importance(self) -> Dict[str, Tensors]:
         score: Tensors = {}
         for name, value in self.score.items():
             value = value.clamp(min=0)
             if name in self.previous_score:
                 value = 0.5 * (value + self.previous_score[name].to(value))
             score[name] = value
-        return {"name": self.name, "fisher": {name: value.clone() for name, value in self.fisher.items()},
-                "score": score}
+        return {"fisher": {name: value.clone() for name, value in self.fisher.items()}, "score": score}
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
