@@ -104,6 +104,28 @@ def test_compiled_kernels_match_reference_on_cpu(kernel_mode, with_residual):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
+def test_compiled_kernels_are_one_graph_for_every_channel_count(kernel_mode, monkeypatch):
+    """Layers of 8, 16 and 24 channels share the graphs of one layer: the compiler must not
+    specialise on the parameters' shapes (a ResNet-101 would otherwise compile one graph per channel
+    count and variant, past dynamo's recompile limit, after which it runs the functions uncompiled)."""
+    from torch._dynamo.utils import counters
+
+    kernel_mode("fused")
+
+    def graphs(channel_counts):
+        torch._dynamo.reset()
+        counters.clear()
+        monkeypatch.setattr(norm_kernels, "_compiled", {})
+        for channels in channel_counts:
+            layer = InPlaceABN(channels)
+            x = torch.randn(2, channels, 6, 6, requires_grad=True)
+            layer(x * 1).sum().backward()
+        return counters["stats"]["unique_graphs"]
+
+    assert graphs([8, 16, 24]) == graphs([8]) == 2  # forward_local, backward_local
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_cuda_kernels_match_the_cpu_reference(kernel_mode, with_residual):

@@ -181,6 +181,10 @@ class InPlaceABNFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fused = norm_kernels.use_fused(x)
         slope = _slope(activation, activation_param)
+        # Plain tensors, not parameters: the compiler specialises on a parameter's shape (one graph
+        # per channel count instead of one for all), and this function computes their gradients itself.
+        weight = weight.detach() if weight is not None else None
+        bias = bias.detach() if bias is not None else None
         if group is None:
             count = x.numel() // x.shape[1]
             mean, var, invstd = norm_kernels.kernel("forward_local", fused)(x, weight, bias, eps, slope, residual)
