@@ -1,16 +1,26 @@
 """Pieces of the checks before training: original checkpoints, the batch against the normalisation,
-the penalty's learning-rate warning."""
+the penalty's learning-rate warning, torchvision's ImageNet weights (fetched once, before training)."""
+
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from segmentation.engine.original_checkpoint import adapt_checkpoint, convert_original_checkpoint, head_widths
 from option_helpers import synthetic_config
-from segmentation.engine.checks import check_training
-from segmentation.errors import UsageError
+from segmentation import distributed
+from segmentation.engine import checks
+from segmentation.engine.checks import check_pretrained, check_training, fetch_pretrained, run_checks
+from segmentation.engine.run_files import RunFiles
+from segmentation.errors import SetupError, UsageError
 from segmentation.methods import active_methods
 from segmentation.methods.weight_penalty import nesterov_stability_limit
 from segmentation.models import build_model
+from train_cli_worker import run_train_in_process, train_args
 
 def _original(model, drop_buffers=True):
     state = model.state_dict()
@@ -98,3 +108,128 @@ def test_unstable_penalty_is_warned_about_with_the_learning_rate_that_works():
     assert unstable_penalty_warning(synthetic_config("--method", "RW", "--step", "1", "--lr", "0.003")) is None
     assert "below 0.00339" in unstable_penalty_warning(synthetic_config("--method", "RW", "--step", "1", "--lr", "0.004"))
     assert unstable_penalty_warning(synthetic_config("--method", "MiB", "--step", "1", "--lr", "1")) is None
+
+
+# ---------------------------------------------------------------- --pretrained torchvision
+
+
+@pytest.fixture
+def torch_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache under ``tmp_path`` (TORCH_HOME), and no network: a download fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # as torch.hub.set_dir was never called
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access: {args}")
+
+    for target in ("torch.hub.download_url_to_file", "torch.hub.urlopen", "urllib.request.urlopen"):
+        monkeypatch.setattr(target, no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+RESNET18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+
+
+def _resnet18_cache_file(torch_hub) -> Path:
+    return torch_hub / RESNET18_URL.rsplit("/", 1)[1]  # resnet18-<hash>.pth
+
+
+def _save_resnet18_weights(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+
+
+def _torchvision_config(tmp_path, *argv):
+    return synthetic_config("--backbone", "resnet18", "--norm_act", "abn", "--pretrained", "torchvision", *argv,
+                            checkpoint_dir=str(tmp_path / "checkpoints"), logdir=str(tmp_path / "logs"))
+
+
+def _offline(monkeypatch):
+    def unreachable(url, dst, *args, **kwargs):
+        raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", unreachable)
+
+
+def test_cached_torchvision_weights_pass_without_network(tmp_path, torch_hub):
+    _save_resnet18_weights(_resnet18_cache_file(torch_hub))
+    config = _torchvision_config(tmp_path)
+    fetch_pretrained(config)  # already there: nothing to download
+    check_pretrained(config)
+    run_checks(config, RunFiles(config))
+    build_model([16], backbone="resnet18", norm_act="abn", pretrained="torchvision")
+
+
+def test_torchvision_weights_offline_and_not_cached_fail_early(tmp_path, torch_hub, monkeypatch):
+    _offline(monkeypatch)
+    config = _torchvision_config(tmp_path)
+    with pytest.raises(SetupError) as error:
+        run_checks(config, RunFiles(config))
+    message = str(error.value)
+    assert f"are not in the torch hub cache, {_resnet18_cache_file(torch_hub)}, and downloading them failed" in message
+    assert "Network is unreachable" in message and RESNET18_URL in message
+    assert "--pretrained <path>" in message and "--no_pretrained" in message and "\n" not in message
+    assert not (tmp_path / "checkpoints").exists()  # rank 0 removed the folders it created
+    with pytest.raises(SetupError, match=re.escape(str(_resnet18_cache_file(torch_hub)))):
+        check_pretrained(config)  # not fetched: nothing to read either
+    for later in (config.replace(steps=(1,)), config.replace(test=True)):  # no step-0 model trained
+        fetch_pretrained(later)
+        check_pretrained(later)
+
+
+def test_truncated_cached_torchvision_weights_fail_early(tmp_path, torch_hub):
+    path = _resnet18_cache_file(torch_hub)
+    _save_resnet18_weights(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    config = _torchvision_config(tmp_path)
+    with pytest.raises(SetupError) as error:
+        run_checks(config, RunFiles(config))  # no download either: the file is there
+    message = str(error.value)
+    assert f"--pretrained torchvision: the cached file {path}: cannot be read as a weights file" in message
+    assert "delete it" in message
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_other_ranks_read_the_cache_after_rank_0_fetched(tmp_path, torch_hub, monkeypatch, cached):
+    """Rank 1 of 2 (simulated): it downloads nothing and reads the cache only after the gather that
+    waits for rank 0's download."""
+    if cached:
+        _save_resnet18_weights(_resnet18_cache_file(torch_hub))
+    events = []
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj, what: events.append(what) or [None, obj])
+    monkeypatch.setattr(checks, "fetch_pretrained", lambda config: events.append("fetch"))
+    original_check = checks.check_pretrained
+    monkeypatch.setattr(checks, "check_pretrained", lambda config: events.append("check") or original_check(config))
+    config = _torchvision_config(tmp_path)
+    if cached:
+        run_checks(config, RunFiles(config))
+        assert len(events) == 3 and events[1] == "check"
+    else:
+        with pytest.raises(SetupError) as error:
+            run_checks(config, RunFiles(config))
+        message = str(error.value)
+        assert str(_resnet18_cache_file(torch_hub)) in message and "TORCH_HOME" in message
+        assert "although rank 0 put them in its cache" in message and message.endswith("(on rank 1)")
+    assert "rank 0 may be downloading" in events[0] and "fetch" not in events
+
+
+def test_train_offline_with_torchvision_weights_exits_before_training(tmp_path, monkeypatch):
+    """train.py with an empty torch hub cache and no network (a proxy that refuses connections)."""
+    unreachable = "http://127.0.0.1:9"
+    for name, value in {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": unreachable, "HTTPS_PROXY": unreachable,
+                        "no_proxy": "", "NO_PROXY": ""}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # the next opener reads the proxy variables
+    result = run_train_in_process(train_args(str(tmp_path / "data"), tmp_path, "--pretrained", "torchvision"),
+                                  check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    cache_file = tmp_path / "torch" / "hub" / "checkpoints" / RESNET18_URL.rsplit("/", 1)[1]
+    assert f"are not in the torch hub cache, {cache_file}, and downloading them failed" in output
+    assert "Connection refused" in output and "--no_pretrained" in output
+    assert not cache_file.exists() and not (tmp_path / "checkpoints").exists()

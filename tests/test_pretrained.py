@@ -3,7 +3,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from segmentation.models import ResNet, build_model, load_imagenet_weights
+from segmentation.models import ResNet, build_model, fetch_torchvision_weights, load_imagenet_weights
+from segmentation.models.pretrained import torchvision_weights_path
 from segmentation.models.norm import NORM_LAYERS, InPlaceABN, norm_act_layer
 
 NORM_NAMES = sorted(NORM_LAYERS)
@@ -193,16 +194,62 @@ def test_unrecognised_format_and_missing_file(tmp_path):
         load_imagenet_weights(body, tmp_path / "nowhere.pth")
 
 
-def test_build_model_torchvision_option_loads_torchvision_weights(monkeypatch):
-    reference = torchvision.models.resnet18()
+# ---------------------------------------------------------------- --pretrained torchvision: torch hub's cache
+
+
+@pytest.fixture
+def torch_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache under ``tmp_path`` (TORCH_HOME), and no network: a download fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # as torch.hub.set_dir was never called
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access: {args}")
+
+    for target in ("torch.hub.download_url_to_file", "torch.hub.urlopen", "urllib.request.urlopen"):
+        monkeypatch.setattr(target, no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def _resnet18_cache_name() -> str:
+    return torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]  # resnet18-<hash>.pth
+
+
+def test_torchvision_weights_path_is_where_torchvision_caches_them(torch_hub):
+    assert torchvision_weights_path("resnet18") == str(torch_hub / _resnet18_cache_name())
+    assert torchvision_weights_path("resnet101").endswith(
+        torchvision.models.ResNet101_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1])
+
+
+def test_build_model_reads_torchvision_weights_from_the_cache(torch_hub):
+    reference = torchvision.models.resnet18(weights=None)
     _randomise_norms(reference)
-    requested = []
-
-    def fake_download(backbone):  # the real one downloads from download.pytorch.org
-        requested.append(backbone)
-        return reference.state_dict()
-
-    monkeypatch.setattr("segmentation.models.torchvision_state_dict", fake_download)
+    torch_hub.mkdir(parents=True)
+    torch.save(reference.state_dict(), torch_hub / _resnet18_cache_name())
+    assert fetch_torchvision_weights("resnet18") == str(torch_hub / _resnet18_cache_name())  # cached: no download
     model = build_model([3], backbone="resnet18", norm_act="abn", pretrained="torchvision")
-    assert requested == ["resnet18"]
     assert torch.equal(model.body.mod4.block2.convs.conv1.weight, reference.layer3[1].conv1.weight)
+    assert torch.equal(model.body.mod1.bn1.running_var, reference.bn1.running_var)
+
+
+def test_build_model_never_downloads_torchvision_weights(torch_hub):
+    with pytest.raises(FileNotFoundError) as error:
+        build_model([3], backbone="resnet18", norm_act="abn", pretrained="torchvision")
+    message = str(error.value)
+    assert str(torch_hub / _resnet18_cache_name()) in message
+    assert torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url in message
+
+
+def test_fetch_downloads_into_the_cache_once(torch_hub, monkeypatch):
+    downloads = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        downloads.append((url, dst))
+        torch.save({"conv1.weight": torch.zeros(1)}, dst)
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", fake_download)
+    path = str(torch_hub / _resnet18_cache_name())
+    assert fetch_torchvision_weights("resnet18") == path
+    assert fetch_torchvision_weights("resnet18") == path
+    assert downloads == [(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, path)]

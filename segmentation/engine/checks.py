@@ -7,13 +7,17 @@ one message that names the option or file and says what to do.
 - ``check_options(config)`` runs while the command line is parsed: the values, and the files and
   folders the options name. It needs no torch, so usage errors answer at once.
 - ``run_checks(config, files)`` runs on every rank once the processes have joined: what needs the
-  process count, torch or the run's folders (the backbone, the batch against the normalisation,
-  the checkpoints a step starts from, the ImageNet weights, the same-name check of ``RunFiles``).
-  It gathers the outcome of every rank, so that all ranks stop together with the same error.
+  process count, torch or the run's folders (the torch version, the backbone, the batch against the
+  normalisation, the checkpoints a step starts from, the ImageNet weights, the same-name check of
+  ``RunFiles``). It gathers the outcome of every rank, so that all ranks stop together with the same
+  error. Rank 0 downloads torchvision's ImageNet weights (``--pretrained torchvision``) while the
+  others wait; then every rank reads them from torch hub's cache.
 """
 from __future__ import annotations
 
+import http.client
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
@@ -53,6 +57,11 @@ DOMAIN_REFUSED_ENGINE_OPTIONS = {
     "val_on_trainset": "the held-out images are chosen by --domain_split",
     "split_dir": "the images of a step are chosen by city (--domain_split), not by split files",
 }
+
+
+# The oldest torch the code runs on (torch.nn.utils.get_total_norm came with 2.6). setup.py's
+# install_requires says the same; tests/test_requirements.py compares the two and lists the features.
+MIN_TORCH_VERSION = (2, 6)
 
 
 def pretrained_default_path(backbone: str) -> str:
@@ -210,6 +219,21 @@ class CheckedRun:
     warnings: List[str] = field(default_factory=list)
 
 
+def check_torch_version(version: Optional[str] = None) -> None:
+    """The installed torch (or ``version``) is at least ``MIN_TORCH_VERSION``."""
+    if version is None:
+        import torch
+
+        version = torch.__version__
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match and (int(match.group(1)), int(match.group(2))) >= MIN_TORCH_VERSION:
+        return
+    floor = ".".join(map(str, MIN_TORCH_VERSION))
+    raise SetupError(
+        f"torch {version} is installed, but this code needs torch >= {floor}: install the tested versions "
+        f"with pip install -r requirements.txt (or any torch >= {floor} with the torchvision of its release)")
+
+
 def check_training(config: Config, world_size: int) -> List[str]:
     """The backbone and the batch against the normalisation; returns the methods' warnings."""
     from segmentation.models.resnet import RESNET_LAYOUTS
@@ -280,25 +304,68 @@ def check_checkpoints(config: Config, checkpoint_dir: Path) -> List[str]:
     return [note for note in notes if note]
 
 
-def check_pretrained(config: Config) -> None:
-    """The ImageNet weights load into the backbone (when a step-0 model is trained)."""
-    if config.pretrained in (None, "torchvision") or config.test or 0 not in config.steps:
+def fetch_pretrained(config: Config) -> None:
+    """On rank 0, before the other ranks read it: put torchvision's ImageNet weights into torch hub's
+    cache, downloading them unless they are there (when a step-0 model is trained with
+    ``--pretrained torchvision``)."""
+    if config.pretrained != "torchvision" or config.test or 0 not in config.steps:
         return
-    from segmentation.models import load_imagenet_weights
+    from segmentation.models import fetch_torchvision_weights
+
+    try:
+        fetch_torchvision_weights(config.backbone)
+    except (OSError, http.client.HTTPException) as error:  # urllib.error.URLError offline, a cut transfer
+        raise _torchvision_weights_missing(config.backbone, f"and downloading them failed ({_first_line(error)})") \
+            from error
+
+
+def _torchvision_weights_missing(backbone: str, why: str) -> SetupError:
+    from segmentation.models.pretrained import torchvision_weights_path, torchvision_weights_url
+
+    path = torchvision_weights_path(backbone)
+    return SetupError(
+        f"--pretrained torchvision: torchvision's ImageNet weights of {backbone} are not in the torch hub cache, "
+        f"{path}, {why}. Download {torchvision_weights_url(backbone)} on a machine with network access and "
+        f"copy it to {path} (the torch hub cache is $TORCH_HOME/hub/checkpoints, by default "
+        "~/.cache/torch/hub/checkpoints), or pass --pretrained <path> to a local weights file, or "
+        "--no_pretrained to train from scratch")
+
+
+def check_pretrained(config: Config) -> None:
+    """The ImageNet weights load into the backbone (when a step-0 model is trained). With
+    ``--pretrained torchvision``: the file ``fetch_pretrained`` put in torch hub's cache."""
+    if config.pretrained is None or config.test or 0 not in config.steps:
+        return
+    from segmentation import distributed
+    from segmentation.models import cached_torchvision_weights, load_imagenet_weights
     from segmentation.models.norm import norm_act_layer
     from segmentation.models.resnet import ResNet
 
+    path = config.pretrained
+    source = f"--pretrained {path}"
+    remedy = "give the In-Place ABN or torchvision ImageNet weights of this backbone, or --no_pretrained"
+    if config.pretrained == "torchvision":
+        try:
+            path = cached_torchvision_weights(config.backbone)
+        except FileNotFoundError as error:
+            if distributed.rank() > 0:
+                why = ("on this machine, although rank 0 put them in its cache: on several machines, set "
+                       "TORCH_HOME to a folder they share, or copy the file to each")
+            else:
+                why = "and fetch_pretrained did not download them"
+            raise _torchvision_weights_missing(config.backbone, why) from error
+        source = f"--pretrained torchvision: the cached file {path}"
+        remedy = ("delete it, so that the next run downloads it again, or pass --pretrained <path> to a local "
+                  "weights file, or --no_pretrained")
     body = ResNet(config.backbone, norm_act_layer(config.norm_act), config.output_stride)
     try:
-        load_imagenet_weights(body, config.pretrained)
+        load_imagenet_weights(body, path)
     except (OSError, ValueError) as error:
-        raise SetupError(f"--pretrained {config.pretrained}: {_first_line(error)}; give the In-Place ABN "
-                         "or torchvision ImageNet weights of this backbone, or --no_pretrained") from error
+        raise SetupError(f"{source}: {_first_line(error)}; {remedy}") from error
     except Exception as error:  # torch.load raises many types for foreign files
         raise SetupError(
-            f"--pretrained {config.pretrained}: cannot be read as a weights file (truncated or not a "
-            f"checkpoint: {type(error).__name__}); give the In-Place ABN or torchvision ImageNet "
-            "weights of this backbone, or --no_pretrained") from error
+            f"{source}: cannot be read as a weights file (truncated or not a checkpoint: "
+            f"{type(error).__name__}); {remedy}") from error
 
 
 def _first_line(error: BaseException) -> str:
@@ -306,26 +373,44 @@ def _first_line(error: BaseException) -> str:
 
 
 def run_checks(config: Config, files: "RunFiles") -> CheckedRun:
-    """Run the checks before training on this rank (rank 0 also creates the run's folders), then
-    stop every rank with the first failing rank's error, if any; on failure rank 0 removes the
-    folders it created."""
+    """Run the checks before training on this rank (rank 0 also creates the run's folders and
+    downloads torchvision's ImageNet weights if asked for), then stop every rank with the first
+    failing rank's error, if any; on failure rank 0 removes the folders it created."""
     from segmentation import distributed
 
     checked = CheckedRun()
     error: Optional[Exception] = None
     try:
+        check_torch_version()
         checked.warnings = check_training(config, distributed.world_size())
         files.create_folders()
         files.check_same_name()
         checked.notes = check_checkpoints(config, files.checkpoint_dir)
+        if distributed.is_main_process():
+            fetch_pretrained(config)
+    except (UsageError, SetupError) as failed:
+        error = failed
+    # The other ranks wait here while rank 0 downloads; then every rank reads the weights file.
+    waiting = "the checks before training"
+    if config.pretrained == "torchvision":
+        waiting += " (rank 0 may be downloading torchvision's weights: raise --collective_timeout on a slow network)"
+    _stop_on_failure(error, files, waiting)
+    try:
         check_pretrained(config)
     except (UsageError, SetupError) as failed:
         error = failed
-    outcomes = distributed.all_gather_object(None if error is None else (type(error).__name__, str(error)))
+    _stop_on_failure(error, files, "the check of the ImageNet weights")
+    return checked
+
+
+def _stop_on_failure(error: Optional[Exception], files: "RunFiles", what: str) -> None:
+    """Raise the first failing rank's error on every rank (``error``: this rank's, or None)."""
+    from segmentation import distributed
+
+    outcomes = distributed.all_gather_object(None if error is None else (type(error).__name__, str(error)), what)
     failures = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
     if failures:
         files.remove_created()
         rank, (kind, message) = failures[0]
         where = f" (on rank {rank})" if distributed.world_size() > 1 and rank > 0 else ""
         raise (UsageError if kind == "UsageError" else SetupError)(message + where)
-    return checked

@@ -6,11 +6,12 @@ from typing import Optional, Union
 
 from .deeplab import ASPP_RATES, DeepLabV3Head
 from .norm import norm_act_layer
-from .pretrained import load_imagenet_weights, torchvision_state_dict
+from .pretrained import cached_torchvision_weights, fetch_torchvision_weights, load_imagenet_weights
 from .resnet import RESNET_LAYOUTS, ResNet
 from .segmenter import IncrementalSegmenter
 
-__all__ = ["DeepLabV3Head", "IncrementalSegmenter", "ResNet", "build_model", "load_imagenet_weights"]
+__all__ = ["DeepLabV3Head", "IncrementalSegmenter", "ResNet", "build_model", "cached_torchvision_weights",
+           "fetch_torchvision_weights", "load_imagenet_weights"]
 
 
 def build_model(
@@ -24,8 +25,9 @@ def build_model(
     """DeepLabV3 on a dilated ResNet with one classifier per step (``classes[s]`` channels at step ``s``).
 
     ``pretrained``: None (random body), a path to ImageNet weights (In-Place ABN checkpoint or
-    torchvision state dict, see ``load_imagenet_weights``), or "torchvision" to download
-    torchvision's ImageNet weights for ``backbone``.
+    torchvision state dict, see ``load_imagenet_weights``), or "torchvision" for torchvision's
+    ImageNet weights of ``backbone``, read from torch hub's cache without any download (every rank
+    builds its model; ``fetch_torchvision_weights`` downloads them once, before).
     """
     if backbone not in RESNET_LAYOUTS:
         raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(RESNET_LAYOUTS)}")
@@ -35,7 +37,7 @@ def build_model(
 
     body = ResNet(backbone, norm_layer, output_stride)
     if pretrained == "torchvision":
-        load_imagenet_weights(body, torchvision_state_dict(backbone))
+        load_imagenet_weights(body, cached_torchvision_weights(backbone))
     elif pretrained is not None:
         load_imagenet_weights(body, pretrained)
     head = DeepLabV3Head(body.out_channels, norm_layer, output_stride, pooling_size=pooling_size)

@@ -14,8 +14,10 @@ whatever the body's norm layer (plain ABN uses ``gamma`` as is, In-Place ABN ``|
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -25,6 +27,8 @@ import torch.nn as nn
 from .norm import InPlaceABN
 
 StateDict = dict[str, torch.Tensor]
+
+LOGGER = logging.getLogger(__name__)
 
 _TORCHVISION_STEM = re.compile(r"^(conv1|bn1)\.(.+)$")
 _TORCHVISION_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(.+)$")
@@ -63,15 +67,45 @@ def load_imagenet_weights(body: nn.Module, path_or_state: Union[str, os.PathLike
     _load_strict(body, state, source)
 
 
-def torchvision_state_dict(backbone: str) -> StateDict:
-    """torchvision's ImageNet weights (IMAGENET1K_V1, the original recipe) for ``backbone``, e.g. "resnet101".
-
-    Downloaded by torchvision into its cache on first use.
-    """
+def torchvision_weights_url(backbone: str) -> str:
+    """The URL of torchvision's ImageNet weights (IMAGENET1K_V1, the original recipe) for ``backbone``, e.g. "resnet101"."""
     import torchvision  # here, not at the top: its import costs every process seconds (see data.transforms)
 
-    weights = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
-    return weights.get_state_dict(progress=True)
+    return torchvision.models.get_model_weights(backbone).IMAGENET1K_V1.url
+
+
+def torchvision_weights_path(backbone: str) -> str:
+    """Where torchvision keeps those weights: ``<torch.hub.get_dir()>/checkpoints/<file name of the URL>``
+    (``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``)."""
+    file_name = os.path.basename(urllib.parse.urlparse(torchvision_weights_url(backbone)).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+
+
+def fetch_torchvision_weights(backbone: str, progress: bool = True) -> str:
+    """Download torchvision's ImageNet weights of ``backbone`` into torch hub's cache unless they are
+    there; returns the file. Raises OSError (``urllib.error.URLError`` offline) when the download fails."""
+    path = torchvision_weights_path(backbone)
+    if not os.path.isfile(path):
+        url = torchvision_weights_url(backbone)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        LOGGER.info("Downloading torchvision's ImageNet weights of %s: %s to %s", backbone, url, path)
+        # Written to a temporary file moved into place when complete: no partial file in the cache.
+        torch.hub.download_url_to_file(url, path, progress=progress)
+    return path
+
+
+def cached_torchvision_weights(backbone: str) -> str:
+    """The file of torchvision's ImageNet weights of ``backbone`` in torch hub's cache, never downloaded
+    here (``fetch_torchvision_weights`` does, as train.py's checks do on rank 0).
+
+    Raises FileNotFoundError, naming the file and the URL, when it is not there.
+    """
+    path = torchvision_weights_path(backbone)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"torchvision's ImageNet weights of {backbone} are not in the torch hub cache: {path} not found "
+            f"(download {torchvision_weights_url(backbone)} there, or call fetch_torchvision_weights({backbone!r}))")
+    return path
 
 
 def _from_inplace_abn(checkpoint_state: Mapping[str, torch.Tensor], body: nn.Module) -> StateDict:
