@@ -18,21 +18,24 @@ and, once, the split computation (every label file read by parallel worker proce
 With ``--workers 1,2,4``: training images/s of a DataLoader with that many worker processes
 (batches of ``--batch_size``, pinned memory when CUDA is available, the first batch excluded so
 that worker start-up does not count), and with ``--step_rate R`` (the training step's images/s
-per GPU, from ``launch/bench_train.py``) the CPU cores one GPU needs to be fed at that rate.
+per GPU, from ``launch/bench_train.py``) the CPU cores one GPU needs to be fed at that rate;
+``--step_rate_from results.jsonl`` takes the fastest step-0 rate of our model that
+``launch/bench_train.py`` measured.
 
 Usage: ``python launch/bench_data.py [--num_images 200 --width 500 --height 375 --crop_size 512]
-[--workers 1,2,4,8 --step_rate 200]``
+[--workers 1,2,4,8 --step_rate 200 | --step_rate_from bench-out/results.jsonl]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -50,6 +53,7 @@ from segmentation.engine.trainer import seed_worker  # noqa: E402
 from segmentation.tasks import channel_order, labels_of_step  # noqa: E402
 
 TASK, STEP = "15-5", 0
+TARGET_STEP_RATE = 200.0  # training images/s per GPU at step 0 (docs/benchmarks.md)
 
 
 def reference_remap(label: torch.Tensor) -> torch.Tensor:
@@ -59,6 +63,18 @@ def reference_remap(label: torch.Tensor) -> torch.Tensor:
     inverted = {label: order.index(label) for label in kept if label != 255}
     inverted[255] = 0
     return label.apply_(lambda x: inverted[x] if x in inverted else 0)
+
+
+def measured_step_rate(results: str) -> Optional[float]:
+    """The fastest step-0 images/s of our model in ``launch/bench_train.py``'s results.jsonl, if any."""
+    try:
+        with open(results) as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+    except OSError:
+        return None
+    rates = [row["images_per_s"] for row in rows
+             if row.get("model") == "ours" and row.get("step") == 0 and row.get("images_per_s")]
+    return max(rates) if rates else None
 
 
 def cpu_model() -> str:
@@ -114,7 +130,16 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--loader_images", type=int, default=600, help="images per DataLoader run")
     parser.add_argument("--step_rate", type=float, default=None,
                         help="training images/s per GPU to feed: prints the CPU cores it needs")
+    parser.add_argument("--step_rate_from", default=None, metavar="RESULTS_JSONL",
+                        help="--step_rate = the fastest step-0 rate of our model in launch/bench_train.py's "
+                        f"results.jsonl (the target, {TARGET_STEP_RATE:.0f}, when it holds none)")
     args = parser.parse_args(argv)
+    if args.step_rate_from and args.step_rate is None:
+        args.step_rate = measured_step_rate(args.step_rate_from)
+        source = f"fastest step-0 rate in {args.step_rate_from}"
+        if args.step_rate is None:
+            args.step_rate, source = TARGET_STEP_RATE, f"the step-0 target: {args.step_rate_from} holds no rate"
+        print(f"step rate: {args.step_rate:.0f} training images/s per GPU ({source})")
     worker_counts = [int(n) for n in args.workers.split(",") if n]
     torch.set_num_threads(1)  # as in a DataLoader worker
 

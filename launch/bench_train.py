@@ -8,11 +8,13 @@ classes, cross-entropy); step 1 adds the frozen old model's forward, unbiased CE
 (the MiB preset of ``train.py``).
 
 Variants (one table row each) differ in model (ours: DeepLabV3-ResNet-101 with In-Place ABN or ABN,
-or torchvision's ``deeplabv3_resnet101`` with BatchNorm at output stride 8 and 16), precision
-(fp32 with TF32 off, fp32 with TF32 matmuls/convolutions, fp16 or bf16 autocast; the autocast
-variants leave TF32 on for what stays in float32), memory format, ``torch.compile`` and the In-Place
-ABN kernels (fused or the reference operations). A variant that fails (out of memory, compile
-error) gets its error in its row and the run goes on.
+or torchvision's ``deeplabv3_resnet101`` with BatchNorm at output stride 8 and 16), precision,
+memory format, ``torch.compile`` and the In-Place ABN kernels ("auto": fused on CUDA, or the
+reference operations). A precision is the ``train.py`` options it measures (``PRECISION_OPTIONS``),
+applied by the same ``configure_backends`` call as ``train.py``'s: fp32 = ``--amp off --tf32 off``
+(true float32, the reference's configuration), tf32 = ``--amp off --tf32 on``, fp16 and bf16 =
+``--amp fp16|bf16 --tf32 on`` (TF32 for what stays in float32). A variant that fails (out of
+memory, compile error) gets its error in its row and the run goes on.
 
 images/s is the batch divided by the median time of the timed iterations (after warm-up, each one
 CUDA-synchronised). Peak memory is ``torch.cuda.max_memory_allocated`` over the timed iterations.
@@ -20,10 +22,16 @@ MFU divides the FLOPs of one training image (counted with ``torch.utils.flop_cou
 device: convolutions and matrix products of the forwards and the backward) times images/s by the
 device's dense peak for the precision (``--peak_tflops`` overrides it).
 
+With ``--output_dir``, each row goes to ``results.jsonl`` and ``table.md`` as soon as it is measured
+(``run.json`` holds the settings and the plan), so a run stopped early keeps what it measured.
+``--record DIR`` measures nothing: it appends the Markdown section of what a measuring run (or a whole
+``launch/gpu_session.sh``) left in DIR to ``docs/benchmarks.md`` (``--docs``).
+
 Usage:
-  python launch/bench_train.py --output_dir bench-out --append_docs docs/benchmarks.md   # GPU, full plan
-  python launch/bench_train.py --quick                                                   # CPU smoke test
-  python launch/bench_train.py --list                                                    # the plan's variants
+  python launch/bench_train.py --output_dir bench-out     # GPU, full plan
+  python launch/bench_train.py --record bench-out         # then: the table into docs/benchmarks.md
+  python launch/bench_train.py --quick                    # CPU smoke test
+  python launch/bench_train.py --list                     # the plan's variants
 """
 from __future__ import annotations
 
@@ -34,28 +42,34 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
 import traceback
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 
 from segmentation import tasks  # noqa: E402
+from segmentation.engine.backends import configure_backends  # noqa: E402
 from segmentation.engine.options import parse_options  # noqa: E402
 from segmentation.engine.sampler import GlobalBatchSampler  # noqa: E402
 from segmentation.engine.optim import build_optimizer, build_scheduler  # noqa: E402
 from segmentation.engine.trainer import Trainer  # noqa: E402
 from segmentation.methods.step_methods import step_methods  # noqa: E402
-from segmentation.models import build_model, norm_kernels  # noqa: E402
+from segmentation.models import build_model  # noqa: E402
 
 DATASET, TASK = "synthetic", "15-5"  # the VOC 15-5 classes; the options need no data folder
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+# The train.py options (--amp, --tf32) each precision measures.
+PRECISION_OPTIONS = {"fp32": ("off", "off"), "tf32": ("off", "on"), "fp16": ("fp16", "on"), "bf16": ("bf16", "on")}
+PRECISIONS = tuple(PRECISION_OPTIONS)
+DOCS = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
 
 # Dense peak TFLOP/s (no sparsity) by device name: (fp32, tf32, fp16/bf16).
 PEAK_TFLOPS = {
@@ -158,16 +172,28 @@ class TorchvisionSegmenter(nn.Module):
         return self.model(x)["out"]
 
 
+def precision_options(precision: str) -> Tuple[str, str]:
+    """The ``train.py`` options ``--amp`` and ``--tf32`` a precision stands for."""
+    if precision not in PRECISION_OPTIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return PRECISION_OPTIONS[precision]
+
+
+def configure(variant: Variant, device: torch.device) -> str:
+    """The process-wide settings ``train.py`` makes for the variant's options (TF32, cuDNN autotuner, kernels)."""
+    _, tf32 = precision_options(variant.precision)
+    return configure_backends(variant.kernels, tf32, device)
+
+
 def build_trainer(variant: Variant, backbone: str, tv_backbone: str, device: torch.device) -> Trainer:
     """Model(s), loss, optimizer and scheduler of a training step, exactly as ``train.py`` builds them."""
-    if variant.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {variant.precision!r}; valid: {', '.join(PRECISIONS)}")
+    amp, tf32 = precision_options(variant.precision)
     if variant.model == "torchvision" and variant.step > 0:
         raise ValueError("torchvision's DeepLabV3 is measured at step 0 only")
-    config = parse_options(
-        ["--dataset", DATASET, "--task", TASK, "--step", str(variant.step), "--method", "MiB", "--backbone", backbone,
-         "--no_pretrained"]
-    )
+    options = ["--dataset", DATASET, "--task", TASK, "--step", str(variant.step), "--method", "MiB",
+               "--backbone", backbone, "--no_pretrained", "--amp", amp, "--tf32", tf32,
+               "--norm_kernels", variant.kernels]
+    config = parse_options(options + (["--channels_last"] if variant.channels_last else []))
     classes = tasks.classes_per_step(DATASET, TASK, variant.step)
     old_model = None
     if variant.model == "ours":
@@ -181,7 +207,7 @@ def build_trainer(variant: Variant, backbone: str, tv_backbone: str, device: tor
     else:
         raise ValueError(f"unknown model {variant.model!r}; valid: ours, torchvision")
 
-    memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     if old_model is not None:
         old_model = old_model.to(device, memory_format=memory_format)
@@ -195,10 +221,9 @@ def build_trainer(variant: Variant, backbone: str, tv_backbone: str, device: tor
             old_model = torch.compile(old_model)
     batch = variant.batch or 1
     sampler = GlobalBatchSampler(batch, batch, rank=0, world_size=1, seed=0)
-    amp = variant.precision if variant.precision in ("fp16", "bf16") else "off"
     return Trainer(
         model, old_model, methods, optimizer, scheduler, [], sampler,
-        device=device, epochs=1, amp=amp, channels_last=variant.channels_last,
+        device=device, epochs=1, amp=config.amp, channels_last=config.channels_last,
     )
 
 
@@ -232,13 +257,6 @@ def flops_per_image(variant: Variant, backbone: str, tv_backbone: str, crop: int
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def set_precision_flags(precision: str) -> None:
-    """TF32 off only for the "fp32" variants (true float32, as the reference on pre-Ampere GPUs)."""
-    tf32 = precision != "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -251,8 +269,7 @@ def measure(variant: Variant, args: argparse.Namespace, device: torch.device) ->
     row["batch"] = batch
     trainer = None
     try:
-        set_precision_flags(variant.precision)
-        norm_kernels.set_kernel_mode(variant.kernels)
+        print(f"  {configure(variant, device)}", flush=True)
         trainer = build_trainer(variant, args.backbone, args.tv_backbone, device)
         num_classes = sum(tasks.classes_per_step(DATASET, TASK, variant.step))
         images, labels = random_batch(batch, args.crop_size, num_classes, device)
@@ -282,7 +299,6 @@ def measure(variant: Variant, args: argparse.Namespace, device: torch.device) ->
         traceback.print_exc()
     finally:
         del trainer
-        norm_kernels.set_kernel_mode("auto")
         gc.collect()
         if variant.compile:
             torch._dynamo.reset()
@@ -295,7 +311,7 @@ def profile(variant: Variant, args: argparse.Namespace, device: torch.device, pa
     """torch.profiler table of one variant's iteration (kernels by total device time)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    set_precision_flags(variant.precision)
+    configure(variant, device)
     trainer = build_trainer(variant, args.backbone, args.tv_backbone, device)
     num_classes = sum(tasks.classes_per_step(DATASET, TASK, variant.step))
     images, labels = random_batch(variant.batch or args.batch, args.crop_size, num_classes, device)
@@ -304,13 +320,14 @@ def profile(variant: Variant, args: argparse.Namespace, device: torch.device, pa
         trainer.run_step(images, labels)
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    iterations = min(3, args.iterations)
     with torch_profile(activities=activities) as prof:
-        for _ in range(3):
+        for _ in range(iterations):
             trainer.run_step(images, labels)
         synchronize(device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with open(path, "w") as handle:
-        handle.write(f"{variant.name}, batch {variant.batch or args.batch}, 3 iterations\n")
+        handle.write(f"{variant.name}, batch {variant.batch or args.batch}, {iterations} iteration(s)\n")
         handle.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
     print(f"profile of {variant.name} written to {path}")
 
@@ -368,20 +385,26 @@ def table_row(row: Dict[str, object]) -> str:
     )
 
 
-def markdown(info: Dict[str, str], args: argparse.Namespace, command: str, rows: List[Dict[str, object]]) -> str:
+def precision_line() -> str:
+    return "Precision = the `train.py` options measured: " + ", ".join(
+        f"{name} = `--amp {amp} --tf32 {tf32}`" for name, (amp, tf32) in PRECISION_OPTIONS.items()
+    ) + " (`--tf32 on` is the default)."
+
+
+def training_table(info: Dict[str, str], settings: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    """What was measured (one paragraph), the table and the FLOPs per training image."""
     versions = f"torch {info['torch']}"
     if "cuda" in info:
         versions += f", CUDA {info['cuda']}, cuDNN {info['cudnn']}, driver {info['driver']}"
     flops = sorted({(r["variant"].split("/")[0], r["output_stride"], r["step"], r["flops_per_image"])
                     for r in rows if r.get("flops_per_image")}, key=str)
+    s = settings
     lines = [
-        f"#### Training step, {info['device']}, {info['date']}",
-        "",
-        f"`{command}`: {args.backbone} (ours), torchvision {args.tv_backbone}, "
-        f"{args.crop_size}x{args.crop_size} crops, "
-        f"VOC {TASK} (step 1 = old-model forward + UnCE + UnKD), median of {args.iterations} iterations after "
-        f"{args.warmup} warm-up ({args.warmup + args.compile_warmup} with torch.compile); {versions}, "
-        f"Python {info['python']}.",
+        f"`{s['command']}`: {s['backbone']} (ours), torchvision {s['tv_backbone']}, "
+        f"{s['crop_size']}x{s['crop_size']} crops, VOC {TASK} (step 1 = old-model forward + UnCE + UnKD), "
+        f"median of {s['iterations']} iterations after {s['warmup']} warm-up "
+        f"({s['warmup'] + s['compile_warmup']} with torch.compile); {versions}, Python {info['python']}. "
+        + precision_line(),
         "",
         TABLE_HEADER,
         *[table_row(row) for row in rows],
@@ -394,6 +417,123 @@ def markdown(info: Dict[str, str], args: argparse.Namespace, command: str, rows:
     return "\n".join(lines)
 
 
+def markdown(info: Dict[str, str], settings: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    """The Markdown section of a measuring run (``table.md``)."""
+    return f"#### Training step, {info['device']}, {info['date']}\n\n" + training_table(info, settings, rows)
+
+
+# ------------------------------------------------------------------------------------------ --record
+# The stages of launch/gpu_session.sh; each one's console output is <stage>.txt, its first line "+ <command>".
+SESSION_STAGES = ("device", "kernels", "train_table", "resume_bf16", "resume_fp16", "data")
+
+
+def read_lines(directory: str, name: str) -> Optional[List[str]]:
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        return None
+    with open(path, errors="replace") as handle:
+        return handle.read().splitlines()
+
+
+def stage_statuses(summary: Optional[List[str]]) -> Dict[str, str]:
+    """Stage name -> "ok 41s" / "failed (1) 12s" / "timed out 80s", from the session's summary line."""
+    line = summary[0] if summary else ""
+    return {name: status for name, status in re.findall(r"(\w+) (ok \d+s|failed \(\d+\) \d+s|timed out \d+s)", line)}
+
+
+def stage_heading(title: str, stage: str, directory: str, statuses: Dict[str, str], command: bool = True) -> str:
+    """"**title** (`command`: status):", the command from the stage's output, its interpreter by name only."""
+    lines = read_lines(directory, f"{stage}.txt") or []
+    status = statuses.get(stage, "not run")
+    if not (command and lines and lines[0].startswith("+ ")):
+        return f"**{title}** ({status}):"
+    interpreter, _, arguments = lines[0][2:].partition(" ")
+    return f"**{title}** (`{os.path.basename(interpreter)} {arguments}`: {status}):"
+
+
+def code_block(lines: List[str]) -> List[str]:
+    return ["```text", *lines, "```", ""] if lines else ["(no output)", ""]
+
+
+def kernel_check_lines(lines: List[str]) -> List[str]:
+    pattern = r"(PASS|FAIL|forward\+backward|  \w+: reference|all checks passed|SOME CHECKS FAILED)"
+    return [line for line in lines if re.match(pattern, line)]
+
+
+def data_lines(lines: List[str]) -> List[str]:
+    """bench_data.py's report (its tables and the cores per GPU), without warnings printed amid it."""
+    kept: List[str] = []
+    for line in lines:
+        if line.startswith(("machine:", "data:", "split computation:", "|", "cores per GPU")):
+            kept.append(line)
+        elif not line.strip() and kept and kept[-1]:
+            kept.append("")
+    return kept
+
+
+def training_rows(run: Dict[str, Any], rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The measured rows in plan order, and a row for each variant of the plan the run did not reach."""
+    by_name = {row["variant"]: row for row in rows}
+    missing = "not measured: the run stopped before it"
+    return [by_name.get(entry["variant"], {**entry, "error": missing}) for entry in run["settings"]["plan"]]
+
+
+def session_markdown(directory: str) -> str:
+    """The Markdown section of what ``--output_dir`` or a ``gpu_session.sh`` session left in ``directory``."""
+    run_lines = read_lines(directory, "run.json")
+    run = json.loads("\n".join(run_lines)) if run_lines else None
+    rows = [json.loads(line) for line in read_lines(directory, "results.jsonl") or [] if line.strip()]
+    summary = read_lines(directory, "summary.txt")
+    if run is None and summary is None:
+        raise SystemExit(f"{directory} holds neither run.json (launch/bench_train.py --output_dir) nor summary.txt "
+                         "(launch/gpu_session.sh): nothing to record")
+    if summary is None:
+        return markdown(run["info"], run["settings"], training_rows(run, rows))
+
+    device_lines = read_lines(directory, "device.txt") or []
+    device = run["info"]["device"] if run else next(
+        (line[len("device: "):] for line in device_lines if line.startswith("device: ")), "unknown device")
+    date = run["info"]["date"] if run else datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    versions = next((line for line in device_lines if line.startswith("torch ")), "")
+    statuses = stage_statuses(summary)
+    lines = [f"#### GPU session, {device}, {date}", "", f"`bash launch/gpu_session.sh`: {summary[0]}",
+             *([versions] if versions else []), ""]
+
+    lines += [stage_heading("In-Place ABN kernels", "kernels", directory, statuses), ""]
+    lines += code_block(kernel_check_lines(read_lines(directory, "kernels.txt") or []))
+
+    lines += [stage_heading("Training step", "train_table", directory, statuses, command=False), ""]
+    lines += [training_table(run["info"], run["settings"], training_rows(run, rows)) if run
+              else "(no results: the stage wrote no run.json)\n"]
+
+    lines += ["**Kill and resume** (`launch/check_resume.py`, 2 ranks sharing the GPU through gloo):", ""]
+    for amp in ("bf16", "fp16"):
+        stage = f"resume_{amp}"
+        result = [line for line in read_lines(directory, f"{stage}.txt") or [] if line.startswith("resume check")]
+        lines.append(f"- {amp} ({statuses.get(stage, 'not run')}): {result[-1] if result else 'no result line'}")
+    lines.append("")
+
+    lines += [stage_heading("Data pipeline", "data", directory, statuses), ""]
+    lines += data_lines(read_lines(directory, "data.txt") or []) or ["(no output)"]
+    if lines[-1]:
+        lines.append("")
+
+    profile_lines = read_lines(directory, "profile.txt")
+    if profile_lines:
+        lines += [f"<details><summary>torch.profiler: {profile_lines[0]} (top of profile.txt)</summary>", "",
+                  *code_block(profile_lines[1:28]), "</details>", ""]
+    return "\n".join(lines)
+
+
+def record(directory: str, docs: str) -> str:
+    """Append the Markdown section of ``directory`` (see ``session_markdown``) to ``docs``; returns it."""
+    text = session_markdown(directory)
+    with open(docs, "a") as handle:
+        handle.write("\n" + text)
+    return text
+
+
+# ------------------------------------------------------------------------------------------ main
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -411,12 +551,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--time_budget", type=float, default=None,
                         help="seconds; variants not started by then are recorded as skipped")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
-    parser.add_argument("--profile", default=None, help="write a torch.profiler table of the first variant "
-                        "whose name contains this to <output_dir>/profile.txt after the measurements")
-    parser.add_argument("--output_dir", default=None, help="results.jsonl and table.md, written as rows finish")
-    parser.add_argument("--append_docs", default=None, help="Markdown file the table is appended to at the end")
+    parser.add_argument("--profile", default=None, help="write a torch.profiler table of the first variant whose "
+                        "name contains this to <output_dir>/profile.txt, right after measuring it")
+    parser.add_argument("--output_dir", default=None,
+                        help="run.json, then results.jsonl and table.md, written as rows finish")
     parser.add_argument("--list", action="store_true", help="print the plan's variant names and exit")
+    parser.add_argument("--record", default=None, metavar="DIR",
+                        help="measure nothing: append the Markdown section of what a run (--output_dir) or "
+                        "launch/gpu_session.sh left in DIR to --docs")
+    parser.add_argument("--docs", default=DOCS, help="the Markdown file --record appends to (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.record:
+        print(record(args.record, args.docs))
+        print(f"appended to {args.docs}")
+        return
     if args.quick:
         args.backbone, args.tv_backbone, args.crop_size, args.batch = "resnet18", "resnet50", 64, 2
         args.warmup, args.iterations = 0, 1  # a smoke test: one timed iteration
@@ -427,24 +575,33 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.list:
         print("\n".join(v.name for v in plan))
         return
+    profiled = next((i for i, v in enumerate(plan) if args.profile in v.name), None) if args.profile else None
+    if args.profile and profiled is None:
+        raise SystemExit(f"--profile {args.profile!r} matches no variant of the plan")
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
     info = environment(device)
-    command = "python launch/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    settings: Dict[str, Any] = {
+        "command": "python launch/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "backbone": args.backbone, "tv_backbone": args.tv_backbone, "crop_size": args.crop_size,
+        "warmup": args.warmup, "compile_warmup": args.compile_warmup, "iterations": args.iterations,
+        "plan": [{**dataclasses.asdict(v), "variant": v.name, "batch": v.batch or args.batch} for v in plan],
+    }
     print(f"{info['device']}, torch {info['torch']}, {len(plan)} variants", flush=True)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "run.json"), "w") as handle:
+            json.dump({"info": info, "settings": settings}, handle, indent=1)
 
     flops_cache: Dict[tuple, Optional[float]] = {}
-    rows: List[Dict[str, object]] = []
+    rows: List[Dict[str, Any]] = []
     start = time.perf_counter()
     for index, variant in enumerate(plan):
         if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
-            row = {"variant": variant.name, **dataclasses.asdict(variant), "batch": variant.batch or args.batch,
-                   "error": "skipped: time budget spent"}
+            row = {**settings["plan"][index], "error": "skipped: time budget spent"}
         else:
             print(f"[{index + 1}/{len(plan)}] {variant.name} ...", flush=True)
             row = measure(variant, args, device)
@@ -461,19 +618,19 @@ def main(argv: Optional[List[str]] = None) -> None:
             with open(os.path.join(args.output_dir, "results.jsonl"), "a") as handle:
                 handle.write(json.dumps({**row, **info}) + "\n")
             with open(os.path.join(args.output_dir, "table.md"), "w") as handle:
-                handle.write(markdown(info, args, command, rows))
+                handle.write(markdown(info, settings, rows))
+        if index == profiled and "error" not in row:
+            # Right after its measurement, so that a run stopped later still has it.
+            try:
+                profile(variant, args, device, os.path.join(args.output_dir or ".", "profile.txt"))
+            except Exception:  # noqa: BLE001 - the profile is extra; the measurements go on
+                traceback.print_exc()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    text = markdown(info, args, command, rows)
     print()
-    print(text)
-    if args.append_docs:
-        with open(args.append_docs, "a") as handle:
-            handle.write("\n" + text)
-    if args.profile:
-        matches = [v for v in plan if args.profile in v.name]
-        if not matches:
-            raise SystemExit(f"--profile {args.profile!r} matches no variant of the plan")
-        profile(matches[0], args, device, os.path.join(args.output_dir or ".", "profile.txt"))
+    print(markdown(info, settings, rows))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ a ResNet-sized map.
 
 Exits with status 1 when a check fails.
 
-Usage: ``python launch/check_norm_kernels.py [--device cuda] [--shape 12,256,128,128]``
+Usage: ``python launch/check_norm_kernels.py [--device cuda] [--shape 12,256,128,128]``; ``--device cpu
+--eager`` runs the fused formulation as written instead of compiled: a check of this script in seconds
+(``launch/gpu_session.sh``'s dry run), not of the compiler's kernels.
 """
 from __future__ import annotations
 
@@ -132,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--shape", default="12,256,128,128", help="map timed: N,C,H,W (channels_last)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the fused formulation eagerly instead of compiling it (no compiler involved)")
     parser.add_argument("--quick", action="store_true",
                         help="four cases instead of every combination (fewer kernels to compile): float32 "
                         "contiguous, bfloat16 channels_last with and without residual, float16 with residual")
@@ -142,9 +146,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.quick:
         cases = [(torch.float32, False, False), (torch.bfloat16, True, True), (torch.bfloat16, True, False),
                  (torch.float16, False, True)]
+    if args.eager:
+        # What the tests do (tests/conftest.py): "fused" then calls the functions as written.
+        norm_kernels._compiled.update({function.__name__: function for function in norm_kernels.FUSED_FUNCTIONS})
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}")
+    print(f"{name}, torch {torch.__version__}{', fused formulation run eagerly' if args.eager else ''}")
 
     ok = gradcheck(device)
     for dtype, channels_last, with_residual in cases:
