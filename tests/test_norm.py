@@ -287,7 +287,13 @@ def load_worker():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sync_over_two_processes_matches_full_batch(tmp_path):
+@pytest.mark.parametrize("device, kernels", [("cpu", "reference"), ("cpu", "fused"),
+                                             pytest.param("cuda", "auto", marks=pytest.mark.cuda)])
+def test_sync_over_two_processes_matches_full_batch(tmp_path, device, kernels):
+    # "fused": the compiled kernels of the synchronised path (statistics and backward sums pooled
+    # over the processes between them), in float32 on the CPU; on CUDA both processes share the
+    # GPU(s) through gloo, and "auto" compiles the kernels there. One step from equal weights, so
+    # float32 rounding stays at its own size.
     worker = load_worker()
     splits = [3, 2]  # uneven: the ranks contribute different counts
     batches = [torch.randn(5, 3, 6, 6) * 2 + 1, torch.randn(5, 3, 6, 6) - 1]
@@ -309,10 +315,12 @@ def test_sync_over_two_processes_matches_full_batch(tmp_path):
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(REPO_ROOT, "tests", "dist_norm_worker.py"), str(tmp_path)]
+               os.path.join(REPO_ROOT, "tests", "dist_norm_worker.py"), str(tmp_path), device, kernels]
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    compiled = ["backward_sums", "batch_moments", "input_grad", "normalize_activate_"] if kernels != "reference" else []
+    assert [r["compiled"] for r in ranks] == [compiled, compiled]
 
     def close(actual, expected):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

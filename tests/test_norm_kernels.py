@@ -169,30 +169,107 @@ def test_fused_kernels_with_a_process_group(eager_fused, single_process_group, w
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_in_place_abn_inside_a_compiled_model():
-    """torch.compile traces the layer (reference operations, no graph break) and matches eager in float64."""
+class InPlaceChain(torch.nn.Module):
+    """Every way the model uses In-Place ABN's in-place autograd function (``ctx.mark_dirty``): on a
+    convolution's output, with a residual (the block input, used again afterwards), without the
+    activation (then a leaky ReLU out of place), two layers in a row, and on 2-D features."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm1 = InPlaceABN(channels)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = InPlaceABN(channels)
+        self.norm3 = InPlaceABN(channels, activation="identity")
+        self.norm4 = InPlaceABN(channels, activation_param=0.2)
+        self.norm5 = InPlaceABN(channels)
+        with torch.no_grad():
+            for norm in (self.norm1, self.norm2, self.norm3, self.norm4, self.norm5):
+                norm.weight.uniform_(-1.5, 1.5)  # negative weights too: the effective scale is |w| + eps
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        y = self.norm1(self.conv1(x))
+        y = self.norm2(self.conv2(y), residual=x)  # x stays needed: its gradient flows back twice
+        tapped = self.norm3(y * 1.0, activate=False)  # pre-activation, activated out of place
+        y = torch.nn.functional.leaky_relu(tapped, 0.01) + 0.1 * tapped
+        y = self.norm4(y * 1.0)
+        pooled = self.norm5(y.mean(dim=(2, 3)) * 2.0)  # (N, C): 2-D input
+        return y * pooled[:, :, None, None]
+
+
+def _chain_results(module, x, grad_output):
+    """Output, input gradient, every parameter gradient and running statistic of one training call."""
+    x = x.clone().requires_grad_(True)
+    output = module(x)
+    output.backward(grad_output)
+    results = {"output": output.detach(), "input grad": x.grad}
+    module = getattr(module, "_orig_mod", module)  # the compiled wrapper's module
+    for name, parameter in module.named_parameters():
+        results[f"{name} grad"] = parameter.grad.clone()
+        parameter.grad = None
+    results.update({name: buffer.clone() for name, buffer in module.named_buffers() if "running" in name})
+    return results
+
+
+def _compiled_against_eager(device: str, channels_last: bool):
+    """The chain's results eagerly and under torch.compile, from equal weights, in float64."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False).double()
-    norm = InPlaceABN(4).double()
+    chain = InPlaceChain().double().to(device)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64, device=device)
+    grad_output = torch.randn(3, 4, 6, 6, dtype=torch.float64, device=device)  # not uniform: every term counts
+    if channels_last:
+        chain, x = chain.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    state = {name: value.clone() for name, value in chain.state_dict().items()}
+    eager = _chain_results(chain, x, grad_output)
+    chain.load_state_dict(state)
+    torch._dynamo.reset()
+    compiled = _chain_results(torch.compile(chain, fullgraph=True), x, grad_output)
+    return eager, compiled
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.norm = conv, norm
 
-        def forward(self, x):
-            return self.norm(self.conv(x), residual=x)
+def _assert_equal_results(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-10, atol=1e-10, msg=name)
 
-    block = Block()
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    explanation = torch._dynamo.explain(block)(x.clone())
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_model_equals_eager_on_the_in_place_path(channels_last):
+    """torch.compile traces In-Place ABN's in-place autograd function into the model's graph (no graph
+    break); forward, gradients and running statistics equal eager execution in float64."""
+    explanation = torch._dynamo.explain(InPlaceChain().double())(torch.randn(3, 4, 6, 6, dtype=torch.float64))
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    eager, compiled = _compiled_against_eager("cpu", channels_last)
+    _assert_equal_results(compiled, eager)
 
-    results = []
-    for module in (block, torch.compile(block)):
-        inp = x.clone().requires_grad_(True)
-        module(inp).sum().backward()
-        results.append([inp.grad, conv.weight.grad.clone(), norm.weight.grad.clone()])
-        conv.weight.grad = norm.weight.grad = None
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-10)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_model_equals_eager_on_the_in_place_path_on_cuda(channels_last):
+    """The same on a GPU, with that machine's own torch."""
+    eager, compiled = _compiled_against_eager("cuda", channels_last)
+    _assert_equal_results(compiled, eager)
+
+
+def test_the_comparison_sees_a_silently_wrong_gradient(monkeypatch):
+    """A backward that drops one term of In-Place ABN's input gradient (the x_hat * mean(dL/dz * x_hat)
+    projection; a wrong gradient of the size a mishandled in-place input causes) fails the comparison
+    above: the chain's inputs and upstream gradient do not hide it."""
+    torch.manual_seed(0)
+    chain = InPlaceChain().double()
+    x, grad_output = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    state = {name: value.clone() for name, value in chain.state_dict().items()}
+    right = _chain_results(chain, x, grad_output)
+    chain.load_state_dict(state)
+    input_grad_from = norm_kernels.input_grad_from
+
+    def without_projection(x_hat, grad_z, mean_grad_z, mean_grad_z_x_hat, *rest):
+        return input_grad_from(x_hat, grad_z, mean_grad_z, torch.zeros_like(mean_grad_z_x_hat), *rest)
+
+    monkeypatch.setattr(norm_kernels, "input_grad_from", without_projection)
+    wrong = _chain_results(chain, x, grad_output)
+    torch.testing.assert_close(wrong["output"], right["output"], rtol=0, atol=0)  # the forward is right
+    with pytest.raises(AssertionError, match="input grad"):
+        _assert_equal_results(wrong, right)

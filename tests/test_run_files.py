@@ -18,6 +18,10 @@ BASE = {"lr": 0.01, "incremental_lr": 0.001, "loss_kd": 10.0, "num_workers": 2, 
 def test_differing_options_compares_what_changes_the_result_of_the_step():
     assert differing_options(BASE, dict(BASE, num_workers=8, steps=[1], name="x"), 1) == []
     assert differing_options(BASE, dict(BASE, loss_kd=100.0), 1) == ["--loss_kd 10.0 -> 100.0"]
+    # In-Place ABN's kernels and the process-group backend change rounding at most; TF32 changes every convolution.
+    hardware = dict(BASE, norm_kernels="auto", dist_backend="auto", tf32="on")
+    assert differing_options(hardware, dict(hardware, norm_kernels="reference", dist_backend="gloo"), 1) == []
+    assert differing_options(hardware, dict(hardware, tf32="off"), 1) == ["--tf32 on -> off"]
     # The learning rate of the step counts: --step 1 --lr 0.001 equals --step all --lr 0.01 --incremental_lr 0.001.
     assert differing_options(BASE, dict(BASE, lr=0.001, incremental_lr=None), 1) == []
     assert differing_options(BASE, dict(BASE, lr=0.001, incremental_lr=None), 0) == [
