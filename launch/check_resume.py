@@ -54,7 +54,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--crop_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4, help="per process")
     parser.add_argument("--iterations", type=int, default=20,
-                        help="training iterations (2 epochs; the data set is made big enough)")
+                        help="training iterations (2 epochs of as many images)")
     parser.add_argument("--kill_at", type=int, default=13, help="SIGKILL after this iteration")
     parser.add_argument("--ckpt_interval", type=int, default=4)
     parser.add_argument("--tolerance", type=float, default=None,
@@ -140,9 +140,7 @@ def identical(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
 def check(args: argparse.Namespace, work: Path, output_dir: Path) -> Dict[str, Any]:
     """The three (on CUDA four) runs and the comparison; the result's "failure" says what failed."""
     data_root = work / "data"
-    # 2 epochs of full global batches; step 0 of 15-5 keeps the images without the later classes
-    # (about 3 in 4 here, so half again as many are made), and whatever is left over beyond full batches is not used.
-    images = 3 * args.iterations // 4 * args.batch_size * args.nproc
+    images = args.iterations // 2 * args.batch_size * args.nproc  # 2 epochs of full global batches
     generate_synthetic_voc(str(data_root / DIR_NAME), num_train=images, num_val=4, width=args.crop_size + 16,
                            height=args.crop_size + 8)
     result: Dict[str, Any] = {
@@ -183,6 +181,7 @@ def check(args: argparse.Namespace, work: Path, output_dir: Path) -> Dict[str, A
     result["resumed_from"] = int(state["iteration"])
     scaler = state.get("scaler_state") or {}
     result["scaler_scale_at_checkpoint"] = float(scaler["scale"]) if "scale" in scaler else None
+    result["scaler_steps_at_checkpoint"] = int(scaler["_growth_tracker"]) if "_growth_tracker" in scaler else None
     if args.amp == "fp16" and result["scaler_scale_at_checkpoint"] is None:
         result["failure"] = "the in-step checkpoint holds no GradScaler state under fp16"
         return result
@@ -221,7 +220,8 @@ def summary(result: Dict[str, Any]) -> str:
     if "noise_floor" in result:
         same += f" (two uninterrupted runs: {result['noise_floor']:.3g})"
     scale = result["scaler_scale_at_checkpoint"]
-    scaler = f"; GradScaler scale {scale:g} restored" if scale is not None else ""
+    scaler = (f"; the GradScaler's state (scale {scale:g}, {result['scaler_steps_at_checkpoint']} steps since "
+              "it last changed) went through the checkpoint" if scale is not None else "")
     return (f"resume check ({setting}): ok, killed after iteration {result['killed_after']}, resumed from "
             f"{result['resumed_from']} of {result['iterations']}: {same}{scaler}")
 

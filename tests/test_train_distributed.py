@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -41,28 +42,73 @@ def _assert_close(one, two, key, rel=1e-9):
     assert (one - two).abs().max().item() <= rel * scale + 1e-300, key
 
 
+def _step_checkpoints(out):
+    return [torch.load(run_checkpoints(out) / f"step{step}.pth", map_location="cpu", weights_only=False)
+            for step in (0, 1)]
+
+
 @pytest.mark.slow
-def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
+def test_one_process_equals_two_processes_and_fused_kernels_equal_the_reference_in_float64(data_root, tmp_path):
     # Same global batch (1 x 4 images, 2 x 2 images), two steps of EWC from scratch. In exact
     # arithmetic the runs are equal; float64 keeps the reduction-order rounding (~1e-16) from
     # growing to a visible size, so weights and Fisher must agree to 1e-9. (In float32 the same
-    # rounding is amplified by training, as with a different thread count.)
-    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    run_train_in_process(_float64_ewc_args(data_root, one_dir, batch_size=4))
-    run_train(_float64_ewc_args(data_root, two_dir, batch_size=2), nproc=2)
-    for step in (0, 1):
-        one = torch.load(run_checkpoints(one_dir) / f"step{step}.pth", map_location="cpu", weights_only=False)
-        two = torch.load(run_checkpoints(two_dir) / f"step{step}.pth", map_location="cpu", weights_only=False)
-        assert one["model_state"].keys() == two["model_state"].keys()
-        for key, value in one["model_state"].items():
-            if value.is_floating_point():
-                _assert_close(value, two["model_state"][key], f"step {step} {key}")
-            else:
-                assert torch.equal(value, two["model_state"][key]), key
-        fisher_one, fisher_two = one["method_states"]["ewc"]["fisher"], two["method_states"]["ewc"]["fisher"]
-        assert fisher_one.keys() == fisher_two.keys()
-        for key, value in fisher_one.items():
-            _assert_close(value, fisher_two[key], f"step {step} Fisher {key}")
+    # rounding is amplified by training, as with a different thread count.) The Fisher, a running
+    # mean of squared gradients, compares the gradients themselves.
+    # The third run takes In-Place ABN's compiled kernels on 2 processes: the synchronised path,
+    # whose four kernels pool the statistics over the processes between them (what
+    # `torchrun --nproc_per_node 8 train.py` runs on GPUs).
+    runs = {name: tmp_path / name for name in ("one", "two", "two-fused")}
+    run_train_in_process(_float64_ewc_args(data_root, runs["one"], batch_size=4))
+    run_train(_float64_ewc_args(data_root, runs["two"], batch_size=2) + ["--norm_kernels", "reference"], nproc=2)
+    result = run_train(_float64_ewc_args(data_root, runs["two-fused"], batch_size=2) + ["--norm_kernels", "fused"],
+                       nproc=2)
+    assert "In-Place ABN kernels: fused (compiled)" in result.stdout + result.stderr
+    one_run = _step_checkpoints(runs["one"])
+    for name in ("two", "two-fused"):
+        for step, (one, two) in enumerate(zip(one_run, _step_checkpoints(runs[name]))):
+            assert one["model_state"].keys() == two["model_state"].keys()
+            for key, value in one["model_state"].items():
+                if value.is_floating_point():
+                    _assert_close(value, two["model_state"][key], f"{name} step {step} {key}")
+                else:
+                    assert torch.equal(value, two["model_state"][key]), key
+            fisher_one, fisher_two = one["method_states"]["ewc"]["fisher"], two["method_states"]["ewc"]["fisher"]
+            assert fisher_one.keys() == fisher_two.keys()
+            for key, value in fisher_one.items():
+                _assert_close(value, fisher_two[key], f"{name} step {step} Fisher {key}")
+
+
+def _check_resume(amp, output_dir, *options):
+    """``launch/check_resume.py`` (an uninterrupted run, one killed mid-step, its rerun): its report."""
+    command = [sys.executable, os.path.join(REPO_ROOT, "launch", "check_resume.py"), "--amp", amp, "--nproc", "2",
+               "--channels_last", "--norm_kernels", "fused", "--output_dir", str(output_dir), *options]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    report = json.loads((output_dir / f"resume-{amp}.json").read_text())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 0 < report["resumed_from"] < report["killed_after"] < report["iterations"], report
+    if amp == "fp16":  # the GradScaler's state (scale, successful steps) went through the checkpoint
+        assert report["scaler_scale_at_checkpoint"] > 0, report
+        assert report["scaler_steps_at_checkpoint"] == report["resumed_from"], report
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_channels_last_fused_run_killed_and_resumed_is_bit_identical(amp, tmp_path):
+    # 2 processes, --amp bf16|fp16 --channels_last --norm_kernels fused: SIGKILL after iteration 3,
+    # the rerun resumes from the in-step checkpoint of iteration 2 and ends bit-identical.
+    report = _check_resume(amp, tmp_path, "--dry_run")
+    assert report["bit_identical"], report
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cuda_killed_and_resumed(amp, tmp_path):
+    # 20 iterations of 2 processes sharing the GPU(s) through gloo; CUDA's atomic additions make two
+    # uninterrupted runs differ already, so the resumed run must stay within 10 times that.
+    report = _check_resume(amp, tmp_path, "--device", "cuda", "--dist_backend", "gloo")
+    assert report["relative_difference"] <= report["tolerance"], report
 
 
 @pytest.mark.slow
