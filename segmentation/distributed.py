@@ -68,6 +68,12 @@ def init_distributed(env: DistEnv, device_type: str, timeout_seconds: float = DE
     _timeout_seconds = timeout_seconds
     if env.world_size == 1:
         return
+    # Imported once a process group exists, torch.distributed.fsdp (which torch._dynamo imports, and
+    # with it the optimizer) keeps a reference to that group: destroy_process_group then leaves gloo's
+    # threads running into the interpreter's shutdown, where they can abort a process that has
+    # finished ("terminate called without an active exception"). Imported before, it keeps none.
+    import torch.distributed.fsdp  # noqa: F401
+
     timeout = datetime.timedelta(seconds=timeout_seconds)
     store, _, _ = next(dist.rendezvous(
         f"tcp://{env.master_addr}:{env.master_port}", env.rank, env.world_size, timeout=timeout))

@@ -105,9 +105,12 @@ WORKER = textwrap.dedent(
     distributed.barrier()
     result = {"env": [env.rank, env.world_size, env.local_rank], "sum": total.tolist(), "message": message,
               "shards": shards, "initialized": distributed.is_initialized(), "main": distributed.is_main_process()}
+    import torch._dynamo  # as training does, through the optimizer, after the process group exists
+    distributed.cleanup()
+    # The threads left: the process group's must have ended with it, not at the interpreter's shutdown.
+    result["threads"] = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
     with open(os.path.join(sys.argv[1], f"rank{env.rank}.json"), "w") as f:
         json.dump(result, f)
-    distributed.cleanup()
     """
 )
 
@@ -134,3 +137,4 @@ def test_torchrun_two_processes(tmp_path):
         shards = result["shards"]
         assert sorted(i for shard in shards for i in shard) == list(range(7))
         assert len(shards[0]) == 4 and len(shards[1]) == 3
+        assert not [name for name in result["threads"] if "gloo" in name], result["threads"]
