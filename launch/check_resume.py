@@ -62,12 +62,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "noise_factor x the noise floor on CUDA)")
     parser.add_argument("--noise_factor", type=float, default=10.0)
     parser.add_argument("--dry_run", action="store_true",
-                        help="toy size on the CPU: 48 px crops, 4 iterations, killed after 3")
+                        help="toy size on the CPU: 32 px crops, 4 iterations, killed after 3")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--timeout", type=float, default=240, help="seconds per train.py launch")
     args = parser.parse_args(argv)
     if args.dry_run:
-        args.device, args.crop_size, args.batch_size = "cpu", 48, 2
+        args.device, args.crop_size, args.batch_size = "cpu", 32, 2
         args.iterations, args.kill_at, args.ckpt_interval = 4, 3, 2
     if args.iterations % 2 or not 0 < args.kill_at < args.iterations:
         parser.error("--iterations must be even (2 epochs) and --kill_at inside the run")

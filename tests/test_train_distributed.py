@@ -87,9 +87,11 @@ def _check_resume(amp, output_dir, *options):
     report = json.loads((output_dir / f"resume-{amp}.json").read_text())
     assert result.returncode == 0, result.stdout + result.stderr
     assert 0 < report["resumed_from"] < report["killed_after"] < report["iterations"], report
-    if amp == "fp16":  # the GradScaler's state (scale, successful steps) went through the checkpoint
-        assert report["scaler_scale_at_checkpoint"] > 0, report
-        assert report["scaler_steps_at_checkpoint"] == report["resumed_from"], report
+    if amp == "fp16":
+        # The GradScaler's state went through the checkpoint: a scale that the first iterations'
+        # overflows lowered from its initial 2**16, and the successful steps since it last changed.
+        assert 0 < report["scaler_scale_at_checkpoint"] < 2.0 ** 16, report
+        assert 0 <= report["scaler_steps_at_checkpoint"] <= report["resumed_from"], report
     return report
 
 
