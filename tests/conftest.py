@@ -18,7 +18,7 @@ from typing import Callable, List
 import pytest
 import torch
 
-from train_cli_worker import run_train, train_args
+from train_cli_worker import run_train, run_train_in_process, train_args
 
 # Tests run on 2 CPU cores in CI, one pytest-xdist worker per core; one intra-op thread per
 # process keeps parallel runs predictable.
@@ -150,3 +150,35 @@ def two_process_run(data_root, tmp_path_factory) -> Path:
     """Both steps of MiB on synthetic 15-5 under torchrun, 2 processes of 2 images."""
     return build_once(tmp_path_factory, "two-process-run",
                       lambda out: run_train(two_process_args(data_root, out), nproc=2))
+
+
+@pytest.fixture(scope="session")
+def estimating_step0(data_root, tmp_path_factory) -> Path:
+    """Step 0 of FT on synthetic 15-5 that estimates EWC's, PI's and RW's importances on the way (RW's
+    score every iteration), in one process: the step 0 of their step-1 runs in test_train_e2e.py and
+    test_train_resume.py."""
+    return build_once(tmp_path_factory, "estimating-step0", lambda out: run_train_in_process(
+        train_args(data_root, out, "--step", "0", "--method", "FT", "--reg_iterations", "1",
+                   "--estimate_importance", "ewc", "pi", "rw")))
+
+
+# The tests that use ``float64_plop_runs`` form one xdist group (pytest.ini: --dist loadgroup), so
+# that none waits idle while another worker records the runs.
+FLOAT64_PLOP_GROUP = pytest.mark.xdist_group("float64-plop-runs")
+
+
+@pytest.fixture(scope="session")
+def float64_plop_runs(data_root, tmp_path_factory) -> Path:
+    """The float64 PLOP runs of the loss traces (``loss_traces.PLOP_RUNS``: step 0, then two step-1
+    runs from it), recorded once: their traces in ``traces.json``, the step checkpoints of step 0 and
+    of PLOP's step 1 under ``checkpoints/`` (``loss_traces.step_checkpoint``). test_loss_traces.py
+    compares the traces with the recording, test_plop_train.py the PLOP step 1 with 2 processes."""
+    import json
+
+    from loss_traces import PLOP_RUNS, record
+
+    def build(folder):
+        traces = record(data_root, folder, PLOP_RUNS, step_files=["PLOP"])
+        (folder / "traces.json").write_text(json.dumps(traces))
+
+    return build_once(tmp_path_factory, "float64-plop-runs", build)

@@ -2,6 +2,13 @@
 in float64, and sums of the weights and of the regularizer state that the step checkpoint
 stores, recorded by running ``train.py``'s entry in this process.
 
+The step-0 checkpoints are written and summed as read back (the step-1 runs start from them); a
+step-1 run's checkpoint is summed as the run hands it to be written, and written only when asked
+(``step_files``): the same numbers without writing, reading back and checksumming 1.9 GB of float64
+checkpoints (about 25 s of the 85 s recording on a 2-core machine). The PLOP runs (``PLOP_RUNS``)
+are recorded once per test session (conftest.py's ``float64_plop_runs``), which
+test_plop_train.py's 1-process-equals-2 test shares.
+
     python tests/loss_traces.py      # rewrites tests/data/loss_traces.json from the current code
 
 ``test_loss_traces.py`` compares a fresh recording with that file, so a change of the engine or of
@@ -10,11 +17,12 @@ that is meant to change numbers, and say which in the commit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 from unittest import mock
 
 TESTS = Path(__file__).resolve().parent
@@ -49,14 +57,34 @@ STEP1_RUNS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                                                           "global")),
 }
 COMMON = ("--dtype", "float64", "--crop_size", "32", "--ckpt_interval", "0", "--print_interval", "1")
+# The PLOP runs, which conftest.py's ``float64_plop_runs`` records once per test session.
+PLOP_RUNS = ("step0-plop", "PLOP", "PLOP median thresholds, global POD")
 Trace = Dict[str, object]
 
 
-def _checkpoint_sums(path: Path) -> Dict[str, float]:
-    """Sum of squares of the step checkpoint's weights, and the sum of every regularizer state."""
-    import torch
+def run_name(name: str) -> str:
+    """The ``--name`` of run ``name`` of ``STEP0_RUNS`` or ``STEP1_RUNS``."""
+    return name.replace(" ", "-").replace(",", "")
 
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+
+def step_checkpoint(out: Path, name: str) -> Path:
+    """The step checkpoint that run ``name`` writes under ``out``."""
+    file_name = "step0.pth" if name in STEP0_RUNS else "step1.pth"
+    return out / "checkpoints" / "synthetic-15-5" / run_name(name) / file_name
+
+
+def run_args(name: str, data_root: str, out: Path, step0_out: Optional[Path] = None) -> List[str]:
+    """The ``train.py`` options of run ``name``, writing under ``out``; a step-1 run starts from the
+    checkpoint of its step 0 written under ``step0_out`` (``out`` by default)."""
+    if name in STEP0_RUNS:
+        return train_args(data_root, out, *COMMON, "--step", "0", *STEP0_RUNS[name], name=run_name(name))
+    step0, extra = STEP1_RUNS[name]
+    return train_args(data_root, out, *COMMON, "--step", "1", "--step_ckpt",
+                      str(step_checkpoint(step0_out or out, step0)), *extra, name=run_name(name))
+
+
+def _state_sums(saved: Dict[str, object]) -> Dict[str, float]:
+    """Sum of squares of a step checkpoint's weights, and the sum of every regularizer state."""
     sums = {"weights": float(sum((value.double() ** 2).sum() for value in saved["model_state"].values()
                                  if value.is_floating_point()))}
     for name, state in sorted(saved["method_states"].items()):
@@ -66,17 +94,28 @@ def _checkpoint_sums(path: Path) -> Dict[str, float]:
     return sums
 
 
-def _record_run(args: List[str], step_checkpoint: Path) -> Trace:
-    """Run ``args``: every training iteration's loss terms and the sums of its step checkpoint.
+def _checkpoint_sums(path: Path) -> Dict[str, float]:
+    """``_state_sums`` of the step checkpoint file at ``path``."""
+    import torch
+
+    return _state_sums(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def _record_run(args: List[str], checkpoint_path: Path, write: bool = True) -> Trace:
+    """Run ``args``: every training iteration's loss terms and the sums of its step checkpoint, as
+    read back from the file, or (``write`` False) as the run hands it to be written, without
+    writing it.
 
     In-step checkpoints are not written (they change no number, and a float64 one with every
     regularizer's state is close to 1 GB), and the validation and the test do not run (their
     numbers are not recorded)."""
     from segmentation.engine.checkpoint import InStepCheckpoints
     from segmentation.engine.run import StepRunner
+    from segmentation.engine.run_files import RunFiles
     from segmentation.engine.trainer import Trainer
 
     trace: List[Dict[str, float]] = []
+    handed: List[Dict[str, object]] = []
     run_step = Trainer.run_step
 
     def recording(self, images, labels):
@@ -84,24 +123,39 @@ def _record_run(args: List[str], step_checkpoint: Path) -> Trace:
         trace.append({name: float(value) for name, value in components.items()})
         return components
 
-    with mock.patch.object(Trainer, "run_step", recording), mock.patch.object(InStepCheckpoints, "save"), \
-            mock.patch.object(StepRunner, "_validate"), mock.patch.object(StepRunner, "test"):
+    def keep(self, state, step, verify):  # what the run hands to RunFiles to write
+        handed.append(state)
+
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.object(Trainer, "run_step", recording))
+        for target, name in ((InStepCheckpoints, "save"), (StepRunner, "_validate"), (StepRunner, "test")):
+            patches.enter_context(mock.patch.object(target, name))
+        if not write:
+            patches.enter_context(mock.patch.object(RunFiles, "save_step_checkpoint", keep))
         run_train_in_process(args)
-    return {"iterations": trace, "checkpoint": _checkpoint_sums(step_checkpoint)}
+    if write:
+        sums = _checkpoint_sums(checkpoint_path)
+    else:
+        assert len(handed) == 1 and not checkpoint_path.exists(), "one step checkpoint, not written"
+        sums = _state_sums(handed[0])
+    return {"iterations": trace, "checkpoint": sums}
 
 
-def record(data_root: str, out: Path) -> Dict[str, Trace]:
-    """The trace of every run of ``STEP0_RUNS`` and ``STEP1_RUNS`` (output folders under ``out``)."""
-    runs = out / "checkpoints" / "synthetic-15-5"
+def record(data_root: str, out: Path, runs: Optional[Iterable[str]] = None,
+           step_files: Iterable[str] = ()) -> Dict[str, Trace]:
+    """The trace of each run of ``runs`` (every run of ``STEP0_RUNS`` and ``STEP1_RUNS`` by default),
+    output folders under ``out``; a step-1 run's step 0 must be among them. The step-1 runs of
+    ``step_files`` write their step checkpoint (summed as read back), the others do not (summed as
+    handed to be written)."""
+    selected = [*STEP0_RUNS, *STEP1_RUNS] if runs is None else list(runs)
+    unknown = set(selected) - set(STEP0_RUNS) - set(STEP1_RUNS)
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)}")
+    step_files = set(step_files)
     traces: Dict[str, Trace] = {}
-    for name, extra in STEP0_RUNS.items():
-        traces[name] = _record_run(train_args(data_root, out, *COMMON, "--step", "0", *extra, name=name),
-                                   runs / name / "step0.pth")
-    for name, (step0, extra) in STEP1_RUNS.items():
-        run_name = name.replace(" ", "-").replace(",", "")
-        args = train_args(data_root, out, *COMMON, "--step", "1", "--step_ckpt", str(runs / step0 / "step0.pth"),
-                          *extra, name=run_name)
-        traces[name] = _record_run(args, runs / run_name / "step1.pth")
+    for name in [*filter(STEP0_RUNS.__contains__, selected), *filter(STEP1_RUNS.__contains__, selected)]:
+        traces[name] = _record_run(run_args(name, data_root, out), step_checkpoint(out, name),
+                                   write=name in STEP0_RUNS or name in step_files)
     return traces
 
 

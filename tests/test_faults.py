@@ -1,6 +1,8 @@
 """train.py under real faults (one process): SIGKILL at every point of a step, corrupt
 checkpoints, a second launch, write errors, a diverging loss. Kills come from
-``SEGMENTATION_FAULT`` (segmentation/faults.py), so each lands exactly where it is meant to."""
+``SEGMENTATION_FAULT`` (segmentation/faults.py), so each lands exactly where it is meant to; the
+runs they end (and the one a file-size limit stops) are forked copies of the test's process
+(``run_train_forked``: a process of its own, no new interpreter)."""
 import json
 import resource
 import signal
@@ -11,7 +13,8 @@ import torch
 from conftest import copy_run, mib_args
 from segmentation.engine.run_lock import RunLock
 from train_cli_worker import (
-    assert_states_equal, model_state, printed, run_checkpoints, run_logs, run_train, run_train_in_process, train_args,
+    assert_states_equal, model_state, printed, run_checkpoints, run_logs, run_train_forked, run_train_in_process,
+    train_args,
 )
 
 EXIT_FAILED = 1
@@ -19,13 +22,14 @@ SCORES = ("class_iou", "miou_all", "miou_old", "miou_new", "overall_acc", "mean_
 
 
 def _killed_at(args, point):
-    result = run_train(args, check=False, env={"SEGMENTATION_FAULT": f"kill:{point}"})
+    # A process of its own, forked from this one: SIGKILL ends it wherever it is.
+    result = run_train_forked(args, check=False, env={"SEGMENTATION_FAULT": f"kill:{point}"})
     assert result.returncode == -signal.SIGKILL, printed(result)
     return printed(result)
 
 
 def _failed(args, in_process=True, **kwargs):
-    result = run_train_in_process(args, check=False) if in_process else run_train(args, check=False, **kwargs)
+    result = run_train_in_process(args, check=False) if in_process else run_train_forked(args, check=False, **kwargs)
     output = printed(result)
     assert result.returncode == EXIT_FAILED, output
     assert "Traceback" not in output, output

@@ -26,7 +26,8 @@ def _step(path):
 
 
 def test_toy_method_trains_two_steps_and_resumes_bit_exactly(toy_registered, data_root, tmp_path):
-    args = ("--method", "toy", "--ckpt_interval", "1", "--crop_size", "32")
+    args = ("--method", "toy", "--crop_size", "32")
+    # The reference writes no in-step checkpoints (their interval does not change the weights).
     reference = tmp_path / "reference"
     result = run_train_in_process(train_args(data_root, reference, *args, "--step", "all"))
     output = result.stdout + result.stderr
@@ -41,7 +42,8 @@ def test_toy_method_trains_two_steps_and_resumes_bit_exactly(toy_registered, dat
     # registry line runs in tests/toy_method.py), then resumed.
     out = tmp_path / "interrupted"
     run_dir = out / "checkpoints" / "synthetic-15-5" / "run"
-    step1_args = train_args(data_root, out, *args, "--step", "1", "--step_ckpt", str(reference_dir / "step0.pth"))
+    step1_args = train_args(data_root, out, *args, "--ckpt_interval", "1", "--step", "1",
+                            "--step_ckpt", str(reference_dir / "step0.pth"))
     run_until(step1_args, lambda: any(run_dir.glob("step1-iter*.pth")), sig=signal.SIGKILL, script=SCRIPT)
     assert not (run_dir / "step1.pth").exists()
     assert "toy" in _step(next(run_dir.glob("step1-iter*.pth")))["method_states"]

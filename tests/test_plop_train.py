@@ -7,14 +7,16 @@ import re
 import pytest
 import torch
 
-from conftest import build_once, copy_run
+from conftest import FLOAT64_PLOP_GROUP, build_once, copy_run
+from loss_traces import run_args, step_checkpoint
 from train_cli_worker import (
-    assert_states_equal, model_state, printed, run_checkpoints, run_logs, run_train, run_train_in_process, train_args,
+    assert_states_equal, model_state, printed, run_checkpoints, run_logs, run_srun_like, run_train_forked,
+    run_train_in_process, train_args,
 )
 
 EXIT_INTERRUPTED = 3
 # 11 training images at step 1 with 2 per batch: 5 batches in the pass, 5 iterations per epoch.
-PLOP_OPTIONS = ("--method", "PLOP", "--batch_size", "2", "--ckpt_interval", "2", "--crop_size", "64")
+PLOP_OPTIONS = ("--method", "PLOP", "--batch_size", "2", "--crop_size", "64")
 PASS_BATCHES = 5
 
 
@@ -24,7 +26,8 @@ def plop_args(data_root, out, *extra):
 
 @pytest.fixture(scope="session")
 def plop_run(data_root, tmp_path_factory):
-    """Both steps of PLOP on synthetic 15-5 in one process (shared, read-only)."""
+    """Both steps of PLOP on synthetic 15-5 in one process (shared, read-only), without in-step
+    checkpoints (their interval does not change the weights)."""
     def build(folder):
         result = run_train_in_process(plop_args(data_root, folder, "--step", "all"))
         (folder / "output.txt").write_text(printed(result))
@@ -52,22 +55,23 @@ def test_stopped_and_killed_step_with_pass_ends_bit_identical(plop_run, data_roo
     out = copy_run(plop_run, tmp_path)
     (run_checkpoints(out) / "step1.pth").unlink()
     (run_logs(out) / "step1.json").unlink()
-    args = plop_args(data_root, out, "--step", "1")
+    args = plop_args(data_root, out, "--step", "1", "--ckpt_interval", "2")
     run_dir = run_checkpoints(out)
 
+    # Runs 1-3 are forked copies of this process (run_train_forked): a process of its own each.
     # 1. SIGKILL in the pass: nothing of it was saved, the rerun starts it again.
-    result = run_train(args, check=False, env={"SEGMENTATION_FAULT": "kill:data-pass-batch:2"})
+    result = run_train_forked(args, check=False, env={"SEGMENTATION_FAULT": "kill:data-pass-batch:2"})
     assert result.returncode < 0 and not (run_dir / "step1-pass.pth").exists(), printed(result)
 
     # 2. A stop signal in the pass: its counts are saved, exit code 3.
-    result = run_train(args, check=False, env={"SEGMENTATION_FAULT": "term:data-pass-batch:3"})
+    result = run_train_forked(args, check=False, env={"SEGMENTATION_FAULT": "term:data-pass-batch:3"})
     assert result.returncode == EXIT_INTERRUPTED, printed(result)
     assert "the pass over the training set before the training of step 1 stopped by a signal after batch 3" \
         in printed(result)
     assert torch.load(run_dir / "step1-pass.pth", weights_only=False)["batches"] == 3
 
     # 3. The rerun continues the pass at batch 4, then SIGKILL in training (in-step checkpoint at 2).
-    result = run_train(args, check=False, env={"SEGMENTATION_FAULT": "kill:train-iteration:3"})
+    result = run_train_forked(args, check=False, env={"SEGMENTATION_FAULT": "kill:train-iteration:3"})
     assert f"step 1: PLOP's entropy thresholds (100 bins) continues at batch 3 of {PASS_BATCHES}" in printed(result)
     assert (run_dir / "step1-iter2.pth").exists() and (run_dir / "step1-pass.pth").exists()
 
@@ -85,22 +89,19 @@ def _assert_close(one, two, key, rel=1e-9):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_one_process_equals_two_processes_in_float64(data_root, tmp_path):
-    # Step 0 (plain cross-entropy, equal on 1 and 2 processes: test_train_distributed.py) once,
-    # then PLOP's step 1 on 1 x 4 and 2 x 2 images from it.
-    def args(out, batch_size, *extra):
-        values = train_args(data_root, out, "--method", "PLOP", "--dtype", "float64", "--crop_size", "32",
-                            "--spp_scales", "1", "2", *extra)  # 2x2 maps at stride 16: float64 is slow on CPU
-        values[values.index("--batch_size") + 1] = str(batch_size)
-        values[values.index("--lr") + 1] = "0.001"
-        return values
-
-    run_train_in_process(args(tmp_path / "step0", 4, "--step", "0"))
-    step0 = run_checkpoints(tmp_path / "step0") / "step0.pth"
-    run_train_in_process(args(tmp_path / "one", 4, "--step", "1", "--step_ckpt", str(step0)))
-    run_train(args(tmp_path / "two", 2, "--step", "1", "--step_ckpt", str(step0)), nproc=2)
-    one = model_state(run_checkpoints(tmp_path / "one") / "step1.pth")
-    two = model_state(run_checkpoints(tmp_path / "two") / "step1.pth")
+@FLOAT64_PLOP_GROUP
+def test_one_process_equals_two_processes_in_float64(float64_plop_runs, data_root, tmp_path):
+    # PLOP's float64 step 1 of the loss traces (tests/loss_traces.py: 32 px crops, so Local POD's grid is
+    # 2x2 at most, 1 x 4 images) from their PLOP step 0 (plain cross-entropy, equal on 1 and 2
+    # processes: test_train_distributed.py), against the same step on 2 x 2 images: 2 processes with
+    # srun's variables, forked from this one (what they compute together is tested here; torchrun,
+    # srun and their launches are in test_train_distributed.py).
+    args = run_args("PLOP", data_root, tmp_path, step0_out=float64_plop_runs)
+    args[args.index("--batch_size") + 1] = "2"
+    outputs = run_srun_like(args, ntasks=2, fork=True)
+    assert "2 process(es)" in outputs[0] and "PLOP's entropy thresholds" in outputs[0], outputs[0]
+    one = model_state(step_checkpoint(float64_plop_runs, "PLOP"))
+    two = model_state(step_checkpoint(tmp_path, "PLOP"))
     assert one.keys() == two.keys()
     for key, value in one.items():
         if value.is_floating_point():

@@ -187,14 +187,13 @@ def test_joint_training_is_the_offline_task(data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_ft_step0_estimating_every_importance_serves_ewc_pi_and_rw(rw_run, data_root, tmp_path):
-    # The estimating regularizers only read the loss gradients: the FT step 0 trains the same
-    # weights as RW's step 0 and stores exactly the Fisher and score it stores (EWC's Fisher is
-    # the same EMA). PI then starts its step 1 from it, with a penalty.
-    shared = tmp_path / "shared"
-    run_train_in_process(train_args(data_root, shared, "--step", "0", "--method", "FT", "--reg_iterations", "1",
-                         "--estimate_importance", "ewc", "pi", "rw"))
-    step0_path = _paths(shared)[0] / "step0.pth"
+def test_one_ft_step0_estimating_every_importance_serves_ewc_pi_and_rw(rw_run, estimating_step0, data_root,
+                                                                      tmp_path):
+    # The estimating regularizers only read the loss gradients: the FT step 0 (conftest.py's
+    # estimating_step0: --reg_iterations 1 --estimate_importance ewc pi rw) trains the same weights as
+    # RW's step 0 and stores exactly the Fisher and score it stores (EWC's Fisher is the same EMA).
+    # PI then starts its step 1 from it, with a penalty.
+    step0_path = _paths(estimating_step0)[0] / "step0.pth"
     step0 = load_checkpoint(step0_path)
     assert {name: set(state) for name, state in step0["method_states"].items()} == {
         "ewc": {"name", "fisher"}, "pi": {"name", "score"}, "rw": {"name", "fisher", "score"}}

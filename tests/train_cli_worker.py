@@ -1,6 +1,7 @@
 """Helpers of the tests that run ``train.py``: its options for a tiny run, and running it as a
-subprocess (a user's launch, torchrun, srun) or in this process (errors and short runs, which need no fresh
-interpreter: about 4 s less each).
+subprocess (a user's launch, torchrun, srun), in this process (errors and short runs, which need no fresh
+interpreter: about 4 s less each) or in a forked copy of this process (runs that a fault or a signal
+must kill or stop, but that need no fresh interpreter either: about 5 s less each).
 
 Every run uses a ResNet-18 at 48 px crops on a 40-image synthetic set (conftest.py's
 ``data_root``), single-threaded, so a two-step task trains in seconds on a CPU.
@@ -13,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -94,11 +97,186 @@ def run_train_in_process(args: List[str], check: bool = True) -> subprocess.Comp
     return result
 
 
-def run_srun_like(args: List[str], ntasks: int, timeout: float = 600) -> List[str]:
-    """Start ``ntasks`` plain ``train.py`` processes with the variables srun sets; their outputs."""
+class ForkedTrain:
+    """``train.py``'s entry function in a forked copy of this process (``start_forked``): a process
+    of its own, which a fault, a signal or a file-size limit can kill or stop, without the
+    interpreter start and the torch import of a new one (about 5 s less each). What it
+    prints goes to temporary files; ``pid``, ``poll``, ``wait``, ``send_signal`` and
+    ``communicate`` work as ``subprocess.Popen``'s."""
+
+    def __init__(self, pid: int, out, err) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+        self._out, self._err = out, err
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired([TRAIN], timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: Optional[float] = None) -> Tuple[str, Optional[str]]:
+        """Wait for the process to end; what it printed (stdout, stderr; stderr None when merged)."""
+        self.wait(timeout)
+        return _read(self._out), (None if self._err is None else _read(self._err))
+
+
+def _read(handle) -> str:
+    handle.seek(0)
+    return handle.read().decode("utf-8", errors="replace")
+
+
+def start_forked(args: List[str], env: Optional[Dict[str, str]] = None,
+                 preexec_fn: Optional[Callable[[], None]] = None, start_new_session: bool = False,
+                 merge_output: bool = False, unset: Tuple[str, ...] = ()) -> ForkedTrain:
+    """Start ``train.py``'s entry function on ``args`` in a forked copy of this process, as
+    ``run_train`` starts ``python train.py`` (see ``start_forked_function`` for ``env``, ``unset``,
+    ``preexec_fn``, ``start_new_session`` and ``merge_output``)."""
+    sys.path.insert(0, REPO_ROOT)
+    try:
+        import train
+    finally:
+        sys.path.remove(REPO_ROOT)
+    import segmentation.engine.run  # noqa: F401 (imported once here rather than in every child)
+    import torch._dynamo  # noqa: F401 (the optimizer imports it: 2-3 s in every child otherwise)
+
+    return start_forked_function(lambda: train.cli(list(args)), env=env, preexec_fn=preexec_fn,
+                                 start_new_session=start_new_session, merge_output=merge_output, unset=unset)
+
+
+def start_forked_function(function: Callable[[], Optional[int]], env: Optional[Dict[str, str]] = None,
+                          preexec_fn: Optional[Callable[[], None]] = None, start_new_session: bool = False,
+                          merge_output: bool = False, unset: Tuple[str, ...] = ()) -> ForkedTrain:
+    """Run ``function`` in a forked copy of this process as the main code of a new one: ``env``
+    added to the environment (the variables of ``unset`` removed), the repository as the working
+    directory, ``preexec_fn`` run first, the signal handlers of a new interpreter, stdout and stderr
+    to files of their own (one file with ``merge_output``); its return value (None: 0), a
+    ``SystemExit``'s code or 1 after an uncaught exception (its traceback printed) is the exit code."""
+    out = tempfile.TemporaryFile()
+    err = None if merge_output else tempfile.TemporaryFile()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return ForkedTrain(pid, out, err)
+    code = 1
+    try:  # the child: never returns, whatever happens
+        os.dup2(out.fileno(), 1)
+        os.dup2((err or out).fileno(), 2)
+        # Python's own streams: stdout buffered, stderr line-buffered.
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+        sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
+        if start_new_session:
+            os.setsid()
+        # The signal handling of a new interpreter, not the test process's (pytest's, a test's).
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGALRM", "SIGCHLD"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for key in unset:
+            os.environ.pop(key, None)
+        os.environ.update(env or {})
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.chdir(REPO_ROOT)
+        if preexec_fn is not None:
+            preexec_fn()
+        try:
+            code = function()
+        except SystemExit as exit_info:  # as the interpreter turns it into an exit code
+            code = exit_info.code
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+        code = 0 if code is None else code
+    except BaseException:  # noqa: B902 (an uncaught exception: its traceback, exit code 1)
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: B902
+                pass
+        os._exit(code)
+
+
+def run_forked_ranks(function: Callable[[], Optional[int]], nprocs: int, timeout: float = 180) -> List[str]:
+    """Run ``function`` in ``nprocs`` forked copies of this process with the variables torchrun sets
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), as
+    ``torchrun --nproc_per_node nprocs`` runs a script whose main code is ``function``: for tests of
+    what the processes compute together (gloo), not of the launch. Returns each process's output;
+    fails unless every process exited with 0."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    processes = []
+    try:
+        for rank in range(nprocs):
+            processes.append(start_forked_function(function, merge_output=True, env=dict(
+                RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))))
+        outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    finally:
+        _end(processes)
+    for process, output in zip(processes, outputs):
+        if process.returncode != 0:
+            raise AssertionError(f"process failed ({process.returncode}):\n{output}")
+    return outputs
+
+
+def _end(processes: List[ForkedTrain]) -> None:
+    """Kill (with every process below it) and reap each of ``processes`` that still runs."""
+    for process in processes:
+        if process.poll() is None:
+            for pid in [*_descendants(process.pid), process.pid]:
+                _kill(pid)
+            process.wait()
+
+
+def run_train_forked(args: List[str], check: bool = True, timeout: float = 600,
+                     env: Optional[Dict[str, str]] = None,
+                     preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.CompletedProcess:
+    """``run_train`` (one process) in a forked copy of this process (``start_forked``): for runs
+    that must be a process of their own (killed, stopped by a signal, limited) but need no new
+    interpreter. The result's ``returncode`` is negative for a signal, as ``subprocess``'s."""
+    process = start_forked(args, env=env, preexec_fn=preexec_fn)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        _end([process])
+    result = subprocess.CompletedProcess([TRAIN, *args], process.returncode, stdout, stderr)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_srun_like(args: List[str], ntasks: int, timeout: float = 600, fork: bool = False) -> List[str]:
+    """Start ``ntasks`` plain ``train.py`` processes with the variables srun sets; their outputs.
+
+    ``fork``: ``train.py``'s entry function in forked copies of this process (``start_forked``), for
+    tests of what the processes compute together rather than of how they are launched."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    if fork:
+        return _run_forked_tasks(args, ntasks, port, timeout)
     processes = []
     for rank in range(ntasks):
         env = {key: value for key, value in _env().items()
@@ -114,23 +292,49 @@ def run_srun_like(args: List[str], ntasks: int, timeout: float = 600) -> List[st
     return outputs
 
 
+def _run_forked_tasks(args: List[str], ntasks: int, port: int, timeout: float) -> List[str]:
+    processes = []
+    try:
+        for rank in range(ntasks):
+            processes.append(start_forked(
+                args, env=dict(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
+                               SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port)),
+                unset=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"), merge_output=True))
+        outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    finally:
+        _end(processes)
+    for process, output in zip(processes, outputs):
+        if process.returncode != 0:
+            raise AssertionError(f"task failed ({process.returncode}):\n{output}")
+    return outputs
+
+
 def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,
               nproc: int = 1, timeout: float = 600,
-              targets: Optional[Callable[[int], List[int]]] = None, script: str = TRAIN) -> Tuple[int, str]:
+              targets: Optional[Callable[[int], List[int]]] = None, script: str = TRAIN,
+              fork: bool = False) -> Tuple[int, str]:
     """Start ``train.py`` (or ``script``); once ``condition()`` holds, send ``sig`` (SIGKILL: to every process
     below the launched one, then to it; other signals: to the launched process, or to the
     processes ``targets(launched pid)`` names, e.g. ``every_process``).
 
+    ``fork``: ``train.py``'s entry function in a forked copy of this process (``start_forked``; one
+    process, ``train.py`` only) instead of a new interpreter.
+
     Returns the exit code and the output; fails if the run ended before the condition was met.
     """
-    process = subprocess.Popen(command(args, nproc, script), cwd=REPO_ROOT, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    if fork:
+        if nproc != 1 or script != TRAIN:
+            raise ValueError("fork=True starts train.py's entry function in one process")
+        process = start_forked(args, start_new_session=True, merge_output=True)
+    else:
+        process = subprocess.Popen(command(args, nproc, script), cwd=REPO_ROOT, env=_env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while not condition():
             if process.poll() is not None:
-                output = process.stdout.read()
+                output = process.communicate()[0] if fork else process.stdout.read()
                 raise AssertionError(f"run ended ({process.returncode}) before it could be stopped:\n{output}")
             if time.monotonic() > deadline:
                 raise AssertionError("timed out waiting for the stop condition")
