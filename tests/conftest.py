@@ -182,3 +182,18 @@ def float64_plop_runs(data_root, tmp_path_factory) -> Path:
         (folder / "traces.json").write_text(json.dumps(traces))
 
     return build_once(tmp_path_factory, "float64-plop-runs", build)
+
+
+@pytest.fixture
+def torch_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache under ``tmp_path`` (TORCH_HOME), and no network: a download fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # as torch.hub.set_dir was never called
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access: {args}")
+
+    for target in ("torch.hub.download_url_to_file", "torch.hub.urlopen", "urllib.request.urlopen"):
+        monkeypatch.setattr(target, no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"

@@ -111,21 +111,7 @@ def test_unstable_penalty_is_warned_about_with_the_learning_rate_that_works():
 
 
 # ---------------------------------------------------------------- --pretrained torchvision
-
-
-@pytest.fixture
-def torch_hub(tmp_path, monkeypatch):
-    """An empty torch hub cache under ``tmp_path`` (TORCH_HOME), and no network: a download fails the test."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # as torch.hub.set_dir was never called
-    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
-
-    def no_network(*args, **kwargs):
-        raise AssertionError(f"network access: {args}")
-
-    for target in ("torch.hub.download_url_to_file", "torch.hub.urlopen", "urllib.request.urlopen"):
-        monkeypatch.setattr(target, no_network)
-    return tmp_path / "torch" / "hub" / "checkpoints"
+# (conftest.py's torch_hub fixture: an empty cache and no network)
 
 
 RESNET18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
