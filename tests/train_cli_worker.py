@@ -226,18 +226,24 @@ def run_forked_ranks(function: Callable[[], Optional[int]], nprocs: int, timeout
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    processes = []
+    return _run_all(lambda rank: start_forked_function(function, merge_output=True, env=dict(
+        RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))), nprocs, timeout, "process")
+
+
+def _run_all(start: Callable[[int], ForkedTrain], count: int, timeout: float, what: str) -> List[str]:
+    """Start ``start(rank)`` for each of ``count`` ranks and wait for them all: their outputs; fails
+    unless every one exited with 0 (what is still running at the end is killed)."""
+    processes: List[ForkedTrain] = []
     try:
-        for rank in range(nprocs):
-            processes.append(start_forked_function(function, merge_output=True, env=dict(
-                RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))))
+        for rank in range(count):
+            processes.append(start(rank))
         outputs = [process.communicate(timeout=timeout)[0] for process in processes]
     finally:
         _end(processes)
     for process, output in zip(processes, outputs):
         if process.returncode != 0:
-            raise AssertionError(f"process failed ({process.returncode}):\n{output}")
+            raise AssertionError(f"{what} failed ({process.returncode}):\n{output}")
     return outputs
 
 
@@ -293,20 +299,10 @@ def run_srun_like(args: List[str], ntasks: int, timeout: float = 600, fork: bool
 
 
 def _run_forked_tasks(args: List[str], ntasks: int, port: int, timeout: float) -> List[str]:
-    processes = []
-    try:
-        for rank in range(ntasks):
-            processes.append(start_forked(
-                args, env=dict(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
-                               SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port)),
-                unset=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"), merge_output=True))
-        outputs = [process.communicate(timeout=timeout)[0] for process in processes]
-    finally:
-        _end(processes)
-    for process, output in zip(processes, outputs):
-        if process.returncode != 0:
-            raise AssertionError(f"task failed ({process.returncode}):\n{output}")
-    return outputs
+    return _run_all(lambda rank: start_forked(
+        args, env=dict(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
+                       SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port)),
+        unset=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"), merge_output=True), ntasks, timeout, "task")
 
 
 def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,
