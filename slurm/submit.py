@@ -8,6 +8,11 @@ The train.py options are checked now, so that a wrong task, method, dataset fold
 unwritable output folder is reported before anything is queued. The job scripts (see
 ``slurm/jobscript.py``) and the job logs go to ``<logdir>/<dataset>-<task>[-ov]/<name>/slurm/``;
 squeue shows the jobs as ``<dataset>-<task>[-ov]-<name>-<step>``, e.g. ``voc-15-5-ov-MiB-step1``.
+
+A requeued job keeps its resources. To continue a stopped task on others (another node, task or
+GPU count), cancel its waiting jobs and submit it again with the new counts and a ``--batch_size``
+that keeps ``--batch_size`` x processes: finished steps are skipped and the stopped step resumes
+from its in-step checkpoint (the check of the same ``--name`` refuses another global batch).
 """
 from __future__ import annotations
 

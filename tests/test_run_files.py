@@ -52,10 +52,25 @@ def test_stored_options_of_a_half_finished_step(tmp_path):
     checkpoints.mkdir()
     assert stored_options(checkpoints, logs, 0) is None
     torch.save({"options": dict(BASE, loss_kd=1.0)}, checkpoints / "step0-iter4.pth")
-    torch.save({"options": dict(BASE, loss_kd=2.0)}, checkpoints / "step0-iter8.pth")
-    assert stored_options(checkpoints, logs, 0)["loss_kd"] == 2.0  # the newest in-step checkpoint
+    torch.save({"options": dict(BASE, loss_kd=2.0), "processes": 2}, checkpoints / "step0-iter8.pth")
+    options, path = stored_options(checkpoints, logs, 0)  # the newest in-step checkpoint
+    assert (options["loss_kd"], options["processes"], path) == (2.0, 2, checkpoints / "step0-iter8.pth")
     torch.save({"options": dict(BASE, loss_kd=3.0)}, checkpoints / "step0.pth")
-    assert stored_options(checkpoints, logs, 0)["loss_kd"] == 3.0  # the step-final one first
+    options, path = stored_options(checkpoints, logs, 0)  # the step-final one first
+    assert (options["loss_kd"], "processes" in options, path) == (3.0, False, checkpoints / "step0.pth")
+
+
+def test_the_global_batch_counts_not_its_split_over_processes():
+    two_by_four = dict(BASE, batch_size=4, processes=2)
+    for step in (0, 1):
+        assert differing_options(two_by_four, dict(BASE, batch_size=8, processes=1), step) == []
+        assert differing_options(two_by_four, dict(BASE, batch_size=1, processes=8), step) == []
+        assert differing_options(two_by_four, dict(BASE, batch_size=4, processes=1), step) == [
+            "global batch 8 (4 per process x 2 processes) -> 4 (4 per process x 1 process)"]
+    # Files written before the number of processes was stored: --batch_size itself is compared.
+    assert differing_options(dict(BASE, batch_size=4), dict(BASE, batch_size=8, processes=1), 1) == [
+        "--batch_size 4 -> 8"]
+    assert differing_options(dict(BASE, batch_size=4), dict(BASE, batch_size=4, processes=2), 1) == []
 
 
 def test_overwrite_removes_the_files_of_the_replaced_steps_only(tmp_path):
@@ -124,6 +139,21 @@ def test_one_launch_per_run_and_stale_temporaries_removed(config):
     files.close()
     second.lock()
     second.close()
+
+
+def test_same_name_accepts_the_global_batch_on_another_process_count_and_names_the_file(config):
+    # An earlier run of 2 processes x 4 images, as its step 1 results file stores it; this one has 1 process.
+    files = RunFiles(config.replace(batch_size=8))
+    files.create_folders()
+    results = files.results(1)
+    files.write_results({"options": dict(config.as_dict(), batch_size=4), "processes": 2}, results)
+    files.check_same_name()  # 1 x 8 after 2 x 4
+    with pytest.raises(UsageError) as refused:
+        RunFiles(config.replace(batch_size=4)).check_same_name()  # 1 x 4 after 2 x 4
+    message = str(refused.value)
+    assert f"(stored in {results})" in message, message
+    assert "global batch 8 (4 per process x 2 processes) -> 4 (4 per process x 1 process)" in message, message
+    assert "pass --batch_size 8 to keep it on 1 process(es)" in message, message
 
 
 def test_same_name_refused_or_overwritten(config):

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from conftest import copy_run, two_process_args
+from conftest import build_once, copy_run, two_process_args
 from train_cli_worker import (
-    REPO_ROOT, assert_states_equal, default_workers, launcher_and_loader_workers, model_state, run_checkpoints,
-    run_srun_like, run_train, run_train_in_process, run_until, train_args,
+    REPO_ROOT, assert_states_equal, default_workers, launcher_and_loader_workers, model_state, printed,
+    run_checkpoints, run_srun_like, run_train, run_train_forked, run_train_in_process, run_until, train_args,
 )
 
 pytestmark = pytest.mark.distributed
@@ -47,35 +47,78 @@ def _step_checkpoints(out):
             for step in (0, 1)]
 
 
+@pytest.fixture(scope="session")
+def float64_ewc_run(data_root, tmp_path_factory):
+    """Both steps of EWC in float64 on 1 process of 4 images: what every split of that global batch
+    over processes, interrupted or not, must end equal to."""
+    return build_once(tmp_path_factory, "float64-ewc-run",
+                      lambda out: run_train_in_process(_float64_ewc_args(data_root, out, batch_size=4)))
+
+
+def _assert_equal_float64_runs(one_run, other_run, name):
+    """The weights and EWC's Fisher of both steps agree to 1e-9 (relative)."""
+    for step, (one, two) in enumerate(zip(_step_checkpoints(one_run), _step_checkpoints(other_run))):
+        assert one["model_state"].keys() == two["model_state"].keys()
+        for key, value in one["model_state"].items():
+            if value.is_floating_point():
+                _assert_close(value, two["model_state"][key], f"{name} step {step} {key}")
+            else:
+                assert torch.equal(value, two["model_state"][key]), key
+        fisher_one, fisher_two = one["method_states"]["ewc"]["fisher"], two["method_states"]["ewc"]["fisher"]
+        assert fisher_one.keys() == fisher_two.keys()
+        for key, value in fisher_one.items():
+            _assert_close(value, fisher_two[key], f"{name} step {step} Fisher {key}")
+
+
 @pytest.mark.slow
-def test_one_process_equals_two_processes_and_fused_kernels_equal_the_reference_in_float64(data_root, tmp_path):
+def test_one_process_equals_two_processes_and_fused_kernels_equal_the_reference_in_float64(
+        float64_ewc_run, data_root, tmp_path):
     # Same global batch (1 x 4 images, 2 x 2 images), two steps of EWC from scratch. In exact
     # arithmetic the runs are equal; float64 keeps the reduction-order rounding (~1e-16) from
     # growing to a visible size, so weights and Fisher must agree to 1e-9. (In float32 the same
     # rounding is amplified by training, as with a different thread count.) The Fisher, a running
     # mean of squared gradients, compares the gradients themselves.
-    # The third run takes In-Place ABN's compiled kernels on 2 processes: the synchronised path,
+    # The second run takes In-Place ABN's compiled kernels on 2 processes: the synchronised path,
     # whose four kernels pool the statistics over the processes between them (what
     # `torchrun --nproc_per_node 8 train.py` runs on GPUs).
-    runs = {name: tmp_path / name for name in ("one", "two", "two-fused")}
-    run_train_in_process(_float64_ewc_args(data_root, runs["one"], batch_size=4))
+    runs = {name: tmp_path / name for name in ("two", "two-fused")}
     run_train(_float64_ewc_args(data_root, runs["two"], batch_size=2) + ["--norm_kernels", "reference"], nproc=2)
     result = run_train(_float64_ewc_args(data_root, runs["two-fused"], batch_size=2) + ["--norm_kernels", "fused"],
                        nproc=2)
     assert "In-Place ABN kernels: fused (compiled)" in result.stdout + result.stderr
-    one_run = _step_checkpoints(runs["one"])
-    for name in ("two", "two-fused"):
-        for step, (one, two) in enumerate(zip(one_run, _step_checkpoints(runs[name]))):
-            assert one["model_state"].keys() == two["model_state"].keys()
-            for key, value in one["model_state"].items():
-                if value.is_floating_point():
-                    _assert_close(value, two["model_state"][key], f"{name} step {step} {key}")
-                else:
-                    assert torch.equal(value, two["model_state"][key]), key
-            fisher_one, fisher_two = one["method_states"]["ewc"]["fisher"], two["method_states"]["ewc"]["fisher"]
-            assert fisher_one.keys() == fisher_two.keys()
-            for key, value in fisher_one.items():
-                _assert_close(value, fisher_two[key], f"{name} step {step} Fisher {key}")
+    for name, run in runs.items():
+        _assert_equal_float64_runs(float64_ewc_run, run, name)
+
+
+@pytest.mark.slow
+def test_step_interrupted_on_one_process_count_resumes_on_another_with_the_same_global_batch(
+        float64_ewc_run, data_root, tmp_path):
+    # Global batch 4: 2 x 2 images killed after iteration 3 of step 0 (in-step checkpoint of
+    # iteration 2), rerun as 1 x 4 under the same --name; and 1 x 4 killed, rerun as 2 x 2. Both end
+    # equal to the uninterrupted 1 x 4 run (float64, 1e-9). The 2 processes are forked from this one
+    # with srun's variables (what they compute together is tested here, the launches elsewhere).
+    kill = {"SEGMENTATION_FAULT": "kill:train-iteration:3"}
+    two_then_one, one_then_two = tmp_path / "two-then-one", tmp_path / "one-then-two"
+
+    def args(out, batch_size):
+        return _float64_ewc_args(data_root, out, batch_size) + ["--ckpt_interval", "2"]
+
+    run_srun_like(args(two_then_one, 2), ntasks=2, fork=True, env=kill, check=False)
+    in_step = torch.load(run_checkpoints(two_then_one) / "step0-iter2.pth", map_location="cpu", weights_only=False)
+    assert not (run_checkpoints(two_then_one) / "step0.pth").exists()
+    # The processes' generators are alike (so either one's state serves every process of a rerun).
+    first, second = in_step["rng_states"]
+    assert torch.equal(first["torch"], second["torch"]) and first["python"] == second["python"]
+    output = printed(run_train_in_process(args(two_then_one, 4)))
+    assert "step 0: resumed from iteration 2 (epoch 1 of 1) on 1 process(es) (was 2)" in output, output
+
+    killed = run_train_forked(args(one_then_two, 4), check=False, env=kill)
+    assert killed.returncode < 0 and (run_checkpoints(one_then_two) / "step0-iter2.pth").exists(), printed(killed)
+    outputs = run_srun_like(args(one_then_two, 2), ntasks=2, fork=True)
+    assert "step 0: resumed from iteration 2 (epoch 1 of 1) on 2 process(es) (was 1)" in outputs[0], outputs[0]
+
+    for name, run in (("2 then 1", two_then_one), ("1 then 2", one_then_two)):
+        _assert_equal_float64_runs(float64_ewc_run, run, name)
 
 
 def _check_resume(amp, output_dir, *options):

@@ -231,9 +231,10 @@ def run_forked_ranks(function: Callable[[], Optional[int]], nprocs: int, timeout
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))), nprocs, timeout, "process")
 
 
-def _run_all(start: Callable[[int], ForkedTrain], count: int, timeout: float, what: str) -> List[str]:
-    """Start ``start(rank)`` for each of ``count`` ranks and wait for them all: their outputs; fails
-    unless every one exited with 0 (what is still running at the end is killed)."""
+def _run_all(start: Callable[[int], ForkedTrain], count: int, timeout: float, what: str,
+             check: bool = True) -> List[str]:
+    """Start ``start(rank)`` for each of ``count`` ranks and wait for them all: their outputs;
+    ``check``: fail unless every one exited with 0 (what is still running at the end is killed)."""
     processes: List[ForkedTrain] = []
     try:
         for rank in range(count):
@@ -242,7 +243,7 @@ def _run_all(start: Callable[[int], ForkedTrain], count: int, timeout: float, wh
     finally:
         _end(processes)
     for process, output in zip(processes, outputs):
-        if process.returncode != 0:
+        if check and process.returncode != 0:
             raise AssertionError(f"{what} failed ({process.returncode}):\n{output}")
     return outputs
 
@@ -273,36 +274,37 @@ def run_train_forked(args: List[str], check: bool = True, timeout: float = 600,
     return result
 
 
-def run_srun_like(args: List[str], ntasks: int, timeout: float = 600, fork: bool = False) -> List[str]:
-    """Start ``ntasks`` plain ``train.py`` processes with the variables srun sets; their outputs.
+def run_srun_like(args: List[str], ntasks: int, timeout: float = 600, fork: bool = False,
+                  env: Optional[Dict[str, str]] = None, check: bool = True) -> List[str]:
+    """Start ``ntasks`` plain ``train.py`` processes with the variables srun sets (and ``env``);
+    their outputs. ``check``: fail unless every process exits with 0.
 
     ``fork``: ``train.py``'s entry function in forked copies of this process (``start_forked``), for
     tests of what the processes compute together rather than of how they are launched."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+
+    def srun_variables(rank: int) -> Dict[str, str]:
+        return dict(env or {}, SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
+                    SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port))
+
     if fork:
-        return _run_forked_tasks(args, ntasks, port, timeout)
+        return _run_all(lambda rank: start_forked(args, env=srun_variables(rank), merge_output=True,
+                                                  unset=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")),
+                        ntasks, timeout, "task", check)
     processes = []
     for rank in range(ntasks):
-        env = {key: value for key, value in _env().items()
-               if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
-                   SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port))
-        processes.append(subprocess.Popen(command(args), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        variables = {key: value for key, value in _env().items()
+                     if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        variables.update(srun_variables(rank))
+        processes.append(subprocess.Popen(command(args), cwd=REPO_ROOT, env=variables, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     outputs = [process.communicate(timeout=timeout)[0] for process in processes]
     for process, output in zip(processes, outputs):
-        if process.returncode != 0:
+        if check and process.returncode != 0:
             raise AssertionError(f"task failed ({process.returncode}):\n{output}")
     return outputs
-
-
-def _run_forked_tasks(args: List[str], ntasks: int, port: int, timeout: float) -> List[str]:
-    return _run_all(lambda rank: start_forked(
-        args, env=dict(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
-                       SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port)),
-        unset=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"), merge_output=True), ntasks, timeout, "task")
 
 
 def run_until(args: List[str], condition: Callable[[], bool], sig: int = signal.SIGKILL,

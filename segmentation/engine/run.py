@@ -443,6 +443,7 @@ class StepRunner:
             "classes": self.classes,
             "channel_order": self.channel_order,
             "options": config.as_dict(),
+            "processes": world_size,
         }
         val_loader = self._eval_loader(val_set)
 
@@ -481,9 +482,10 @@ class StepRunner:
         )
         state = self._resume_state()
         if state is not None:
-            trainer.resume(state)
-            LOGGER.info("step %d: resumed from iteration %d (epoch %d of %d)",
-                        self.step, state["iteration"], trainer.epoch + 1, config.epochs)
+            written_by = trainer.resume(state)
+            LOGGER.info("step %d: resumed from iteration %d (epoch %d of %d) on %d process(es)%s",
+                        self.step, state["iteration"], trainer.epoch + 1, config.epochs, world_size,
+                        f" (was {written_by})" if written_by != world_size else "")
         elif config.resume:
             LOGGER.info("step %d: no in-step checkpoint in %s: training starts at iteration 0",
                         self.step, self.files.checkpoint_dir)
@@ -597,6 +599,7 @@ class StepRunner:
         results["train_seconds"] = seconds
         results["train_images_per_second"] = images / seconds if seconds and images else None
         results["options"] = config.as_dict()
+        results["processes"] = distributed.world_size()
         # One event folder for all the steps, the step as global step: TensorBoard draws each
         # score as a curve over the steps. The events go before the results file, which marks
         # the step as tested: a test killed in between is run again and replaces them.

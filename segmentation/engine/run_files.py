@@ -59,38 +59,72 @@ def run_folder(root: str, config: Config) -> Path:
 
 
 def differing_options(stored: Dict[str, Any], current: Dict[str, Any], step: int) -> List[str]:
-    """``--option stored -> current`` for each result-changing option that differs at ``step``."""
+    """``--option stored -> current`` for each result-changing option that differs at ``step``.
+
+    A run depends on the global batch, ``batch_size`` x ``processes`` (the number of processes, a
+    key of its own next to the options), not on how it is split over processes; where the stored
+    options lack ``processes`` (files written before it was stored), ``batch_size`` is compared.
+    """
     differences = []
     # ImageNet weights only initialise step 0.
-    ignored = NOT_RESULT_CHANGING | neutral_options() | (
+    ignored = NOT_RESULT_CHANGING | neutral_options() | {"batch_size", "processes"} | (
         STEP0_INDEPENDENT | step0_independent_options() if step == 0 else {"pretrained", "no_pretrained"})
     for name in sorted(set(stored) & set(current) - ignored):
         if stored[name] != current[name]:
             differences.append(f"--{name} {stored[name]} -> {current[name]}")
+    if "processes" in stored and "processes" in current:
+        if stored["batch_size"] * stored["processes"] != current["batch_size"] * current["processes"]:
+            differences.append(f"global batch {_global_batch(stored)} -> {_global_batch(current)}")
+    elif stored.get("batch_size") != current.get("batch_size"):
+        differences.append(f"--batch_size {stored.get('batch_size')} -> {current.get('batch_size')}")
     stored_lr, current_lr = step_learning_rate(stored, step), step_learning_rate(current, step)
     if stored_lr != current_lr:
         differences.append(f"learning rate of step {step} {stored_lr} -> {current_lr}")
     return differences
 
 
-def stored_options(checkpoint_dir: Path, log_dir: Path, step: int) -> Optional[Dict[str, Any]]:
-    """The options an earlier run stored for ``step`` (results file, step or in-step checkpoint)."""
+def _global_batch(options: Dict[str, Any]) -> str:
+    batch_size, processes = options["batch_size"], options["processes"]
+    return f"{batch_size * processes} ({batch_size} per process x {processes} process{'es' if processes > 1 else ''})"
+
+
+def _global_batch_hint(stored: Dict[str, Any], processes: int) -> str:
+    """What to pass to keep the global batch of ``stored`` on ``processes`` processes."""
+    total = stored["batch_size"] * stored["processes"]
+    keep = (f"pass --batch_size {total // processes} to keep it on {processes} process(es)" if total % processes == 0
+            else f"it cannot be split evenly over {processes} processes")
+    return (f" The learning-rate schedule and the order of the samples depend on the global batch "
+            f"({total}): {keep}.")
+
+
+def stored_options(checkpoint_dir: Path, log_dir: Path, step: int) -> Optional[Tuple[Dict[str, Any], Path]]:
+    """The options an earlier run stored for ``step`` (results file, step or in-step checkpoint),
+    with its number of processes as ``processes`` where the file has it, and the file they come from."""
     results = log_dir / f"step{step}.json"
     if results.is_file():
         try:
             with open(results) as handle:
-                return json.load(handle).get("options")
+                return _with_processes(json.load(handle), results)
         except (OSError, ValueError):
             pass
-    candidates = [checkpoint.step_checkpoint_path(checkpoint_dir, step)]
-    candidates += reversed(checkpoint.InStepCheckpoints(checkpoint_dir, step).paths())
+    candidates = [Path(checkpoint.step_checkpoint_path(checkpoint_dir, step))]
+    candidates += [Path(path) for path in reversed(checkpoint.InStepCheckpoints(checkpoint_dir, step).paths())]
     for path in candidates:
-        if Path(path).is_file():
+        if path.is_file():
             try:
-                return checkpoint.load_checkpoint(path).get("options")
+                return _with_processes(checkpoint.load_checkpoint(path), path)
             except (OSError, ValueError):
                 continue
     return None
+
+
+def _with_processes(saved: Dict[str, Any], path: Path) -> Optional[Tuple[Dict[str, Any], Path]]:
+    options = saved.get("options")
+    if options is None:
+        return None
+    if "processes" in saved:
+        options = dict(options, processes=saved["processes"])
+    return options, path
 
 
 def files_of_steps(checkpoint_dir: Path, log_dir: Path, first_step: int) -> List[Path]:
@@ -204,17 +238,19 @@ class RunFiles:
         config = self.config
         if config.test:
             return
-        current = config.as_dict()
+        current = dict(config.as_dict(), processes=distributed.world_size())
         for step in config.steps:
             stored = stored_options(self.checkpoint_dir, self.log_dir, step)
-            differences = differing_options(stored, current, step) if stored else []
+            differences = differing_options(stored[0], current, step) if stored else []
             if not differences:
                 continue
             if not config.overwrite:
+                why = (_global_batch_hint(stored[0], current["processes"])
+                       if any(d.startswith("global batch") for d in differences) else "")
                 raise UsageError(
-                    f"--name {config.name}: an earlier run under this name ({self.checkpoint_dir}) has "
-                    f"step {step} with other options: {'; '.join(differences)}. Its results would be "
-                    "reported for the new options. Give another --name, or pass --overwrite to "
+                    f"--name {config.name}: an earlier run under this name has step {step} with other "
+                    f"options (stored in {stored[1]}): {'; '.join(differences)}. Its results would be "
+                    f"reported for the new options.{why} Give another --name, or pass --overwrite to "
                     f"replace the files of step {step} and later")
             self._overwrite = (step, differences)
             return

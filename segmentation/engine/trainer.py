@@ -247,15 +247,17 @@ class Trainer:
         )
         return state
 
-    def resume(self, state: Dict[str, Any]) -> None:
-        """Restore an in-step checkpoint written by ``state_dict`` (on every rank)."""
-        world_size = distributed.world_size()
+    def resume(self, state: Dict[str, Any]) -> int:
+        """Restore an in-step checkpoint written by ``state_dict`` (on every rank); returns the
+        number of processes that wrote it.
+
+        Nothing in it depends on the number of processes but the RNG states, one per process: the
+        position is counted in global batches, the weights, optimizer, scaler and method states are
+        the same on every process. Every process seeds its generators alike and training draws from
+        them nothing that depends on the rank, so on another number of processes each takes rank 0's.
+        """
         rng_states = state["rng_states"]
-        if len(rng_states) != world_size:
-            raise ValueError(
-                f"the in-step checkpoint was written by {len(rng_states)} processes, this run has "
-                f"{world_size}; resume with the same number of processes or pass --no_resume"
-            )
+        same_processes = len(rng_states) == distributed.world_size()
         unwrap(self.model).load_state_dict(state["model_state"])
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
@@ -271,7 +273,8 @@ class Trainer:
         if self.batch_in_epoch >= self.iterations_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
-        set_rng_state(rng_states[distributed.rank()], self.device)
+        set_rng_state(rng_states[distributed.rank() if same_processes else 0], self.device)
+        return len(rng_states)
 
     def save_checkpoint(self) -> None:
         """Write an in-step checkpoint (collective; rank 0 writes). Call after a host check."""
