@@ -191,12 +191,16 @@ def test_resume_from_epoch_end_checkpoint_starts_next_epoch(tmp_path):
     assert (resumed.epoch, resumed.batch_in_epoch, resumed.iteration) == (1, 0, 3)
 
 
-def test_resume_with_other_world_size_is_rejected(tmp_path):
+def test_resume_of_an_in_step_checkpoint_of_another_number_of_processes_takes_rank_0s_rng_state(tmp_path):
     trainer, _ = _trainer(tmp_path)
     state = trainer.state_dict()
-    state["rng_states"] = state["rng_states"] * 2
-    with pytest.raises(ValueError, match="2 processes"):
-        trainer.resume(state)
+    torch.manual_seed(5)
+    rank0, rank1 = state["rng_states"][0], dict(state["rng_states"][0], torch=torch.get_rng_state())
+    state["rng_states"] = [rank0, rank1]  # as 2 processes wrote it
+    torch.manual_seed(6)
+    assert trainer.resume(state) == 2  # the number of processes that wrote it, for the log
+    assert torch.equal(torch.get_rng_state(), rank0["torch"])
+    assert trainer.iteration == state["iteration"]
 
 
 def test_ce_loss_decreases_on_fixed_data(tmp_path):
