@@ -28,7 +28,8 @@ def fault_point(point: str) -> None:
     target_point, _, target_rank = target.partition("@")
     if target_point != point:
         return
-    if target_rank and target_rank != os.environ.get("RANK", "0"):
+    # torchrun sets RANK, srun SLURM_PROCID.
+    if target_rank and target_rank != os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")):
         return
     # Only once per process tree generation: a restarted worker (torchrun) runs normally.
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":

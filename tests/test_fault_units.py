@@ -307,3 +307,18 @@ def test_stalled_loader_worker_times_out_naming_its_sample(tmp_path):
     with pytest.raises(DataLoaderFailure, match=r"timed out after 2.0 seconds.*worker 0: sample 4 \(image-4\.jpg\)"):
         trainer.train()
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("variable", ["RANK", "SLURM_PROCID"])
+def test_a_fault_for_one_rank_finds_its_rank_under_torchrun_and_srun(variable, monkeypatch):
+    from segmentation.faults import fault_point
+
+    for name in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    # An unknown action raises once the point and the rank match: the action itself is not run here.
+    monkeypatch.setenv("SEGMENTATION_FAULT", "check:train-iteration:3@1")
+    monkeypatch.setenv(variable, "0")
+    fault_point("train-iteration:3")  # another rank: nothing
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(ValueError, match="unknown action 'check'"):
+        fault_point("train-iteration:3")
