@@ -17,6 +17,8 @@ import os
 import signal
 import time
 
+from .launch_env import read_env
+
 ENV_VAR = "SEGMENTATION_FAULT"
 
 
@@ -28,8 +30,7 @@ def fault_point(point: str) -> None:
     target_point, _, target_rank = target.partition("@")
     if target_point != point:
         return
-    # torchrun sets RANK, srun SLURM_PROCID.
-    if target_rank and target_rank != os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")):
+    if target_rank and target_rank != str(read_env().rank):  # torchrun's RANK or srun's SLURM_PROCID
         return
     # Only once per process tree generation: a restarted worker (torchrun) runs normally.
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":

@@ -309,14 +309,15 @@ def test_stalled_loader_worker_times_out_naming_its_sample(tmp_path):
     assert time.monotonic() - start < 30
 
 
-@pytest.mark.parametrize("variable", ["RANK", "SLURM_PROCID"])
-def test_a_fault_for_one_rank_finds_its_rank_under_torchrun_and_srun(variable, monkeypatch):
+@pytest.mark.parametrize("variable, count", [("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")])
+def test_a_fault_for_one_rank_finds_its_rank_under_torchrun_and_srun(variable, count, monkeypatch):
     from segmentation.faults import fault_point
 
-    for name in ("RANK", "SLURM_PROCID"):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     # An unknown action raises once the point and the rank match: the action itself is not run here.
     monkeypatch.setenv("SEGMENTATION_FAULT", "check:train-iteration:3@1")
+    monkeypatch.setenv(count, "2")
     monkeypatch.setenv(variable, "0")
     fault_point("train-iteration:3")  # another rank: nothing
     monkeypatch.setenv(variable, "1")
