@@ -1,9 +1,11 @@
-"""slurm/local-cluster/up.sh and down.sh never take over, stop or cancel the jobs of a Slurm they did not start.
+"""slurm/local-cluster/up.sh and down.sh: the nodes they create and remove, and never taking over, stopping or
+cancelling the jobs of a Slurm they did not start.
 
 Most tests run the scripts against the local cluster of tests/test_slurm.py (the one up.sh runs with
 its default SLURM_LOCAL_ROOT, started here when none answers) without disturbing it: with another
-SLURM_LOCAL_ROOT that cluster is someone else's. The takeover (--replace-existing) runs in namespaces
-of its own (unshare: processes, network, /etc/slurm), where a second cluster cannot meet the first.
+SLURM_LOCAL_ROOT that cluster is someone else's. The takeover (--replace-existing) and a two-node
+cluster's whole life run in namespaces of their own (unshare: processes, network, /etc/slurm, /run,
+/etc/hosts), where a second cluster cannot meet the first.
 """
 import os
 import re
@@ -26,16 +28,18 @@ pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 
 def _daemons() -> dict:
-    """{name: pid} of the slurmctld and slurmd that up.sh started with its default root; {} if not both run."""
+    """{pid: name} of the slurmctld and the slurmd(s) that up.sh started with its default root (slurmd.pid, or
+    slurmd-<node>.pid for each node); {} unless a slurmctld and a slurmd run."""
     pids = {}
-    for name in ("slurmctld", "slurmd"):
+    for pid_file in DEFAULT_ROOT.glob("slurm*.pid"):
+        name = pid_file.stem.split("-")[0]
         try:
-            pid = (DEFAULT_ROOT / f"{name}.pid").read_text().strip()
+            pid = pid_file.read_text().strip()
             if Path(f"/proc/{pid}/comm").read_text().strip() == name:
-                pids[name] = pid
+                pids[pid] = name
         except OSError:
             pass
-    return pids if len(pids) == 2 else {}
+    return pids if {"slurmctld", "slurmd"} <= set(pids.values()) else {}
 
 
 def _run(script, *args, **env):
@@ -71,8 +75,8 @@ def test_up_refuses_a_cluster_it_did_not_start(cluster, tmp_path):
     assert result.returncode == 1, result.stderr
     paragraph = result.stderr.strip()
     assert "\n" not in paragraph and paragraph.startswith("[slurm-up] ERROR: found a Slurm that up.sh did not start")
-    for name, pid in cluster.items():
-        assert f"{name} (pid {pid}) is running and {root / name}.pid does not name it" in paragraph
+    for pid, name in cluster.items():
+        assert f"{name} (pid {pid}) is running and no {root / name}*.pid names it" in paragraph
     assert "was not written by up.sh" not in paragraph  # the config is up.sh's, of another root
     assert "rerun with --replace-existing" in paragraph
     assert f"to stop it, run 'SLURM_LOCAL_ROOT={DEFAULT_ROOT} bash " in paragraph
@@ -91,23 +95,30 @@ def test_up_refuses_a_config_it_did_not_write(cluster, tmp_path):
 
 def test_up_again_is_a_quick_no_op(cluster):
     # up.sh rewrites a config that differs and restarts the daemons, forgetting their jobs: run it
-    # only with the node and memory that the running cluster's config declares.
+    # only with the nodes and memory that the running cluster's config declares.
     marker = re.search(r"\(node=(\S+) cpus=(\d+) mem=(\d+)M root=(.*)\)$", CONF.read_text().splitlines()[0])
-    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-    if not marker or marker.group(1, 2, 4) != (node, str(len(os.sched_getaffinity(0))), str(DEFAULT_ROOT)):
-        pytest.skip("the running cluster was set up for another node or CPU count: up.sh would restart it")
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    nodes = re.fullmatch(r"localci-node\[1-(\d+)\]", marker.group(1)) if marker else None
+    if not marker or marker.group(2, 4) != (str(len(os.sched_getaffinity(0))), str(DEFAULT_ROOT)) or (
+            marker.group(1) != host and not nodes):
+        pytest.skip("the running cluster was set up for another host or CPU count: up.sh would restart it")
     started = time.monotonic()
-    result = _run(UP, SLURM_LOCAL_MEM_MB=marker.group(3))
+    result = _run(UP, "--nodes", nodes.group(1) if nodes else "1", SLURM_LOCAL_MEM_MB=marker.group(3))
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 10
-    assert f"slurmctld already running (pid {cluster['slurmctld']})" in result.stderr
-    assert "wrote" not in result.stderr and "starting" not in result.stderr
+    for pid, name in cluster.items():
+        assert re.search(rf"{name}( of \S+)? already running \(pid {pid}\)", result.stderr), result.stderr
+    assert "wrote" not in result.stderr and "starting" not in result.stderr and "creating" not in result.stderr
 
 
 def test_up_refuses_unknown_arguments():
+    usage = f"usage: bash {UP} [--nodes N] [--replace-existing]"
     result = _run(UP, "--replace")
-    assert result.returncode == 2
-    assert result.stderr == "[slurm-up] unknown argument '--replace'; usage: bash {} [--replace-existing]\n".format(UP)
+    assert (result.returncode, result.stderr) == (2, f"[slurm-up] unknown argument '--replace'; {usage}\n")
+    for nodes in ("0", "65", "two", ""):
+        result = _run(UP, "--nodes", nodes)
+        assert (result.returncode, result.stderr) == (
+            2, f"[slurm-up] --nodes must be a number from 1 to 64, not '{nodes}'; {usage}\n")
 
 
 def test_down_with_another_root_leaves_the_cluster_and_its_jobs(cluster, tmp_path):
@@ -116,7 +127,7 @@ def test_down_with_another_root_leaves_the_cluster_and_its_jobs(cluster, tmp_pat
     try:
         result = _run(DOWN, SLURM_LOCAL_ROOT=str(tmp_path / "root"))
         assert result.returncode == 0, result.stderr
-        for name, pid in cluster.items():
+        for pid, name in cluster.items():
             assert f"left alone, with its jobs: {name} (pid {pid})" in result.stderr
         assert "cancelling" not in result.stderr and "stopping" not in result.stderr
         # --purge would remove the packages the cluster runs on: refused (apt-get is a stand-in here).
@@ -178,3 +189,54 @@ def test_replace_existing_takes_over_in_namespaces_of_its_own(tmp_path):
     assert re.search(r"slurm\.conf\.bak\.\d+\nClusterName=other\n", out), out  # the foreign config, kept
     assert len(re.findall(r"Slurmctld\(primary\) at \S+ is UP", out)) == 2, out
     assert "restarted: 0" in out and "down: 0" in out, out
+
+
+# A two-node cluster from nothing and back, in new PID, network and mount namespaces: /run (but for munged's
+# socket), /etc/slurm and /etc/hosts are private copies, so that the namespaces, bridge, host names and daemons
+# that up.sh creates there meet nothing of this machine's, its running cluster included. "snapshot" is what
+# up.sh --nodes 2 changes and down.sh must restore.
+TWO_NODES = r"""
+set -u
+ip link set lo up && mkdir "$TMP/munge" && mount --bind /run/munge "$TMP/munge" && mount -t tmpfs tmpfs /run \
+  && mkdir /run/munge && mount --bind "$TMP/munge" /run/munge && mount -t tmpfs tmpfs /etc/slurm \
+  && cp /etc/hosts "$TMP/hosts" && mount --bind "$TMP/hosts" /etc/hosts || exit 77
+snapshot() {
+  ip -o link | cut -d: -f2-; ip -o addr; ip netns list; ls -a /run; cat /etc/hosts
+  cut -d' ' -f5 /proc/self/mountinfo | sort; ps -e -o comm= | grep -E '^(slurm|munge)' | sort
+}
+ip link add slurmbr0 type bridge && { bash "$UP" --nodes 2; echo "refused: $?"; ip link del slurmbr0; }
+snapshot >"$TMP/before"
+bash "$UP" --nodes 2; echo "up: $?"
+ip netns list
+srun --nodes 2 --ntasks-per-node 1 sh -c 'echo "node $(hostname) rank $SLURM_PROCID"; ip -o -4 addr show eth0' | sort
+srun --nodes 1 --nodelist localci-node2 getent hosts localci-node1
+bash "$UP" --nodes 2 2>&1 | grep -c "already running"
+bash "$DOWN"; echo "down: $?"
+snapshot >"$TMP/after"
+diff "$TMP/before" "$TMP/after" && echo "as before"
+"""
+
+
+def test_two_nodes_up_and_down_leave_the_machine_as_it_was(tmp_path):
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("slurmctld") is None:
+        pytest.skip("needs root, unshare and Slurm installed")
+    if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode != 0:
+        pytest.skip("munged does not answer (up.sh would start one for the namespace)")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    env.update({"UP": UP, "DOWN": DOWN, "TMP": str(tmp_path), "SLURM_LOCAL_ROOT": str(tmp_path / "root"),
+                "SLURM_LOCAL_TIMEOUT": "15"})
+    result = subprocess.run(["unshare", "--kill-child", "--pid", "--fork", "--mount-proc", "--net", "--mount",
+                             "bash", "-c", TWO_NODES], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=120)
+    if result.returncode == 77 or result.stderr.startswith("unshare: "):
+        pytest.skip(f"no namespaces for a second cluster here: {result.stderr.strip()}")
+    out = result.stdout + result.stderr
+    assert "refused: 1" in out and ("cannot create 2 nodes: the network interface slurmbr0 exists, and up.sh did "
+                                    "not create it. Nothing was changed.") in out, out
+    assert "up: 0" in out and "ready: 2 node(s) localci-node[1-2]" in out, out
+    assert {"localci-node1", "localci-node2"} <= set(re.findall(r"^(\S+) \(id: \d+\)$", out, flags=re.M)), out
+    assert "node localci-node1 rank 0\nnode localci-node2 rank 1\n" in out, out
+    assert len(re.findall(r"^\d+: eth0\s+inet 10\.231\.0\.1[12]/24 ", out, flags=re.M)) == 2, out
+    assert re.search(r"^10\.231\.0\.11\s+localci-node1$", out, flags=re.M), out  # names resolve on every node
+    assert "\n3\n" in out, out  # up.sh again: the controller and both slurmds already running
+    assert "down: 0" in out and "as before" in out, out

@@ -19,7 +19,8 @@ stop_process() {
   [ -d "/proc/$pid" ] && kill -9 "$pid" 2>/dev/null || true
 }
 
-# stray_daemons: "NAME PID" for each slurmctld/slurmd running that $ROOT/NAME.pid does not name.
+# stray_daemons: "NAME PID" for each slurmctld/slurmd running that no PID file of up.sh names ($ROOT/NAME.pid, or
+# $ROOT/slurmd-<node>.pid of a multi-node cluster).
 # Only those seen twice, 0.3 s apart, count: slurmd forks briefly as a job step starts.
 stray_daemons() {
   local first
@@ -34,6 +35,6 @@ scan_daemons() {
     { read -r name <"$f"; } 2>/dev/null || continue
     case "$name" in slurmctld|slurmd) ;; *) continue ;; esac
     pid=${f#/proc/}; pid=${pid%/comm}
-    [ "$pid" = "$(cat "$ROOT/$name.pid" 2>/dev/null)" ] || echo "$name $pid"
+    grep -qsx "$pid" "$ROOT/$name.pid" "$ROOT/$name"-*.pid || echo "$name $pid"
   done
 }

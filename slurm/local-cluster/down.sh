@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# slurm/local-cluster/down.sh: stop the single-node Slurm cluster that up.sh started with the same
+# slurm/local-cluster/down.sh: stop the Slurm cluster that up.sh started with the same
 # SLURM_LOCAL_ROOT (default /tmp/slurm-local). Cancels its jobs, waits for them to end, then stops
-# slurmd, slurmctld and (only if up.sh started it) munged, each by the PID in its PID file under
-# $SLURM_LOCAL_ROOT (checked against /proc/PID/comm first). Never kills by process name.
+# the slurmd of each node, slurmctld and (only if up.sh started it) munged, each by the PID in its
+# PID file under $SLURM_LOCAL_ROOT (checked against /proc/PID/comm first), and removes the network
+# namespaces, bridge and /etc/hosts lines that up.sh --nodes N created. Never kills by process name.
 # Safe to run when nothing is running.
 #
 # A slurmctld or slurmd that those PID files do not name (another cluster, or up.sh's with another
@@ -36,6 +37,8 @@ fi
 
 # shellcheck source=daemons.sh
 source "$(dirname "$0")/daemons.sh"
+# shellcheck source=nodes.sh
+source "$(dirname "$0")/nodes.sh"
 stop_pid() {   # stop_pid FILE NAME: stop the process FILE names (if it is NAME), forget FILE
   local f=$1 name=$2
   if pid_alive "$f" "$name"; then stop_process "$(cat "$f")" "$name"; fi
@@ -44,7 +47,7 @@ stop_pid() {   # stop_pid FILE NAME: stop the process FILE names (if it is NAME)
 
 mapfile -t strays < <(stray_daemons)
 for d in "${strays[@]}"; do
-  log "left alone, with its jobs: ${d% *} (pid ${d#* }), not started by up.sh with SLURM_LOCAL_ROOT=$ROOT ($ROOT/${d% *}.pid does not name it)"
+  log "left alone, with its jobs: ${d% *} (pid ${d#* }), not started by up.sh with SLURM_LOCAL_ROOT=$ROOT (no $ROOT/${d% *}*.pid names it)"
 done
 if [ ${#strays[@]} -gt 0 ] && [ "$PURGE" = 1 ]; then
   log "ERROR: --purge would remove the packages those Slurm daemons run on; nothing was changed"
@@ -70,9 +73,12 @@ if pid_alive "$ROOT/slurmctld.pid" slurmctld && grep -qF "$MARK" "$CONF" 2>/dev/
   done
 fi
 
-# 2. daemons, in reverse order of start
-stop_pid "$ROOT/slurmd.pid" slurmd
+# 2. daemons, in reverse order of start, then the nodes' network
+for f in "$ROOT"/slurmd.pid "$ROOT"/slurmd-*.pid; do
+  [ -e "$f" ] && stop_pid "$f" slurmd
+done
 stop_pid "$ROOT/slurmctld.pid" slurmctld
+network_down
 if [ ! -f "$ROOT/munged.pid" ]; then
   log "munged not started by up.sh; left alone"
 elif [ ${#strays[@]} -gt 0 ]; then

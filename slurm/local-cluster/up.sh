@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# slurm/local-cluster/up.sh: bring up a real single-node Slurm cluster on this machine
-# (Debian/Ubuntu with Slurm 22.05 or later, root (a user runs it through sudo), no systemd), to try slurm/submit.py
-# without a cluster; the Slurm tests (tests/test_slurm.py) run against it.
+# slurm/local-cluster/up.sh: bring up a real Slurm cluster on this machine (Debian/Ubuntu with Slurm 22.05 or
+# later, root (a user runs it through sudo), no systemd), to try slurm/submit.py without a cluster; the Slurm tests
+# (tests/test_slurm.py) run against it.
 #
-#   bash slurm/local-cluster/up.sh [--replace-existing]
+#   bash slurm/local-cluster/up.sh [--nodes N] [--replace-existing]
+#
+# --nodes 1 (the default): one node, this machine itself, reached on 127.0.0.1.
+# --nodes N (2 or more): N nodes localci-node1..N, each a network namespace of its own with its own address, host
+# name and slurmd, on a bridge that also holds the controller's address (nodes.sh says how). Every node declares all
+# of the machine's CPUs and 80% of its memory: N nodes oversubscribe the machine N times, which is what lets a 2-core
+# machine run a job of 2 nodes x 2 tasks.
 #
 # Idempotent for its own cluster: installs packages only if missing, rewrites the config only if
 # it changed, starts only the daemons that are not already running (restarts them when the
@@ -44,19 +50,29 @@ MARK="# managed by slurm/local-cluster/up.sh"
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
 FRESH=${SLURM_LOCAL_FRESH:-1}
 HERE=$(dirname "$0")
-USAGE="usage: bash $0 [--replace-existing]"
+USAGE="usage: bash $0 [--nodes N] [--replace-existing]"
 
 log() { echo "[slurm-up] $*" >&2; }
 die() { echo "[slurm-up] ERROR: $*" >&2; exit 1; }
 
 REPLACE=0
-for a in "$@"; do
-  case "$a" in
+NODES=1
+args=("$@")
+while [ $# -gt 0 ]; do
+  case "$1" in
     --replace-existing) REPLACE=1 ;;
+    --nodes) NODES=${2:-}; [ $# -gt 1 ] && shift ;;
+    --nodes=*) NODES=${1#--nodes=} ;;
     -h|--help) echo "$USAGE"; exit 0 ;;
-    *) echo "[slurm-up] unknown argument '$a'; $USAGE" >&2; exit 2 ;;
+    *) echo "[slurm-up] unknown argument '$1'; $USAGE" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$NODES" in
+  [1-9]|[1-5][0-9]|6[0-4]) ;;
+  *) echo "[slurm-up] --nodes must be a number from 1 to 64, not '$NODES'; $USAGE" >&2; exit 2 ;;
+esac
+set -- "${args[@]}"
 
 # Root is needed (daemons, /etc/slurm, the munge key): a user runs the script through sudo.
 if [ "$(id -u)" != 0 ]; then
@@ -66,6 +82,8 @@ fi
 
 # shellcheck source=daemons.sh
 source "$(dirname "$0")/daemons.sh"
+# shellcheck source=nodes.sh
+source "$(dirname "$0")/nodes.sh"
 
 # ---------------------------------------------------------------- 0. someone else's Slurm?
 found=()   # what this script did not start, one phrase each
@@ -74,8 +92,15 @@ if [ -s "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
 fi
 mapfile -t strays < <(stray_daemons)
 for d in "${strays[@]}"; do
-  found+=("${d% *} (pid ${d#* }) is running and $ROOT/${d% *}.pid does not name it")
+  found+=("${d% *} (pid ${d#* }) is running and no $ROOT/${d% *}*.pid names it")
 done
+if [ "$NODES" -gt 1 ]; then
+  mapfile -t in_the_way < <(foreign_network "$NODES")
+  if [ ${#in_the_way[@]} -gt 0 ]; then
+    what=$(printf '%s; ' "${in_the_way[@]}")
+    die "cannot create $NODES nodes: ${what%; }, and up.sh did not create it. Nothing was changed."
+  fi
+fi
 unseen=0
 # A controller this script cannot see as a process (e.g. in another PID namespace) still answers.
 if [ ${#found[@]} = 0 ] && [ -s "$CONF" ] && ! pid_alive "$ROOT/slurmctld.pid" slurmctld \
@@ -143,18 +168,35 @@ else
 fi
 
 # ---------------------------------------------------------------- 3. config
-NODE=$(hostname -s)
+HOST=$(hostname -s)
 # nproc alone would follow OMP_NUM_THREADS; the CPUs this machine gives us are wanted here.
 CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 if [ -n "${SLURM_LOCAL_MEM_MB:-}" ]; then MEM=$SLURM_LOCAL_MEM_MB
 else MEM=$(awk '/^MemTotal:/ {printf "%d", $2/1024*0.8}' /proc/meminfo); fi
 DEFMEM=$(( MEM / CPUS )); [ "$DEFMEM" -gt 1024 ] && DEFMEM=1024
+NODE_SPEC="CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM State=UNKNOWN"
+if [ "$NODES" = 1 ]; then
+  NODE=$HOST
+  CONTROLLER_ADDR=127.0.0.1
+  SLURMD_FILES="SlurmdSpoolDir=$ROOT/spool
+SlurmdPidFile=$ROOT/slurmd.pid
+SlurmdLogFile=$ROOT/log/slurmd.log"
+  NODE_LINES="NodeName=$NODE NodeAddr=127.0.0.1 $NODE_SPEC"
+else
+  NODE="localci-node[1-$NODES]"
+  CONTROLLER_ADDR=$SUBNET.1
+  # %n: the node's name, one spool folder, PID file and log per slurmd
+  SLURMD_FILES="SlurmdSpoolDir=$ROOT/spool/%n
+SlurmdPidFile=$ROOT/slurmd-%n.pid
+SlurmdLogFile=$ROOT/log/slurmd-%n.log"
+  NODE_LINES=$(for i in $(seq 1 "$NODES"); do echo "NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") $NODE_SPEC"; done)
+fi
 
 new=$(mktemp)
 cat >"$new" <<EOF
 $MARK  (node=$NODE cpus=$CPUS mem=${MEM}M root=$ROOT)
 ClusterName=localci
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST($CONTROLLER_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -183,11 +225,9 @@ SlurmctldParameters=preempt_send_user_signal
 ReturnToService=2
 JobRequeue=1
 StateSaveLocation=$ROOT/state
-SlurmdSpoolDir=$ROOT/spool
 SlurmctldPidFile=$ROOT/slurmctld.pid
-SlurmdPidFile=$ROOT/slurmd.pid
 SlurmctldLogFile=$ROOT/log/slurmctld.log
-SlurmdLogFile=$ROOT/log/slurmd.log
+$SLURMD_FILES
 SlurmctldPort=6817
 SlurmdPort=6818
 SlurmctldTimeout=30
@@ -196,7 +236,7 @@ InactiveLimit=0
 MinJobAge=600
 KillWait=5
 Waittime=0
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM State=UNKNOWN
+$NODE_LINES
 # 'debug' is the default; jobs in 'high' preempt (requeue) jobs in 'debug'
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
 PartitionName=high  Nodes=$NODE Default=NO  MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
@@ -217,12 +257,15 @@ rm -f "$new"
 CGROUP_CONF=$(dirname "$CONF")/cgroup.conf
 [ -e "$CGROUP_CONF" ] || echo "CgroupPlugin=autodetect" >"$CGROUP_CONF"
 
-# ---------------------------------------------------------------- 4. daemons
+# ---------------------------------------------------------------- 4. network and daemons
 if [ "$changed" = 1 ]; then
-  for name in slurmd slurmctld; do
-    if pid_alive "$ROOT/$name.pid" "$name"; then stop_process "$(cat "$ROOT/$name.pid")" "$name"; fi
+  for f in "$ROOT"/slurmd*.pid "$ROOT/slurmctld.pid"; do
+    name=$(basename "$f" .pid); name=${name%%-*}
+    if pid_alive "$f" "$name"; then stop_process "$(cat "$f")" "$name"; fi
   done
+  network_down   # the nodes of another --nodes, if any
 fi
+if [ "$NODES" -gt 1 ]; then network_up "$NODES"; fi
 
 clean=(); [ "$FRESH" = 1 ] && clean=(-c)
 if pid_alive "$ROOT/slurmctld.pid" slurmctld; then
@@ -235,26 +278,46 @@ fi
 for _ in $(seq 1 $((TIMEOUT * 5))); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
 scontrol ping | grep -q UP || die "slurmctld not answering; see $ROOT/log/slurmctld.log"
 
-if pid_alive "$ROOT/slurmd.pid" slurmd; then
-  log "slurmd already running (pid $(cat "$ROOT/slurmd.pid"))"
+if [ "$NODES" = 1 ]; then
+  if pid_alive "$ROOT/slurmd.pid" slurmd; then
+    log "slurmd already running (pid $(cat "$ROOT/slurmd.pid"))"
+  else
+    log "starting slurmd"
+    slurmd "${clean[@]}" -N "$NODE"
+  fi
 else
-  log "starting slurmd"
-  slurmd "${clean[@]}" -N "$NODE"
+  for i in $(seq 1 "$NODES"); do
+    name=$(node_name "$i")
+    if pid_alive "$ROOT/slurmd-$name.pid" slurmd; then
+      log "slurmd of $name already running (pid $(cat "$ROOT/slurmd-$name.pid"))"
+    else
+      log "starting slurmd of $name"
+      mkdir -p "$ROOT/spool/$name"
+      start_node_slurmd "$name" "${clean[@]}"
+    fi
+  done
 fi
 
 # ---------------------------------------------------------------- 5. wait idle
-state=""
+# "NAME STATE" of each node that is not ready, or of all when sinfo does not list every node yet
+not_ready() {
+  local listed
+  listed=$(sinfo -h -N -n "$NODE" -p debug -o '%N %t' 2>/dev/null)
+  if [ "$(grep -c . <<<"$listed")" != "$NODES" ]; then echo "${listed:-none listed}"; return; fi
+  awk '$2 !~ /^(idle|mix|alloc)$/' <<<"$listed"
+}
+waiting=""
 for i in $(seq 1 $((TIMEOUT * 5))); do
-  state=$(sinfo -h -N -n "$NODE" -p debug -o '%t' 2>/dev/null | head -1)
-  case "$state" in
-    idle|mix|alloc) break ;;
-    down*|drain*|drng*|fail*) [ $((i % 10)) = 1 ] && scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true ;;
-  esac
+  waiting=$(not_ready)
+  [ -z "$waiting" ] && break
+  if [ $((i % 10)) = 1 ] && grep -qE ' (down|drain|drng|fail)' <<<"$waiting"; then
+    scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true
+  fi
   sleep 0.2
 done
-case "$state" in
-  idle|mix|alloc) ;;
-  *) sinfo -N -l >&2 || true; die "node $NODE not idle (state '$state'); see $ROOT/log/" ;;
-esac
-log "ready: node $NODE ($CPUS cpus, ${MEM}M) state=$state; install took ${t_install}s"
+if [ -n "$waiting" ]; then
+  sinfo -N -l >&2 || true
+  die "not idle after ${TIMEOUT}s: $(tr '\n' ',' <<<"$waiting" | sed 's/,$//'); see $ROOT/log/"
+fi
+log "ready: $NODES node(s) $NODE ($CPUS cpus, ${MEM}M each); install took ${t_install}s"
 sinfo
