@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Iterator, List
+import socket
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,8 @@ class CollectiveError(RunError, RuntimeError):
 
 
 BACKENDS = ("auto", "nccl", "gloo")
+# What a collective's error says when a peer's connection ended (the peer's process died or was killed).
+LOST_CONNECTION = ("Connection closed", "Connection reset")
 
 
 def gpu_index(local_rank: int, gpu_count: int, backend: str) -> int:
@@ -95,7 +98,7 @@ def is_communication_error(error: BaseException) -> bool:
         return True
     message = str(error)
     return isinstance(error, RuntimeError) and any(
-        marker in message for marker in ("Timed out", "timed out", "Connection closed", "Connection reset")
+        marker in message for marker in ("Timed out", "timed out", *LOST_CONNECTION)
     )
 
 
@@ -108,9 +111,13 @@ def waiting_for(what: str) -> Iterator[None]:
     except RuntimeError as error:
         if not is_initialized() or isinstance(error, CollectiveError) or not is_communication_error(error):
             raise
+        if any(marker in str(error) for marker in LOST_CONNECTION):
+            cause = f"lost the connection to another process at {what}: it died or was killed"
+        else:
+            cause = (f"gave up waiting for the other processes at {what} (timeout {_timeout_seconds:g} s): "
+                     f"another process hung or died")
         raise CollectiveError(
-            f"rank {rank()} of {world_size()}: gave up waiting for the other processes at {what} "
-            f"(timeout {_timeout_seconds:g} s): another process hung or died; see its log. "
+            f"rank {rank()} of {world_size()}: {cause}; see its log. "
             f"Rerun the same command to resume from the last checkpoint ({error})"
         ) from error
 
@@ -171,6 +178,20 @@ def all_gather_object(obj: Any, what: str = "a gather over processes") -> List[A
     with waiting_for(what):
         dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def describe_placement(processes: Sequence[Tuple[str, int, str]]) -> str:
+    """Where the processes run, by host: ``processes[r]`` is rank r's (host name, local rank, device)."""
+    by_host: Dict[str, List[str]] = {}
+    for rank_, (host, local_rank, device) in enumerate(processes):
+        by_host.setdefault(host, []).append(f"rank {rank_} (local rank {local_rank}, {device})")
+    return "; ".join(f"{host}: {', '.join(ranks)}" for host, ranks in by_host.items())
+
+
+def placement(local_rank: int, device: torch.device) -> str:
+    """``describe_placement`` of every process of the group (a collective: every rank calls it)."""
+    here = (socket.gethostname(), local_rank, str(device))
+    return describe_placement(all_gather_object(here, what="the gather of the processes' host names"))
 
 
 def cleanup() -> None:

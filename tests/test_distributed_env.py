@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,34 @@ def test_helpers_without_process_group():
     distributed.cleanup()
 
 
+def test_placement_is_described_by_host_in_rank_order():
+    processes = [("n1", 0, "cuda:0"), ("n1", 1, "cuda:1"), ("n2", 0, "cuda:0"), ("n2", 1, "cuda:1")]
+    assert distributed.describe_placement(processes) == (
+        "n1: rank 0 (local rank 0, cuda:0), rank 1 (local rank 1, cuda:1); "
+        "n2: rank 2 (local rank 0, cuda:0), rank 3 (local rank 1, cuda:1)")
+    assert distributed.placement(0, torch.device("cpu")) == f"{socket.gethostname()}: rank 0 (local rank 0, cpu)"
+
+
+@pytest.mark.parametrize("failure, cause", [
+    ("[pair.cc:545] Read error [10.0.0.2]:27353: Connection reset by peer",
+     "rank 0 of 2: lost the connection to another process at the check after iteration 3: it died or was killed; "),
+    ("Connection closed by peer [10.0.0.2]:5000",
+     "rank 0 of 2: lost the connection to another process at the check after iteration 3: it died or was killed; "),
+    ("Timed out waiting 5000ms for recv operation to complete",
+     "rank 0 of 2: gave up waiting for the other processes at the check after iteration 3 (timeout 300 s): "
+     "another process hung or died; "),
+])
+def test_a_failed_collective_says_whether_a_peer_died_or_hung(monkeypatch, failure, cause):
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "_timeout_seconds", 300.0)
+    with pytest.raises(distributed.CollectiveError) as raised:
+        with distributed.waiting_for("the check after iteration 3"):
+            raise RuntimeError(failure)
+    assert str(raised.value).startswith(cause) and str(raised.value).endswith(f"({failure})")
+
+
 def test_each_process_gets_its_own_gpu_or_shares_one_through_gloo():
     assert [distributed.gpu_index(rank, 8, "auto") for rank in (0, 7)] == [0, 7]
     assert [distributed.gpu_index(rank, 1, "gloo") for rank in (0, 1, 2)] == [0, 0, 0]
@@ -104,7 +133,8 @@ WORKER = textwrap.dedent(
     shards = distributed.all_gather_object(shard)
     distributed.barrier()
     result = {"env": [env.rank, env.world_size, env.local_rank], "sum": total.tolist(), "message": message,
-              "shards": shards, "initialized": distributed.is_initialized(), "main": distributed.is_main_process()}
+              "shards": shards, "initialized": distributed.is_initialized(), "main": distributed.is_main_process(),
+              "placement": distributed.placement(env.local_rank, torch.device("cpu"))}
     import torch._dynamo  # as training does, through the optimizer, after the process group exists
     distributed.cleanup()
     # The threads left: the process group's must have ended with it, not at the interpreter's shutdown.
@@ -134,6 +164,7 @@ def test_torchrun_two_processes(tmp_path):
         assert result["initialized"] and result["main"] == (r == 0)
         assert result["sum"] == [3.0, 20.0]
         assert result["message"] == {"from": 0}
+        assert result["placement"] == f"{socket.gethostname()}: rank 0 (local rank 0, cpu), rank 1 (local rank 1, cpu)"
         shards = result["shards"]
         assert sorted(i for shard in shards for i in shard) == list(range(7))
         assert len(shards[0]) == 4 and len(shards[1]) == 3

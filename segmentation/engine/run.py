@@ -669,6 +669,7 @@ def main(config: Config) -> None:
     device = select_device(config.device, env.local_rank, config.dist_backend)
     backends = configure_backends(config.norm_kernels, config.tf32, device)
     distributed.init_distributed(env, device.type, config.collective_timeout, config.dist_backend)
+    processes = distributed.placement(env.local_rank, device)
     stop_signal = StopSignal()
     stop_signal.install()
     files = RunFiles(config)
@@ -684,6 +685,7 @@ def main(config: Config) -> None:
             config.dataset, config.task, " overlapped" if config.overlap else "", list(config.steps),
             config.method, device, distributed.world_size(),
         )
+        LOGGER.info("processes: %s", processes)
         LOGGER.info("%s", backends)
         for note in [*config.notes, *files.notes, *checked.notes]:
             LOGGER.info("%s", note)
