@@ -133,6 +133,10 @@ EXIT_INTERRUPTED={exit_interrupted}  # train.py: stopped by a signal, in-step ch
 RESTARTS=${{SLURM_RESTART_COUNT:-0}}
 
 log() {{ echo "[$(date -u '+%Y-%m-%d %H:%M:%S') job $SLURM_JOB_ID] $*"; }}
+# Where this start's part of the job log begins (a requeued job appends to it): failed_processes reads srun's
+# lines about its tasks there.
+LOG_FILE=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p')
+LOG_START=$(stat -c %s "$LOG_FILE" 2>/dev/null || echo 0)
 log "start: $DESCRIPTION; SLURM_RESTART_COUNT=$RESTARTS; nodes $SLURM_JOB_NODELIST, $SLURM_NTASKS process(es)"
 
 # Rendezvous of the processes: rank 0 listens on the first node of the allocation, on a port
@@ -168,6 +172,16 @@ while :; do
     status=$?
     [ "$signalled" = 1 ] || break
 done
+
+# The processes that failed, from srun's lines in this start's part of the log ("srun: error: NODE: task R: Killed"
+# becomes "rank R on NODE: Killed"), separated by "; ".
+failed_processes() {{
+    [ -f "$LOG_FILE" ] || return 0
+    tail -c +"$((LOG_START + 1))" "$LOG_FILE" \\
+        | sed -nE 's/^srun: error: ([^:]+): task ([0-9]+): (.*)$/rank \\2 on \\1: \\3/p
+                   s/^srun: error: ([^:]+): tasks ([0-9,-]+): (.*)$/ranks \\2 on \\1: \\3/p' \\
+        | paste -sd ';' - | sed 's/;/; /g'
+}}
 
 # Cancel the pending jobs that wait for this one to succeed, and those that wait for them.
 cancel_dependants() {{
@@ -220,7 +234,8 @@ if [ "$status" = "$EXIT_INTERRUPTED" ] || [ -n "$stopped" ]; then
     scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed: submit this script again to resume"
     exit "$status"
 fi
-log "FAILED: $DESCRIPTION: train.py exited with code $status; not requeued (only a job stopped by a signal is)"
+failed=$(failed_processes)
+log "FAILED: $DESCRIPTION: train.py exited with code $status${{failed:+ (srun: $failed)}}; not requeued (only a job stopped by a signal is)"
 cancel_dependants
 exit "$status"
 """
