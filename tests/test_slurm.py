@@ -1,9 +1,11 @@
-"""slurm/: the submit tool and its job scripts, run against a real single-node Slurm.
+"""slurm/: the submit tool and its job scripts, run against a real Slurm on this machine.
 
-The cluster is the one ``slurm/local-cluster/up.sh`` starts (``.ci/run`` starts it before the
-tests). When it is not running, these tests start it themselves if they can (root, apt) and stop
-it afterwards; otherwise the tests that need it are skipped with the reason. The jobs train a
-tiny synthetic task (ResNet-18, 48 px crops, 1 epoch) with 2 processes (gloo on CPU), on CPU.
+The cluster is the one ``slurm/local-cluster/up.sh --nodes 2`` starts (``.ci/run`` starts it before
+the tests): two nodes, each a network namespace with its own address, host name and slurmd. When
+no cluster runs, these tests start that one themselves if they can (root, apt) and stop it
+afterwards; otherwise the tests that need it are skipped with the reason, as are the multi-node
+tests on a cluster of one node. The jobs train a tiny synthetic task (ResNet-18, 48 px crops,
+1 epoch) with 2 processes (gloo on CPU), on one node or on two.
 """
 import os
 import re
@@ -26,6 +28,8 @@ DOWN = os.path.join(REPO_ROOT, "slurm", "local-cluster", "down.sh")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE"}
 CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1"]
+TWO_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1"]
+NODES = ["localci-node1", "localci-node2"]  # up.sh --nodes 2
 
 # One cluster, one test at a time: its 2 CPUs run one 2-task job.
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
@@ -43,11 +47,22 @@ def cluster():
                     "needs root")
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("no Slurm cluster answers, Slurm is not installed and there is no apt-get to install it")
-    subprocess.run(["bash", UP], check=True, stdin=subprocess.DEVNULL, timeout=600)
+    subprocess.run(["bash", UP, "--nodes", "2"], check=True, stdin=subprocess.DEVNULL, timeout=600)
     try:
         yield
     finally:
         subprocess.run(["bash", DOWN], check=False, stdin=subprocess.DEVNULL, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def two_nodes(cluster):
+    """The local cluster's nodes, when it has two (up.sh --nodes 2)."""
+    listed = subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N"], capture_output=True, text=True)
+    nodes = sorted(set(listed.stdout.split()))
+    if nodes != NODES:
+        pytest.skip(f"the multi-node tests need the two nodes of 'bash {UP} --nodes 2'; the running cluster has "
+                    f"{', '.join(nodes) or 'none'}")
+    return nodes
 
 
 def _job_field(job_id: str, name: str) -> str:
@@ -65,11 +80,11 @@ def _wait_for(job_ids, timeout: float = 600) -> None:
         time.sleep(1)
 
 
-def _submit(options, train_options, cwd) -> list:
-    """Run slurm/submit.py; the (label, job id, log file) of each job it printed."""
+def _submit(options, train_options, cwd, **env) -> list:
+    """Run slurm/submit.py (the jobs inherit ``env``); the (label, job id, log file) of each job it printed."""
     result = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "slurm", "submit.py"), *options, "--", *train_options],
-        cwd=cwd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+        cwd=cwd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = re.findall(r"^(\S+): job (\d+).*, log (\S+)$", result.stdout, flags=re.M)
@@ -97,14 +112,7 @@ def test_chain_stopped_mid_step_requeues_and_ends_bit_identical(cluster, data_ro
     assert _job_field(ids[0], "JobName") == "synthetic-15-5-run-step0"
 
     run_dir = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
-    log0 = jobs[0][2]
-    deadline = time.monotonic() + 300
-    while not list(run_dir.glob("step0-iter*.pth")):  # training of step 0 is under way
-        assert time.monotonic() < deadline and _job_field(ids[0], "JobState") not in FINAL_STATES, (
-            log0.read_text() if log0.exists() else "no log")
-        time.sleep(0.1)
-    # What Slurm does before a time limit (--signal=B:USR1@S) or on preemption: USR1 to the batch shell.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", ids[0]], check=True)
+    _stop_mid_step(ids[0], run_dir, jobs[0][2])
     _wait_for(ids)
 
     logs = [log.read_text() for _, _, log in jobs]
@@ -119,6 +127,21 @@ def test_chain_stopped_mid_step_requeues_and_ends_bit_identical(cluster, data_ro
     assert re.search(r"step 0: resumed from iteration \d+", logs[0]), logs[0]
     assert "done: step 0 of synthetic 15-5" in logs[0] and "done: step 1 of synthetic 15-5" in logs[1]
     assert "2 process(es)" in logs[1]
+    _assert_equal_to_the_run_without_slurm(run_dir, two_process_run)
+
+
+def _stop_mid_step(job_id: str, run_dir: Path, log: Path) -> None:
+    """Once step 0 has written an in-step checkpoint, what Slurm does before a time limit
+    (--signal=B:USR1@S) or on preemption: USR1 to the batch shell."""
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("step0-iter*.pth")):
+        assert time.monotonic() < deadline and _job_field(job_id, "JobState") not in FINAL_STATES, (
+            log.read_text() if log.exists() else "no log")
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+
+
+def _assert_equal_to_the_run_without_slurm(run_dir: Path, two_process_run: Path) -> None:
     for step in (0, 1):
         reference = two_process_run / "checkpoints" / "synthetic-15-5" / "run" / f"step{step}.pth"
         assert_states_equal(model_state(run_dir / f"step{step}.pth"), model_state(reference))
@@ -141,6 +164,76 @@ def test_failed_step_cancels_the_steps_that_depend_on_it(cluster, tmp_path):
     assert f"cancelling the jobs that depend on this one: {ids[1]} {ids[2]}" in text
     assert [_job_field(job_id, "JobState") for job_id in ids[1:]] == ["CANCELLED", "CANCELLED"]
     assert all(not jobs[k][2].exists() for k in (1, 2)), "a cancelled step must never have started"
+
+
+# ---------------------------------------------------------------- jobs on two nodes
+@pytest.mark.slow
+def test_two_nodes_train_as_two_processes_on_one(two_nodes, data_root, two_process_run, tmp_path):
+    """One process on each of two nodes, one job per step: the rendezvous on the first node, gloo across
+    the nodes, and step checkpoints bit-identical to torchrun's 2 processes on one node."""
+    jobs = _submit(TWO_NODES, two_process_args(data_root, tmp_path), tmp_path)
+    ids = [job_id for _, job_id, _ in jobs]
+    _wait_for(ids)
+    logs = [log.read_text() for _, _, log in jobs]
+    for job_id, text in zip(ids, logs):
+        assert _job_field(job_id, "JobState") == "COMPLETED", text
+        assert _job_field(job_id, "NodeList") == "localci-node[1-2]", text
+        assert f"processes: {NODES[0]}: rank 0 (local rank 0, cpu); {NODES[1]}: rank 1 (local rank 0, cpu)" in text
+    _assert_equal_to_the_run_without_slurm(tmp_path / "checkpoints" / "synthetic-15-5" / "run", two_process_run)
+
+
+@pytest.mark.slow
+def test_two_nodes_stopped_mid_step_requeue_resume_on_both_and_end_bit_identical(two_nodes, data_root,
+                                                                                 two_process_run, tmp_path):
+    """USR1 to a two-node job (as before its time limit): srun passes it to the process on each node,
+    both checkpoint and exit with 3, the job requeues and resumes on both nodes."""
+    jobs = _submit([*TWO_NODES, "--single-job"], _task_args(data_root, tmp_path), tmp_path)
+    (_, job_id, log), = jobs
+    run_dir = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
+    _stop_mid_step(job_id, run_dir, log)
+    _wait_for([job_id])
+    text = log.read_text()
+    assert _job_field(job_id, "JobState") == "COMPLETED" and _job_field(job_id, "Restarts") == "1", text
+    for node, rank in zip(NODES, (0, 1)):  # both processes stopped after a checkpoint, none failed
+        assert f"srun: error: {node}: task {rank}: Exited with exit code 3" in text, text
+    assert "requeueing the job (restart 1)" in text and "train.py: error" not in text, text
+    assert re.search(r"step 0: resumed from iteration \d+ \(epoch 1 of 1\) on 2 process\(es\)", text), text
+    first, resumed = text.split("SLURM_RESTART_COUNT=1")
+    placement = f"processes: {NODES[0]}: rank 0 (local rank 0, cpu); {NODES[1]}: rank 1 (local rank 0, cpu)"
+    assert placement in first and placement in resumed, text
+    _assert_equal_to_the_run_without_slurm(run_dir, two_process_run)
+
+
+def test_two_nodes_of_two_processes_place_ranks_by_node(two_nodes, data_root, tmp_path):
+    """4 ranks, 2 per node: each process reports its node, rank and local rank as srun placed it."""
+    jobs = _submit(["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1"],
+                   train_args(data_root, tmp_path, "--step", "0", "--batch_size", "1"), tmp_path)
+    (_, job_id, log), = jobs
+    _wait_for([job_id])
+    text = log.read_text()
+    assert _job_field(job_id, "JobState") == "COMPLETED", text
+    assert "4 process(es)" in text and "done: step 0 of synthetic 15-5" in text, text
+    assert (f"processes: {NODES[0]}: rank 0 (local rank 0, cpu), rank 1 (local rank 1, cpu); "
+            f"{NODES[1]}: rank 2 (local rank 0, cpu), rank 3 (local rank 1, cpu)") in text, text
+    assert (tmp_path / "checkpoints" / "synthetic-15-5" / "run" / "step0.pth").exists()
+
+
+def test_a_process_killed_on_the_second_node_fails_the_job_naming_it(two_nodes, data_root, tmp_path):
+    """SIGKILL of rank 1 (on the second node) mid-step, as by the kernel's OOM killer: the job fails
+    at once, names the node and rank, is not requeued and cancels the next step."""
+    jobs = _submit(TWO_NODES, two_process_args(data_root, tmp_path), tmp_path,
+                   SEGMENTATION_FAULT="kill:train-iteration:3@1")
+    ids = [job_id for _, job_id, _ in jobs]
+    _wait_for(ids, timeout=300)
+    text = jobs[0][2].read_text()
+    assert _job_field(ids[0], "JobState") == "FAILED" and _job_field(ids[0], "Restarts") == "0", text
+    failed = re.search(r"FAILED: step 0 of synthetic 15-5, run run: train\.py exited with code \d+ \(srun: (.*)\); "
+                       r"not requeued", text)
+    assert failed, text
+    assert f"rank 1 on {NODES[1]}: Killed" in failed.group(1).split("; "), text
+    # The process left on the first node says why it stopped.
+    assert "rank 0 of 2: lost the connection to another process at the check after iteration 3" in text, text
+    assert _job_field(ids[1], "JobState") == "CANCELLED", text
 
 
 # ---------------------------------------------------------------- scripts and submit-time checks
