@@ -521,18 +521,25 @@ class Trainer:
             self._train()
             return
         except DataLoaderFailure as failure:  # from fetching a batch
-            message = str(failure)
+            failed: RuntimeError = failure
         except RuntimeError as error:  # from the loader's SIGCHLD handler, anywhere in the loop
             if "DataLoader worker" not in str(error) or self._tracker is None:
                 raise
-            message = self._tracker.describe_failure(error)
-        # Stop the failed iterator's workers now, and with them the SIGCHLD check that would
-        # raise the same error again at the next child process exit.
-        shutdown = getattr(self._batches, "_shutdown_workers", None)
-        if shutdown is not None:
+            failed = error
+        # Until the failed iterator's workers are stopped, the loader's SIGCHLD handler raises the
+        # same error again at the next child process exit, wherever this code is: start over then.
+        # Stopping them removes that check, so the second pass gets through.
+        while True:
             try:
-                shutdown()
-            except RuntimeError as error:  # the handler fired once more, for the same dead worker
+                if isinstance(failed, DataLoaderFailure):
+                    message = str(failed)
+                else:
+                    message = self._tracker.describe_failure(failed)
+                shutdown = getattr(self._batches, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                break
+            except RuntimeError as error:
                 if "DataLoader worker" not in str(error):
                     raise
         if self._tracker is not None:
