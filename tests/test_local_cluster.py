@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +110,17 @@ def test_up_again_is_a_quick_no_op(cluster):
     for pid, name in cluster.items():
         assert re.search(rf"{name}( of \S+)? already running \(pid {pid}\)", result.stderr), result.stderr
     assert "wrote" not in result.stderr and "starting" not in result.stderr and "creating" not in result.stderr
+
+
+def test_up_refuses_a_root_too_long_for_slurmds_sockets(tmp_path):
+    root = tmp_path / ("r" * (100 - len(str(tmp_path))))
+    for nodes in ("1", "2"):
+        result = _run(UP, "--nodes", nodes, SLURM_LOCAL_ROOT=str(root))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith(f"[slurm-up] ERROR: SLURM_LOCAL_ROOT={root} is too long: slurmd's sockets "
+                                        "under it would have paths of up to "), result.stderr
+        assert "over the 107 of a Unix socket path; use a shorter folder. Nothing was changed." in result.stderr
+    assert not root.exists()
 
 
 def test_up_refuses_unknown_arguments():
@@ -223,11 +235,15 @@ def test_two_nodes_up_and_down_leave_the_machine_as_it_was(tmp_path):
     if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode != 0:
         pytest.skip("munged does not answer (up.sh would start one for the namespace)")
     env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-    env.update({"UP": UP, "DOWN": DOWN, "TMP": str(tmp_path), "SLURM_LOCAL_ROOT": str(tmp_path / "root"),
-                "SLURM_LOCAL_TIMEOUT": "15"})
-    result = subprocess.run(["unshare", "--kill-child", "--pid", "--fork", "--mount-proc", "--net", "--mount",
-                             "bash", "-c", TWO_NODES], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True, timeout=120)
+    # Not under tmp_path, whose path is too long for slurmd's sockets under a pytest-xdist worker.
+    root = tempfile.mkdtemp(prefix="slurm-two-nodes-")
+    env.update({"UP": UP, "DOWN": DOWN, "TMP": str(tmp_path), "SLURM_LOCAL_ROOT": root, "SLURM_LOCAL_TIMEOUT": "15"})
+    try:
+        result = subprocess.run(["unshare", "--kill-child", "--pid", "--fork", "--mount-proc", "--net", "--mount",
+                                 "bash", "-c", TWO_NODES], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     if result.returncode == 77 or result.stderr.startswith("unshare: "):
         pytest.skip(f"no namespaces for a second cluster here: {result.stderr.strip()}")
     out = result.stdout + result.stderr

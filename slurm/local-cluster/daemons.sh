@@ -1,12 +1,21 @@
 # slurm/local-cluster/daemons.sh: the daemon helpers that up.sh and down.sh share (sourced by them;
 # they define ROOT, the folder of the PID files, and log).
 
+# live_process PID NAME: true when PID is a process called NAME that has not exited. A daemon's parent that exited
+# as it went to the background stays a zombie of the same name until PID 1 reaps it, which may take seconds.
+live_process() {
+  local state
+  [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] || return 1
+  state=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$1/status" 2>/dev/null)
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 # pid_alive FILE NAME: true when FILE holds the PID of a live process called NAME
 pid_alive() {
   local f=$1 name=$2 pid
   [ -s "$f" ] || return 1
   pid=$(cat "$f" 2>/dev/null) || return 1
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$name" ]
+  [ -n "$pid" ] && live_process "$pid" "$name"
 }
 
 # stop_process PID NAME: TERM, and KILL after 10 s, if PID is still a process called NAME
@@ -15,8 +24,8 @@ stop_process() {
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 0
   log "stopping $name (pid $pid)"
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-  [ -d "/proc/$pid" ] && kill -9 "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do live_process "$pid" "$name" || break; sleep 0.1; done
+  if live_process "$pid" "$name"; then kill -9 "$pid" 2>/dev/null || true; fi
 }
 
 # stray_daemons: "NAME PID" for each slurmctld/slurmd running that no PID file of up.sh names ($ROOT/NAME.pid, or
@@ -35,6 +44,7 @@ scan_daemons() {
     { read -r name <"$f"; } 2>/dev/null || continue
     case "$name" in slurmctld|slurmd) ;; *) continue ;; esac
     pid=${f#/proc/}; pid=${pid%/comm}
+    live_process "$pid" "$name" || continue
     grep -qsx "$pid" "$ROOT/$name.pid" "$ROOT/$name"-*.pid || echo "$name $pid"
   done
 }

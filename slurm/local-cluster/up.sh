@@ -85,6 +85,15 @@ source "$(dirname "$0")/daemons.sh"
 # shellcheck source=nodes.sh
 source "$(dirname "$0")/nodes.sh"
 
+# slurmd's sockets are <spool folder>/<node>_<job id>.<step id> (up to 8 and 10 digits), and a Unix socket's path
+# has at most 107 characters: a longer one makes every job step fail to start ("Unspecified error").
+if [ "$NODES" = 1 ]; then longest_node=$(hostname -s); spool=$ROOT/spool
+else longest_node=$(node_name "$NODES"); spool=$ROOT/spool/$longest_node; fi
+sockets=$(( ${#spool} + ${#longest_node} + 21 ))
+if [ "$sockets" -gt 107 ]; then
+  die "SLURM_LOCAL_ROOT=$ROOT is too long: slurmd's sockets under it would have paths of up to $sockets characters, over the 107 of a Unix socket path; use a shorter folder. Nothing was changed."
+fi
+
 # ---------------------------------------------------------------- 0. someone else's Slurm?
 found=()   # what this script did not start, one phrase each
 if [ -s "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
