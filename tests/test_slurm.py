@@ -101,35 +101,6 @@ def _task_args(data_root, out):
 
 
 # ---------------------------------------------------------------- tests with jobs
-@pytest.mark.slow
-def test_chain_stopped_mid_step_requeues_and_ends_bit_identical(cluster, data_root, two_process_run, tmp_path):
-    """One job per step (afterok); the step-0 job is stopped mid-step as before a time limit or on
-    preemption, checkpoints, requeues itself and resumes; the final weights equal a run without Slurm."""
-    jobs = _submit(CPU_JOB, _task_args(data_root, tmp_path), tmp_path)
-    assert [label for label, _, _ in jobs] == ["step0", "step1"]
-    ids = [job_id for _, job_id, _ in jobs]
-    assert _job_field(ids[1], "Dependency") == f"afterok:{ids[0]}(unfulfilled)"
-    assert _job_field(ids[0], "JobName") == "synthetic-15-5-run-step0"
-
-    run_dir = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
-    _stop_mid_step(ids[0], run_dir, jobs[0][2])
-    _wait_for(ids)
-
-    logs = [log.read_text() for _, _, log in jobs]
-    for job_id, text, restarts in zip(ids, logs, ("1", "0")):
-        assert _job_field(job_id, "JobState") == "COMPLETED", text
-        assert _job_field(job_id, "Restarts") == restarts, text
-    # One log across the requeue: both starts, with the restart count, and the resumption.
-    assert "SLURM_RESTART_COUNT=0" in logs[0] and "SLURM_RESTART_COUNT=1" in logs[0]
-    assert "received SIGUSR1" in logs[0] and "requeueing the job (restart 1)" in logs[0]
-    # Every process, the data-loader workers included, got the signal: the ranks wrote a checkpoint.
-    assert "stopped with an in-step checkpoint" in logs[0] and "train.py: error" not in logs[0], logs[0]
-    assert re.search(r"step 0: resumed from iteration \d+", logs[0]), logs[0]
-    assert "done: step 0 of synthetic 15-5" in logs[0] and "done: step 1 of synthetic 15-5" in logs[1]
-    assert "2 process(es)" in logs[1]
-    _assert_equal_to_the_run_without_slurm(run_dir, two_process_run)
-
-
 def _stop_mid_step(job_id: str, run_dir: Path, log: Path) -> None:
     """Once step 0 has written an in-step checkpoint, what Slurm does before a time limit
     (--signal=B:USR1@S) or on preemption: USR1 to the batch shell."""
@@ -169,8 +140,8 @@ def test_failed_step_cancels_the_steps_that_depend_on_it(cluster, tmp_path):
 # ---------------------------------------------------------------- jobs on two nodes
 @pytest.mark.slow
 def test_two_nodes_train_as_two_processes_on_one(two_nodes, data_root, two_process_run, tmp_path):
-    """One process on each of two nodes, one job per step: the rendezvous on the first node, gloo across
-    the nodes, and step checkpoints bit-identical to torchrun's 2 processes on one node."""
+    """One process on each of two nodes, one job per step (afterok): the rendezvous on the first node, gloo
+    across the nodes, and step checkpoints bit-identical to torchrun's 2 processes on one node."""
     jobs = _submit(TWO_NODES, two_process_args(data_root, tmp_path), tmp_path)
     ids = [job_id for _, job_id, _ in jobs]
     _wait_for(ids)
@@ -185,22 +156,35 @@ def test_two_nodes_train_as_two_processes_on_one(two_nodes, data_root, two_proce
 @pytest.mark.slow
 def test_two_nodes_stopped_mid_step_requeue_resume_on_both_and_end_bit_identical(two_nodes, data_root,
                                                                                  two_process_run, tmp_path):
-    """USR1 to a two-node job (as before its time limit): srun passes it to the process on each node,
-    both checkpoint and exit with 3, the job requeues and resumes on both nodes."""
-    jobs = _submit([*TWO_NODES, "--single-job"], _task_args(data_root, tmp_path), tmp_path)
-    (_, job_id, log), = jobs
+    """The same submission with the default data-loader workers; its step-0 job is stopped mid-step as
+    before a time limit or on preemption (USR1 to the batch shell): srun passes the signal to the process
+    on each node, both checkpoint and exit with 3, the job requeues itself and resumes on both nodes."""
+    jobs = _submit(TWO_NODES, _task_args(data_root, tmp_path), tmp_path)
+    assert [label for label, _, _ in jobs] == ["step0", "step1"]
+    ids = [job_id for _, job_id, _ in jobs]
+    assert _job_field(ids[1], "Dependency") == f"afterok:{ids[0]}(unfulfilled)"
+    assert _job_field(ids[0], "JobName") == "synthetic-15-5-run-step0"
+
     run_dir = tmp_path / "checkpoints" / "synthetic-15-5" / "run"
-    _stop_mid_step(job_id, run_dir, log)
-    _wait_for([job_id])
-    text = log.read_text()
-    assert _job_field(job_id, "JobState") == "COMPLETED" and _job_field(job_id, "Restarts") == "1", text
-    for node, rank in zip(NODES, (0, 1)):  # both processes stopped after a checkpoint, none failed
-        assert f"srun: error: {node}: task {rank}: Exited with exit code 3" in text, text
-    assert "requeueing the job (restart 1)" in text and "train.py: error" not in text, text
-    assert re.search(r"step 0: resumed from iteration \d+ \(epoch 1 of 1\) on 2 process\(es\)", text), text
-    first, resumed = text.split("SLURM_RESTART_COUNT=1")
+    _stop_mid_step(ids[0], run_dir, jobs[0][2])
+    _wait_for(ids)
+
+    logs = [log.read_text() for _, _, log in jobs]
+    for job_id, text, restarts in zip(ids, logs, ("1", "0")):
+        assert _job_field(job_id, "JobState") == "COMPLETED", text
+        assert _job_field(job_id, "Restarts") == restarts, text
+    # One log across the requeue: both starts, with the restart count, and the resumption.
+    assert "SLURM_RESTART_COUNT=0" in logs[0] and "SLURM_RESTART_COUNT=1" in logs[0]
+    assert "received SIGUSR1" in logs[0] and "requeueing the job (restart 1)" in logs[0]
+    # Every process on both nodes, the data-loader workers included, got the signal and wrote a checkpoint.
+    assert "stopped with an in-step checkpoint" in logs[0] and "train.py: error" not in logs[0], logs[0]
+    for node, rank in zip(NODES, (0, 1)):
+        assert f"srun: error: {node}: task {rank}: Exited with exit code 3" in logs[0], logs[0]
+    assert re.search(r"step 0: resumed from iteration \d+ \(epoch 1 of 1\) on 2 process\(es\)", logs[0]), logs[0]
+    first, resumed = logs[0].split("SLURM_RESTART_COUNT=1")
     placement = f"processes: {NODES[0]}: rank 0 (local rank 0, cpu); {NODES[1]}: rank 1 (local rank 0, cpu)"
-    assert placement in first and placement in resumed, text
+    assert placement in first and placement in resumed and placement in logs[1], logs
+    assert "done: step 0 of synthetic 15-5" in logs[0] and "done: step 1 of synthetic 15-5" in logs[1]
     _assert_equal_to_the_run_without_slurm(run_dir, two_process_run)
 
 
