@@ -223,6 +223,12 @@ ip netns list
 srun --nodes 2 --ntasks-per-node 1 sh -c 'echo "node $(hostname) rank $SLURM_PROCID"; ip -o -4 addr show eth0' | sort
 srun --nodes 1 --nodelist localci-node2 getent hosts localci-node1
 bash "$UP" --nodes 2 2>&1 | grep -c "already running"
+# A node lost (as /run/netns is after a reboot, with its slurmd): up.sh creates it again
+pid=$(cat "$SLURM_LOCAL_ROOT/slurmd-localci-node2.pid"); kill "$pid"
+while grep -qs '^State:.[^Z]' "/proc/$pid/status"; do sleep 0.1; done
+ip netns del localci-node2
+bash "$UP" --nodes 2 2>&1 | grep -E "creating|starting"
+srun --nodes 2 --ntasks-per-node 1 hostname | sort | tr '\n' ' '; echo
 bash "$DOWN"; echo "down: $?"
 snapshot >"$TMP/after"
 diff "$TMP/before" "$TMP/after" && echo "as before"
@@ -255,4 +261,6 @@ def test_two_nodes_up_and_down_leave_the_machine_as_it_was(tmp_path):
     assert len(re.findall(r"^\d+: eth0\s+inet 10\.231\.0\.1[12]/24 ", out, flags=re.M)) == 2, out
     assert re.search(r"^10\.231\.0\.11\s+localci-node1$", out, flags=re.M), out  # names resolve on every node
     assert "\n3\n" in out, out  # up.sh again: the controller and both slurmds already running
+    assert ("[slurm-up] creating node localci-node2 at 10.231.0.12\n[slurm-up] starting slurmd of localci-node2\n"
+            "localci-node1 localci-node2 \n") in out, out
     assert "down: 0" in out and "as before" in out, out

@@ -36,20 +36,23 @@ foreign_network() {
   done
 }
 
-# network_up N: the bridge, N nodes and their /etc/hosts lines; creates only what is missing
+# network_up N: the bridge, N nodes and their /etc/hosts lines; creates only what is missing (foreign_network has
+# checked that what exists is this script's)
 network_up() {
   local n=$1 i name addr line
   if [ ! -e /run/netns ]; then record folder /run/netns; fi
-  if ! recorded link "$BRIDGE"; then
-    ip link add "$BRIDGE" type bridge && record link "$BRIDGE"
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    recorded link "$BRIDGE" || record link "$BRIDGE"
     ip addr add "$SUBNET.1/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
   fi
   for i in $(seq 1 "$n"); do
     name=$(node_name "$i"); addr=$(node_addr "$i")
-    if ! recorded netns "$name"; then
+    if [ ! -e "/run/netns/$name" ]; then
       log "creating node $name at $addr"
-      ip netns add "$name" && record netns "$name"
+      ip netns add "$name"
+      recorded netns "$name" || record netns "$name"
       ip link add "slveth$i" type veth peer name eth0 netns "$name"
       ip link set "slveth$i" master "$BRIDGE" up
       ip -n "$name" addr add "$addr/24" dev eth0
