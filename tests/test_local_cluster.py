@@ -179,21 +179,30 @@ bash "$DOWN"; echo "down: $?"
 """
 
 
-def test_replace_existing_takes_over_in_namespaces_of_its_own(tmp_path):
+def _run_in_namespaces_of_its_own(script: str, tmp_path: Path) -> str:
+    """The output of bash ``script`` run in new PID, network and mount namespaces (skipped where they cannot be
+    made), with UP, DOWN, TMP (``tmp_path``) and a SLURM_LOCAL_ROOT of its own; it exits 77 when its set-up fails."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("slurmctld") is None:
         pytest.skip("needs root, unshare and Slurm installed")
-    munge = subprocess.run("munge -n | unmunge", shell=True, capture_output=True)
-    if munge.returncode != 0:
+    if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode != 0:
         pytest.skip("munged does not answer (up.sh would start one for the namespace)")
     env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-    env.update({"UP": UP, "DOWN": DOWN, "TMP": str(tmp_path), "SLURM_LOCAL_ROOT": str(tmp_path / "root"),
-                "SLURM_LOCAL_TIMEOUT": "15"})
-    result = subprocess.run(["unshare", "--kill-child", "--pid", "--fork", "--mount-proc", "--net", "--mount",
-                             "bash", "-c", TAKEOVER], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True, timeout=120)
+    # Not under tmp_path, whose path is too long for slurmd's sockets under a pytest-xdist worker.
+    root = tempfile.mkdtemp(prefix="slurm-local-test-")
+    env.update({"UP": UP, "DOWN": DOWN, "TMP": str(tmp_path), "SLURM_LOCAL_ROOT": root, "SLURM_LOCAL_TIMEOUT": "15"})
+    try:
+        result = subprocess.run(["unshare", "--kill-child", "--pid", "--fork", "--mount-proc", "--net", "--mount",
+                                 "bash", "-c", script], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     if result.returncode == 77 or result.stderr.startswith("unshare: "):
         pytest.skip(f"no namespaces for a second cluster here: {result.stderr.strip()}")
-    out = result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_replace_existing_takes_over_in_namespaces_of_its_own(tmp_path):
+    out = _run_in_namespaces_of_its_own(TAKEOVER, tmp_path)
     fake = re.search(r"fake slurmctld (\d+)", out).group(1)
     assert "refused: 1" in out and f"slurmctld (pid {fake}) is running" in out, out
     assert "/etc/slurm/slurm.conf was not written by up.sh" in out, out
@@ -236,23 +245,7 @@ diff "$TMP/before" "$TMP/after" && echo "as before"
 
 
 def test_two_nodes_up_and_down_leave_the_machine_as_it_was(tmp_path):
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("slurmctld") is None:
-        pytest.skip("needs root, unshare and Slurm installed")
-    if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode != 0:
-        pytest.skip("munged does not answer (up.sh would start one for the namespace)")
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-    # Not under tmp_path, whose path is too long for slurmd's sockets under a pytest-xdist worker.
-    root = tempfile.mkdtemp(prefix="slurm-two-nodes-")
-    env.update({"UP": UP, "DOWN": DOWN, "TMP": str(tmp_path), "SLURM_LOCAL_ROOT": root, "SLURM_LOCAL_TIMEOUT": "15"})
-    try:
-        result = subprocess.run(["unshare", "--kill-child", "--pid", "--fork", "--mount-proc", "--net", "--mount",
-                                 "bash", "-c", TWO_NODES], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                                text=True, timeout=120)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    if result.returncode == 77 or result.stderr.startswith("unshare: "):
-        pytest.skip(f"no namespaces for a second cluster here: {result.stderr.strip()}")
-    out = result.stdout + result.stderr
+    out = _run_in_namespaces_of_its_own(TWO_NODES, tmp_path)
     assert "refused: 1" in out and ("cannot create 2 nodes: the network interface slurmbr0 exists, and up.sh did "
                                     "not create it. Nothing was changed.") in out, out
     assert "up: 0" in out and "ready: 2 node(s) localci-node[1-2]" in out, out

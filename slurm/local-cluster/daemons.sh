@@ -28,6 +28,23 @@ stop_process() {
   if live_process "$pid" "$name"; then kill -9 "$pid" 2>/dev/null || true; fi
 }
 
+# stop_pid FILE NAME: stop the process FILE names (if it is NAME), forget FILE
+stop_pid() {
+  local f=$1 name=$2
+  if pid_alive "$f" "$name"; then stop_process "$(cat "$f")" "$name"; fi
+  rm -f "$f"
+}
+
+# stop_slurm_daemons: the slurmd of every node ($ROOT/slurmd.pid, or one $ROOT/slurmd-<node>.pid per node), then
+# slurmctld
+stop_slurm_daemons() {
+  local f
+  for f in "$ROOT"/slurmd.pid "$ROOT"/slurmd-*.pid; do
+    if [ -e "$f" ]; then stop_pid "$f" slurmd; fi
+  done
+  stop_pid "$ROOT/slurmctld.pid" slurmctld
+}
+
 # stray_daemons: "NAME PID" for each slurmctld/slurmd running that no PID file of up.sh names ($ROOT/NAME.pid, or
 # $ROOT/slurmd-<node>.pid of a multi-node cluster).
 # Only those seen twice, 0.3 s apart, count: slurmd forks briefly as a job step starts.

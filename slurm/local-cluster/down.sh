@@ -39,11 +39,6 @@ fi
 source "$(dirname "$0")/daemons.sh"
 # shellcheck source=nodes.sh
 source "$(dirname "$0")/nodes.sh"
-stop_pid() {   # stop_pid FILE NAME: stop the process FILE names (if it is NAME), forget FILE
-  local f=$1 name=$2
-  if pid_alive "$f" "$name"; then stop_process "$(cat "$f")" "$name"; fi
-  rm -f "$f"
-}
 
 mapfile -t strays < <(stray_daemons)
 for d in "${strays[@]}"; do
@@ -74,10 +69,7 @@ if pid_alive "$ROOT/slurmctld.pid" slurmctld && grep -qF "$MARK" "$CONF" 2>/dev/
 fi
 
 # 2. daemons, in reverse order of start, then the nodes' network
-for f in "$ROOT"/slurmd.pid "$ROOT"/slurmd-*.pid; do
-  [ -e "$f" ] && stop_pid "$f" slurmd
-done
-stop_pid "$ROOT/slurmctld.pid" slurmctld
+stop_slurm_daemons
 network_down
 if [ ! -f "$ROOT/munged.pid" ]; then
   log "munged not started by up.sh; left alone"

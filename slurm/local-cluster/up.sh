@@ -268,10 +268,7 @@ CGROUP_CONF=$(dirname "$CONF")/cgroup.conf
 
 # ---------------------------------------------------------------- 4. network and daemons
 if [ "$changed" = 1 ]; then
-  for f in "$ROOT"/slurmd*.pid "$ROOT/slurmctld.pid"; do
-    name=$(basename "$f" .pid); name=${name%%-*}
-    if pid_alive "$f" "$name"; then stop_process "$(cat "$f")" "$name"; fi
-  done
+  stop_slurm_daemons
   network_down   # the nodes of another --nodes, if any
 fi
 if [ "$NODES" -gt 1 ]; then network_up "$NODES"; fi
